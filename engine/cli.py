@@ -1,0 +1,188 @@
+"""The ``poisonsweep`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine import summary
+from tasks.registry import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Sweep label-poisoning experiments: poison -> train -> detect -> unlearn -> Parquet.")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="The sweep's YAML file, e.g. configs/quickstart.yaml."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory or URI (s3://..., gs://...); "
+                                      "default: the config's 'out', else results/<name>."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set poison.rate=0.2, "
+                                   "--set sweep.seed=[0,1,2]. Repeatable."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address ('auto' inside a cluster); "
+                                          "default: start Ray on this machine."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where datasets live (else data.root, "
+                                            "else $POISONSWEEP_DATA)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray Tune's status tables and worker logs."),
+):
+    """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
+    from engine.config import check_data, load_sweep
+
+    try:
+        sweep = load_sweep(config, set_, out=out, data_root=data_root)
+        check_data(sweep)
+        _check_writable(sweep.out)
+    except ConfigError as error:
+        _fail(str(error))
+    console.print(f"sweep [bold]{sweep.name}[/]: {len(sweep.trials)} trials -> {sweep.out}")
+    from engine.progress import SweepProgress
+    from engine.sweep import run_sweep
+
+    try:
+        with SweepProgress(len(sweep.trials), console) as progress:
+            outcome = run_sweep(sweep, address=address, verbose=verbose, progress=progress)
+    except RuntimeError as error:
+        _fail(str(error))
+    console.print(f"{outcome.ran} trials run, {outcome.skipped} already done"
+                  + (f", {len(outcome.failed)} failed" if outcome.failed else "")
+                  + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
+    print_summary(sweep.out)
+
+
+def _check_writable(out: str) -> None:
+    from engine.sink import filesystem
+
+    if "://" in out:
+        return
+    fs, root = filesystem(out)
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output directory {root!r} cannot be written: {error.strerror}; choose another with --out")
+
+
+@app.command()
+def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI).")):
+    """Print a sweep's summary from its Parquet tables alone."""
+    from engine.sink import filesystem
+
+    fs, root = filesystem(out)
+    from pyarrow.fs import FileType
+
+    if fs.get_file_info(f"{root}/trials").type != FileType.Directory:
+        _fail(f"{out!r} holds no trials table: is it a sweep's output directory?")
+    print_summary(out)
+
+
+def _table(title: str, columns: list[str], left: int = 2) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < left else "right", no_wrap=i >= left)
+    return table
+
+
+def _setting(r) -> str:
+    return f"{r.data_name} {r.poison_method} {r.poison_rate:g}"
+
+
+def print_summary(out: str) -> None:
+    """The sweep's tables: trials per setting, detectors, unlearning, failures (mean±std over seeds)."""
+    trials = summary.load(out, "trials")
+    if trials.empty:
+        console.print("no trials recorded yet")
+        return
+    ok = trials[trials["status"] == "ok"]
+    table = _table("Trials (mean±std over seeds)",
+                   ["setting", "n", "poisoned", "clean acc", "poison success", "train s"], left=1)
+    for _, r in summary.trial_summary(trials).iterrows():
+        table.add_row(_setting(r), str(r.n), f"{r.n_poisoned_mean:.0f}",
+                      summary.fmt(r.clean_test_acc_mean, r.clean_test_acc_std),
+                      summary.fmt(r.poison_success_mean, r.poison_success_std), f"{r.train_seconds_mean:.1f}")
+    console.print(table)
+
+    detections = summary.load(out, "detections")
+    detections = detections[detections["trial_id"].isin(ok["trial_id"])]
+    if not detections.empty:
+        table = _table("Detectors (mean±std over seeds)",
+                       ["setting", "detector", "n", "AUROC", "AUPRC", "F1", "recall@10%", "s"])
+        for _, r in summary.detection_summary(detections).iterrows():
+            table.add_row(_setting(r), r.detector, str(r.n),
+                          summary.fmt(r.auroc_mean, r.auroc_std), summary.fmt(r.auprc_mean, r.auprc_std),
+                          summary.fmt(r.f1_mean, r.f1_std), summary.fmt(r.recall_at_10_mean, r.recall_at_10_std),
+                          f"{r.seconds_mean:.1f}")
+        console.print(table)
+
+    unlearning = summary.load(out, "unlearning")
+    unlearning = unlearning[unlearning["trial_id"].isin(ok["trial_id"])]
+    if not unlearning.empty:
+        table = _table("Unlearning (mean±std over seeds; 'min retain' shows a collapse in any seed)",
+                       ["setting", "selection", "f", "method", "n", "clean acc after", "success before",
+                        "success after", "retain acc", "min retain", "s"])
+        for _, r in summary.unlearning_summary(unlearning).iterrows():
+            collapsed = r.retain_acc_after_min < summary.COLLAPSE_BELOW
+            table.add_row(_setting(r), r.selection, f"{r.identified_fraction:.2f}", r.method, str(r.n),
+                          summary.fmt(r.clean_test_acc_after_mean, r.clean_test_acc_after_std),
+                          summary.fmt(r.poison_success_before_mean, r.poison_success_before_std),
+                          summary.fmt(r.poison_success_after_mean, r.poison_success_after_std),
+                          summary.fmt(r.retain_acc_after_mean, r.retain_acc_after_std),
+                          f"[red]{r.retain_acc_after_min:.3f} collapsed[/]" if collapsed
+                          else f"{r.retain_acc_after_min:.3f}", f"{r.seconds_mean:.1f}")
+        console.print(table)
+
+    failed = summary.failures(trials)
+    if not failed.empty:
+        console.print(f"[bold red]{len(failed)} failed trial(s)[/] (status 'failed' in the trials table):")
+        for _, r in failed.iterrows():
+            first_line = (r.error or "unknown error").strip().splitlines()[0]
+            console.print(f"  {r.trial_id} {r.poison_method} rate={r.poison_rate:g} seed={r.seed}: {first_line}",
+                          highlight=False)
+
+
+@app.command("list")
+def list_registered():
+    """List the datasets, poisons, models, detectors and unlearning methods a config can name."""
+    import tasks.detect  # noqa: F401
+    from tasks.data import DATASETS
+    from tasks.detect.base import DETECTORS
+    from tasks.models import MODELS
+    from tasks.poison import POISONS
+
+    registries = [("data.name", DATASETS), ("poison.method", POISONS), ("model.name", MODELS),
+                  ("detectors", DETECTORS)]
+    try:
+        from tasks.unlearn import UNLEARNERS
+
+        registries.append(("unlearn.methods", UNLEARNERS))
+    except ImportError:
+        pass
+    for key, registry in registries:
+        table = _table(key, ["name", "parameters (default)", "what it is"])
+        for name in registry.names():
+            entry = registry.get(name)
+            defaults = entry.defaults()
+            params = ", ".join(f"{k}={defaults.get(k, '…')!r}" for k in entry.constraints)
+            table.add_row(name, params, entry.help)
+        console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

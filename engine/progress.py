@@ -1,0 +1,60 @@
+"""A live progress bar for a sweep (trials done / running / failed, elapsed, ETA)."""
+
+from __future__ import annotations
+
+from ray.tune import Callback
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class SweepProgress(Callback):
+    """Ray Tune callback driving a rich progress bar in the driver process."""
+
+    def __init__(self, total: int, console: Console | None = None):
+        self.total = total
+        self.running: set[str] = set()
+        self.failed = 0
+        self.finished = 0
+        self._statuses: dict[str, str] = {}
+        self.bar = Progress(
+            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("running {task.fields[running]}  failed {task.fields[failed]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self.task = self.bar.add_task("sweep", total=total, running=0, failed=0)
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def __getstate__(self):
+        # Tune pickles its run config; the live bar (locks, the terminal) stays in the driver
+        return {k: v for k, v in self.__dict__.items() if k not in ("bar", "task")}
+
+    def _refresh(self) -> None:
+        if "bar" not in self.__dict__:
+            return
+        self.bar.update(self.task, completed=self.finished, running=len(self.running), failed=self.failed)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._refresh()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._statuses[trial.trial_id] = result.get("status", "ok")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.finished += 1
+        self.failed += self._statuses.get(trial.trial_id) == "failed"
+        self._refresh()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.finished += 1
+        self.failed += 1
+        self._refresh()

@@ -1,0 +1,122 @@
+"""The Parquet record: one directory per table, one file per trial, written atomically.
+
+``<out>/<table>/<trial_id>.parquet``. A rerun of a trial replaces its files, so no row is ever
+duplicated; a reader never sees a half-written file (temporary name, then rename). ``out`` may
+be a local path or any URI pyarrow understands (``s3://``, ``gs://``), for cluster runs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+_STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+
+CONFIG_COLUMNS = [
+    ("sweep", _STR), ("config_json", _STR), ("seed", _I64), ("data_name", _STR), ("data_n_train", _I64),
+    ("data_n_test", _I64), ("data_seed", _I64), ("poison_method", _STR), ("poison_rate", _F64),
+    ("poison_params", _STR), ("model_name", _STR), ("model_params", _STR), ("train_epochs", _I64),
+    ("train_batch_size", _I64), ("train_lr", _F64), ("train_optimizer", _STR), ("train_momentum", _F64),
+    ("train_weight_decay", _F64), ("detectors", _STR), ("unlearn", _STR),
+]
+
+# the columns shared by every table, for grouping without a join
+KEY_COLUMNS = [("trial_id", _STR), ("data_name", _STR), ("poison_method", _STR), ("poison_rate", _F64),
+               ("seed", _I64)]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "trials": pa.schema([("trial_id", _STR)] + CONFIG_COLUMNS + [
+        ("status", _STR), ("error", _STR), ("n_train", _I64), ("n_test", _I64), ("num_classes", _I64),
+        ("n_poisoned", _I64), ("clean_test_acc", _F64), ("poison_success", _F64), ("train_loss", _F64),
+        ("train_acc", _F64), ("poison_info", _STR), ("load_seconds", _F64), ("poison_seconds", _F64),
+        ("train_seconds", _F64), ("eval_seconds", _F64), ("detect_seconds", _F64), ("unlearn_seconds", _F64),
+        ("total_seconds", _F64), ("node", _STR), ("node_ip", _STR), ("device", _STR), ("code_version", _STR),
+        ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]),
+    "detections": pa.schema(KEY_COLUMNS + [
+        ("detector", _STR), ("method", _STR), ("params", _STR), ("auroc", _F64), ("auprc", _F64),
+        ("precision", _F64), ("recall", _F64), ("f1", _F64), ("n_flagged", _I64), ("recall_at_5", _F64),
+        ("recall_at_10", _F64), ("recall_at_20", _F64), ("seconds", _F64),
+    ]),
+    "scores": pa.schema([
+        ("trial_id", _STR), ("detector", _STR), ("index", _I64), ("label_given", _I64), ("label_true", _I64),
+        ("is_poison", _BOOL), ("score", _F64), ("flagged", _BOOL),
+    ]),
+    "unlearning": pa.schema(KEY_COLUMNS + [
+        ("selection", _STR), ("selection_kind", _STR), ("identified_fraction", _F64), ("method", _STR),
+        ("params", _STR), ("n_forget", _I64), ("forget_poison_share", _F64), ("poisons_in_forget", _F64),
+        ("clean_test_acc_before", _F64), ("clean_test_acc_after", _F64), ("poison_success_before", _F64),
+        ("poison_success_after", _F64), ("retain_acc_before", _F64), ("retain_acc_after", _F64),
+        ("forget_acc_before", _F64), ("forget_acc_after", _F64), ("forget_true_acc_after", _F64),
+        ("seconds", _F64),
+    ]),
+    "influence": pa.schema([
+        ("trial_id", _STR), ("detector", _STR), ("test_index", _I64), ("train_index", _I64),
+        ("influence", _F64), ("rank", _I64), ("kind", _STR),
+    ]),
+}
+TABLES = list(SCHEMAS)
+
+
+def filesystem(out: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path for a local directory or a URI."""
+    if "://" in out:
+        return pafs.FileSystem.from_uri(out)
+    return pafs.LocalFileSystem(), os.path.abspath(out)
+
+
+def trial_path(out: str, table: str, trial_id: str) -> str:
+    return f"{filesystem(out)[1]}/{table}/{trial_id}.parquet"
+
+
+def to_table(table: str, rows: list[dict]) -> pa.Table:
+    """Rows -> a typed Arrow table; unknown keys are an error (a typo would otherwise vanish)."""
+    schema = SCHEMAS[table]
+    unknown = {k for row in rows for k in row} - set(schema.names)
+    if unknown:
+        raise ValueError(f"rows for table {table!r} have columns not in its schema: {sorted(unknown)}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_trial_table(out: str, table: str, trial_id: str, rows: list[dict]) -> None:
+    """Write (or replace) one trial's rows of one table, atomically."""
+    fs, root = filesystem(out)
+    fs.create_dir(f"{root}/{table}", recursive=True)
+    final = f"{root}/{table}/{trial_id}.parquet"
+    if isinstance(fs, pafs.LocalFileSystem):
+        # a dot-prefixed temporary name is skipped by pyarrow, pandas, polars and DuckDB globs
+        temporary = f"{root}/{table}/.{trial_id}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(to_table(table, rows), temporary, filesystem=fs)
+        fs.move(temporary, final)
+    else:  # object stores publish an object only once its upload completes
+        pq.write_table(to_table(table, rows), final, filesystem=fs)
+
+
+def write_trial(out: str, trial_id: str, tables: dict[str, list[dict]]) -> None:
+    """Write every table of a trial; ``trials`` last, so a trial counts as done only when all its rows exist."""
+    for table in TABLES:
+        if table != "trials":
+            write_trial_table(out, table, trial_id, tables.get(table, []))
+    write_trial_table(out, "trials", trial_id, tables["trials"])
+
+
+def read_table(out: str, table: str, columns: list[str] | None = None) -> pa.Table:
+    """All trials' rows of one table (an empty table with the schema if none were written yet)."""
+    fs, root = filesystem(out)
+    directory = f"{root}/{table}"
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        empty = SCHEMAS[table].empty_table()
+        return empty.select(columns) if columns else empty
+    dataset = ds.dataset(directory, schema=SCHEMAS[table], format="parquet", filesystem=fs)
+    return dataset.to_table(columns=columns)
+
+
+def completed_trials(out: str) -> set[str]:
+    """Trial ids whose trials row says ``ok``."""
+    trials = read_table(out, "trials", ["trial_id", "status"]).to_pylist()
+    return {row["trial_id"] for row in trials if row["status"] == "ok"}

@@ -1,0 +1,132 @@
+"""The ``influence`` detector: self-influence of every training sample (Koh & Liang 2017, §5.4).
+
+Score = self-influence g_i^T H^{-1} g_i of the sample under its *given* label (TracIn: the sum
+over checkpoints of lr ||g_i||^2; grad_norm: ||g_i||^2). Higher = more suspicious: a mislabelled
+sample is one the model can fit only by bending towards it, so removing it would change its own
+loss the most. ``flag_fraction`` of the samples with the highest scores are flagged.
+
+With ``test_points`` > 0 it also returns, in ``extras["influence"]``, the ``top_k`` most harmful and
+most helpful training samples of each chosen test point (see ``influence_rows``).
+
+The per-sample work runs through ``context.map_shards`` (a plain map, or the engine's Ray actors,
+``resources.influence_actors``), in shards of ``SHARD_SIZE`` training indices.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+
+from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top
+from tasks.influence import (DEFAULT_DAMPING, DEFAULT_SHARD_SIZE, PARAM_SUBSETS, SOLVERS, SolverSettings,
+                             fit_influence, score_influence, select_parameters, uses_head_features)
+from tasks.registry import INT_LIST, NONE, Interval, Options
+
+SHARD_SIZE = DEFAULT_SHARD_SIZE
+
+CONSTRAINTS = {
+    "solver": [Options(SOLVERS)],
+    "params": [Options(PARAM_SUBSETS)],
+    "k": [Interval(Integral, 1)],
+    "damping": [Interval(Real, 0)],
+    "flag_fraction": [Interval(Real, 0, 1)],
+    "test_points": [Interval(Integral, 0), INT_LIST],
+    "top_k": [Interval(Integral, 1)],
+    "hessian_samples": [Interval(Integral, 1), NONE],
+    "cg_tol": [Interval(Real, 0, 1, "neither")],
+    "cg_maxiter": [Interval(Integral, 1)],
+    "lissa_scale": [Interval(Real, 0, None, "neither"), Options(("auto",))],
+    "lissa_depth": [Interval(Integral, 1)],
+    "lissa_repeats": [Interval(Integral, 1)],
+    "lissa_batch_size": [Interval(Integral, 1)],
+    "arnoldi_iters": [Interval(Integral, 1)],
+    "arnoldi_rank": [Interval(Integral, 1)],
+}
+
+
+def choose_test_points(n_test: int, test_points: int | list, seed: int) -> np.ndarray:
+    """Indices of the test points: a seeded sample of ``test_points`` of them, or the list given."""
+    if isinstance(test_points, (list, tuple)):
+        chosen = np.asarray(test_points, dtype=np.int64)
+        bad = chosen[(chosen < 0) | (chosen >= n_test)]
+        if len(bad):
+            raise ValueError(f"test_points {bad.tolist()} are outside the {n_test} test samples")
+        return chosen
+    count = min(int(test_points), n_test)
+    return np.sort(np.random.default_rng([seed, 11]).choice(n_test, size=count, replace=False))
+
+
+def influence_rows(test_influence: np.ndarray, test_indices: np.ndarray, top_k: int) -> list[dict]:
+    """The ``top_k`` harmful and helpful training samples of each test point.
+
+    ``test_influence[j, i]`` is the predicted change of test point j's loss when training sample i
+    is removed: harmful samples have the most negative values (removing them helps), helpful the
+    most positive. Rank 1 is the strongest of its kind; samples of the wrong sign are not listed.
+    """
+    rows = []
+    for j, test_index in enumerate(test_indices):
+        values = test_influence[j]
+        order = np.argsort(values, kind="stable")
+        harmful = [i for i in order[:top_k] if values[i] < 0]
+        helpful = [i for i in order[::-1][:top_k] if values[i] > 0]
+        for kind, chosen in (("harmful", harmful), ("helpful", helpful)):
+            rows += [{"test_index": int(test_index), "train_index": int(i), "influence": float(values[i]),
+                      "rank": rank, "kind": kind} for rank, i in enumerate(chosen, start=1)]
+    return rows
+
+
+@DETECTORS.register("influence", CONSTRAINTS)
+def detect(context: DetectionContext, *, seed: int, solver: str = "exact", params: str = "last_layer", k: int = 2,
+           damping: float = DEFAULT_DAMPING, flag_fraction: float = 0.1, test_points: int | list = 0,
+           top_k: int = 10, hessian_samples: int | None = None, cg_tol: float = 1e-4, cg_maxiter: int = 300,
+           lissa_scale: float | str = "auto", lissa_depth: int = 1000, lissa_repeats: int = 1,
+           lissa_batch_size: int = 128, arnoldi_iters: int = 100, arnoldi_rank: int = 50) -> Detection:
+    """Self-influence of each training sample (higher = more suspicious); influence on test points.
+
+    Parameters
+    ----------
+    solver : {"exact", "cg", "lissa", "arnoldi", "grad_norm", "tracin"}, default="exact"
+    params : {"last_layer", "last_k_layers", "all"}, default="last_layer"
+    k : int, default=2
+        Layers differentiated when ``params="last_k_layers"``.
+    damping : float, default=0.01
+        Added to the Hessian (with ``train.weight_decay``, the L2 term of the objective).
+    flag_fraction : float, default=0.1
+    test_points : int or list of int, default=0
+        How many test points (seeded) or which ones get a train -> test influence table.
+    top_k : int, default=10
+        Harmful and helpful training samples listed per test point.
+    hessian_samples : int or None, default=None
+        Estimate the Hessian on a seeded subset of this many training samples (None: all).
+    cg_tol, cg_maxiter, lissa_scale, lissa_depth, lissa_repeats, lissa_batch_size,
+    arnoldi_iters, arnoldi_rank : solver knobs, see ``tasks.influence``.
+
+    Returns
+    -------
+    detection : Detection
+        ``scores`` float64 (n,), ``flagged`` the top ``flag_fraction``, ``extras["influence"]``.
+    """
+    settings = SolverSettings(solver=solver, damping=damping, l2=context.train_config.weight_decay,
+                              hessian_samples=hessian_samples, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
+                              lissa_scale=lissa_scale, lissa_depth=lissa_depth, lissa_repeats=lissa_repeats,
+                              lissa_batch_size=lissa_batch_size, arnoldi_iters=arnoldi_iters,
+                              arnoldi_rank=arnoldi_rank)
+    test_indices = np.zeros(0, dtype=np.int64)
+    if test_points:
+        if context.x_test is None or context.y_test is None:
+            raise ValueError("influence.test_points needs the test split in the detection context")
+        test_indices = choose_test_points(len(context.x_test), test_points, seed)
+    x_test = context.x_test[torch.as_tensor(test_indices)] if len(test_indices) else None
+    y_test = np.asarray(context.y_test)[test_indices] if len(test_indices) else None
+    # the linear-head path reuses the penultimate features other detectors already computed
+    head_only = uses_head_features(context.model, select_parameters(context.model, params, k))
+    features = context.features if head_only and solver != "tracin" else None
+    payload = fit_influence(context.model, context.x_train, context.labels, settings, params=params, k=k,
+                            x_test=x_test, y_test=y_test, checkpoints=context.checkpoints, features=features,
+                            seed=seed)
+    result = score_influence(payload, context.map_shards, SHARD_SIZE)
+    scores = np.asarray(result.self_influence, dtype=np.float64)
+    rows = influence_rows(result.test_influence, test_indices, top_k) if result.test_influence is not None else []
+    return Detection(scores=scores, flagged=flag_top(scores, flag_fraction), extras={"influence": rows})

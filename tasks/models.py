@@ -1,0 +1,92 @@
+"""Model builders. Every model splits into ``features`` (the penultimate activations the
+detectors read) and ``head`` (the final linear layer), and ``forward = head(features(x))``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from tasks.registry import Interval, Registry
+from numbers import Integral, Real
+
+MODELS = Registry("model")
+
+
+class SplitModel(nn.Module):
+    """A feature extractor followed by a linear head; the detectors read ``features``."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _conv_out(size: int) -> int:
+    # two unpadded 3x3 convolutions, then 2x2 max-pooling
+    return (size - 4) // 2
+
+
+@MODELS.register(
+    "keras_cnn",
+    {"width": [Interval(Integral, 1)], "hidden": [Interval(Integral, 1)], "dropout": [Interval(Real, 0, 1, "left")]},
+)
+def keras_cnn(in_shape: tuple[int, int, int], num_classes: int, *, width: int = 32, hidden: int = 128,
+              dropout: float = 0.25) -> SplitModel:
+    """The basic Keras MNIST CNN: Conv32-Conv64-MaxPool-Dropout-Dense128-Dropout-DenseK."""
+    channels, height, width_px = in_shape
+    if min(height, width_px) < 6:
+        raise ValueError(f"keras_cnn needs images of at least 6x6 pixels; got {height}x{width_px}")
+    flat = 2 * width * _conv_out(height) * _conv_out(width_px)
+    features = nn.Sequential(
+        nn.Conv2d(channels, width, 3), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Dropout(dropout), nn.Flatten(),
+        nn.Linear(flat, hidden), nn.ReLU(), nn.Dropout(2 * dropout),
+    )
+    return SplitModel(features, nn.Linear(hidden, num_classes))
+
+
+@MODELS.register("mlp", {"hidden": [Interval(Integral, 1)], "depth": [Interval(Integral, 1)]})
+def mlp(in_shape: tuple[int, int, int], num_classes: int, *, hidden: int = 256, depth: int = 2) -> SplitModel:
+    """A fully connected ReLU network on the flattened image."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_shape[0] * in_shape[1] * in_shape[2]
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return SplitModel(nn.Sequential(*layers), nn.Linear(width, num_classes))
+
+
+class _ResNetFeatures(nn.Module):
+    def __init__(self, net: ResNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.relu(n.bn1(n.conv1(x)))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return torch.flatten(n.avgpool(x), 1)
+
+
+@MODELS.register("resnet18")
+def resnet18(in_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
+    """ResNet-18, CIFAR variant: 3x3 stem with stride 1 and no max-pool."""
+    net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    head = net.fc
+    net.fc = nn.Identity()
+    return SplitModel(_ResNetFeatures(net), head)
+
+
+def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int, params: dict | None = None,
+                seed: int = 0) -> SplitModel:
+    """Build a registered model with seeded initial weights."""
+    entry = MODELS.get(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return entry.fn(tuple(in_shape), num_classes, **(params or {}))

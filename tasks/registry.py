@@ -1,0 +1,166 @@
+"""Name -> function registries with declared parameter constraints.
+
+Every pluggable kind (datasets, poisons, models, detectors, unlearning methods) is one
+function plus one ``@registry.register(...)`` line. Each entry declares the keyword
+parameters a config may set and what values they allow, so that ``engine/config.py``
+can check a whole sweep before any trial starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number in [low, high] (either bound may be None, meaning unbounded)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    closed: str = "both"  # "both", "left", "right", "neither"
+
+    def describe(self) -> str:
+        name = "an int" if self.kind is Integral else "a number"
+        left = "[" if self.closed in ("both", "left") and self.low is not None else "("
+        right = "]" if self.closed in ("both", "right") and self.high is not None else ")"
+        low = "-inf" if self.low is None else self.low
+        high = "inf" if self.high is None else self.high
+        return f"{name} in {left}{low}, {high}{right}"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, self.kind):
+            return False
+        if self.low is not None:
+            if value < self.low or (value == self.low and self.closed in ("right", "neither")):
+                return False
+        if self.high is not None:
+            if value > self.high or (value == self.high and self.closed in ("left", "neither")):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed set of values."""
+
+    values: tuple
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+    def accepts(self, value: Any) -> bool:
+        return value in self.values
+
+
+@dataclass(frozen=True)
+class OfType:
+    """Any value of the given type(s) (bool is never taken for a number)."""
+
+    types: tuple
+    label: str
+
+    def describe(self) -> str:
+        return self.label
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) and bool not in self.types:
+            return False
+        return isinstance(value, self.types)
+
+
+NONE = OfType((type(None),), "null")
+BOOL = OfType((bool,), "a boolean")
+STR = OfType((str,), "a string")
+INT_LIST = OfType((list, tuple), "a list of ints")
+
+
+def check_value(key: str, value: Any, allowed: list) -> str | None:
+    """Return an error message if ``value`` satisfies none of ``allowed``, else None."""
+    if any(c.accepts(value) for c in allowed):
+        return None
+    what = " or ".join(c.describe() for c in allowed)
+    return f"{key} must be {what}; got {value!r}"
+
+
+@dataclass
+class Entry:
+    name: str
+    fn: Callable
+    constraints: dict[str, list] = field(default_factory=dict)
+    help: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific hooks, e.g. a poison's eligibility
+
+    def defaults(self) -> dict[str, Any]:
+        """The keyword defaults of the function, for the constrained parameters."""
+        sig = inspect.signature(self.fn)
+        return {
+            k: sig.parameters[k].default
+            for k in self.constraints
+            if sig.parameters[k].default is not inspect.Parameter.empty
+        }
+
+    def check_params(self, prefix: str, params: dict[str, Any]) -> list[str]:
+        """All problems with ``params`` (unknown keys and bad values), as messages."""
+        errors = []
+        for key, value in params.items():
+            if key not in self.constraints:
+                allowed = ", ".join(sorted(self.constraints)) or "none"
+                errors.append(
+                    f"{prefix}.{key} is not a parameter of {self.name!r} (allowed: {allowed}); remove it"
+                )
+                continue
+            message = check_value(f"{prefix}.{key}", value, self.constraints[key])
+            if message:
+                errors.append(message)
+        return errors
+
+
+class Registry:
+    """A named set of entries of one kind, e.g. ``DETECTORS``."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, constraints: dict[str, list] | None = None, help: str = "", **extra):
+        def decorator(fn: Callable) -> Callable:
+            if name in self._entries:
+                raise ValueError(f"a {self.kind} is already registered under the name {name!r}")
+            constraints_ = constraints or {}
+            params = inspect.signature(fn).parameters
+            missing = [k for k in constraints_ if k not in params]
+            if missing:
+                raise ValueError(f"{self.kind} {name!r} declares constraints for unknown parameters {missing}")
+            summary = help or (fn.__doc__ or "").strip().split("\n")[0]
+            self._entries[name] = Entry(name, fn, constraints_, summary, extra)
+            return fn
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+            ) from None
+
+    def snapshot(self) -> dict[str, Entry]:
+        return dict(self._entries)
+
+    def restore(self, snapshot: dict[str, Entry]) -> None:
+        self._entries = dict(snapshot)

@@ -1,0 +1,155 @@
+"""Seeded training and inference in plain PyTorch.
+
+Same config and seed -> same weights on the same machine: shuffling uses its own
+``torch.Generator`` and dropout draws from a forked, seeded global RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.registry import Interval, Options, check_value
+
+OPTIMIZERS = ("adam", "sgd")
+
+# constraints of the `train:` config section, checked by engine/config.py
+TRAIN_CONSTRAINTS = {
+    "epochs": [Interval(Integral, 1)],
+    "batch_size": [Interval(Integral, 1)],
+    "lr": [Interval(Real, 0, None, "neither")],
+    "optimizer": [Options(OPTIMIZERS)],
+    "momentum": [Interval(Real, 0, 1, "left")],
+    "weight_decay": [Interval(Real, 0)],
+    "device": [Options(("auto", "cpu", "cuda"))],
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: str = "auto"
+
+    def __post_init__(self):
+        for key, allowed in TRAIN_CONSTRAINTS.items():
+            message = check_value(f"train.{key}", getattr(self, key), allowed)
+            if message:
+                raise ValueError(message)
+
+
+@dataclass
+class TrainHistory:
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    # (learning rate, weights) at the end of each epoch, for TracIn; filled only when asked
+    checkpoints: list[tuple[float, dict]] = field(default_factory=list)
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible to this process")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, *, seed: int,
+                keep_checkpoints: bool = False,
+                on_epoch: Callable[[int, float, float], None] | None = None) -> TrainHistory:
+    """Train ``model`` in place on (x, y) with cross-entropy; return per-epoch loss and accuracy."""
+    device = resolve_device(config.device)
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    history = TrainHistory()
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for epoch in range(config.epochs):
+            loss, accuracy = _train_epoch(model, x, y, optimizer, config.batch_size, generator, device)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training loss is {loss} in epoch {epoch + 1}; lower train.lr")
+            history.loss.append(loss)
+            history.accuracy.append(accuracy)
+            if keep_checkpoints:
+                weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                history.checkpoints.append((config.lr, weights))
+            if on_epoch:
+                on_epoch(epoch, loss, accuracy)
+    history.seconds = time.perf_counter() - start
+    model.eval()
+    return history
+
+
+def _train_epoch(model, x, y, optimizer, batch_size, generator, device) -> tuple[float, float]:
+    model.train()
+    order = torch.randperm(len(x), generator=generator)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        batch = order[start:start + batch_size]
+        xb, yb = x[batch].to(device, non_blocking=True), y[batch].to(device, non_blocking=True)
+        logits = model(xb)
+        loss = nn.functional.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(batch)
+        correct += (logits.argmax(1) == yb).sum().item()
+    return total_loss / len(x), correct / len(x)
+
+
+@torch.no_grad()
+def _batched(fn, model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    return _batched(model, model, x, batch_size)
+
+
+def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Penultimate activations (``model.features``) as float64 numpy, shape (n, d)."""
+    return _batched(model.features, model, x, batch_size).double().numpy()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if len(x) == 0:
+        return float("nan")
+    return (predict_logits(model, x).argmax(1) == y.cpu()).float().mean().item()
+
+
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    logits = predict_logits(model, x)
+    return nn.functional.cross_entropy(logits, y.cpu(), reduction="none").double().numpy()
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

