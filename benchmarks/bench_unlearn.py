@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,12 +51,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--setups", nargs="+", default=["badnets:0.01", "badnets:0.05", "one_shift:0.33"],
                         help="poison method:rate pairs")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.5, 1.0])
-    parser.add_argument("--detectors", nargs="+", default=["loss", "spectral_signature", "activation_clustering"])
-    parser.add_argument("--methods", nargs="+", default=["retrain", "finetune", "ssd", "gradient_ascent"])
+    parser.add_argument("--detectors", nargs="*", default=["loss", "spectral_signature", "activation_clustering"])
+    parser.add_argument("--methods", nargs="+", default=["retrain", "finetune", "ssd", "gradient_ascent"],
+                        help="method names, optionally with params: ssd:alpha=1,importance_on=retain")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     return parser.parse_args()
+
+
+def parse_method(spec: str) -> dict:
+    """``ssd:alpha=1,importance_on=retain`` -> ``{name: ssd, params: {alpha: 1.0, importance_on: retain}}``."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=")
+        params[key] = yaml.safe_load(value)
+    return {"name": name, "params": params}
 
 
 def run_setup(args, data, method: str, rate: float, seed: int) -> tuple[list[dict], dict]:
@@ -82,8 +94,11 @@ def run_setup(args, data, method: str, rate: float, seed: int) -> tuple[list[dic
                            "fractions": [f * n_poison / n_train for f in args.fractions]})
         selections.append({"kind": "flagged", "detector": name})
     rows = run_unlearning(model, poisoned, data.x_test, data.y_test, detections,
-                          {"methods": args.methods, "selections": selections}, config, factory, seed)
-    for row in rows:  # f: the share of the poisons the selection was asked to identify
+                          {"methods": [parse_method(m) for m in args.methods], "selections": selections},
+                          config, factory, seed)
+    for i, row in enumerate(rows):
+        row["label"] = args.methods[i % len(args.methods)]  # rows: per selection, the methods in order
+        # f: the share of the poisons the selection was asked to identify
         kind = row["selection_kind"]
         row["f"] = {"oracle": row["identified_fraction"], "flagged": float("nan"),
                     "top": row["identified_fraction"] * n_train / n_poison}[kind]
@@ -129,15 +144,13 @@ def _table(rows: pd.DataFrame, methods: list[str]) -> str:
     """One line per selection; per method 'clean acc / poison success' after unlearning (seed means)."""
     rows = rows.assign(f=rows.f.round(3))
     keys = ["selection", "selection_kind", "f"]
-    means = rows.groupby(keys + ["method"], sort=False, dropna=False).mean(numeric_only=True).reset_index()
+    means = rows.groupby(keys + ["label"], sort=False, dropna=False).mean(numeric_only=True).reset_index()
     header = "| selection | f | n_forget | precision | recall | " + " | ".join(methods) + " |"
     out = [header, "|" + "---|" * (5 + len(methods))]
     for key, group in means.groupby(keys, sort=False, dropna=False):
-        by_method = group.set_index("method")
+        by_method = group.set_index("label")
         first = group.iloc[0]
-        name = key[0] if key[1] != "top" else f"{key[0]} (top)"
-        if key[1] == "flagged":
-            name = f"{key[0]} (flagged)"
+        name = key[0] if key[1] == "oracle" else f"{key[0]} ({key[1]})"
         cells = [f"{by_method.loc[m, 'clean_test_acc_after']:.3f} / {by_method.loc[m, 'poison_success_after']:.3f}"
                  for m in methods]
         f = "-" if np.isnan(key[2]) else f"{key[2]:.2f}"

@@ -35,6 +35,10 @@ def run(
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where datasets live (else data.root, "
                                             "else $POISONSWEEP_DATA)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray Tune's status tables and worker logs."),
+    reuse_actors: bool = typer.Option(True, "--reuse-actors/--no-reuse-actors", help="Keep each trial process for "
+                                      "the next trial (saves its start-up, seconds per trial); --no-reuse-actors "
+                                      "starts a fresh process per trial, so a node that starts late still gets "
+                                      "trials when trials are shorter than a process start."),
 ):
     """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
     from engine.config import check_data, load_sweep
@@ -51,29 +55,44 @@ def run(
 
     try:
         with SweepProgress(len(sweep.trials), console) as progress:
-            outcome = run_sweep(sweep, address=address, verbose=verbose, progress=progress)
+            outcome = run_sweep(sweep, address=address, verbose=verbose, progress=progress, reuse_actors=reuse_actors)
     except RuntimeError as error:
         _fail(str(error))
+    retried = sum(outcome.retried.values())
     console.print(f"{outcome.ran} trials run, {outcome.skipped} already done"
                   + (f", {len(outcome.failed)} failed" if outcome.failed else "")
+                  + (f", {retried} attempt(s) retried after a worker died" if retried else "")
                   + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
     print_summary(sweep.out)
 
 
 def _check_writable(out: str) -> None:
+    """Write and delete a probe file in ``out`` (a directory or a URI), so that a read-only path or
+    missing cloud credentials fail now, not after the first trial."""
+    from pyarrow import ArrowException
+
     from engine.sink import filesystem
 
-    if "://" in out:
+    if "://" not in out:
+        path = Path(filesystem(out)[1])
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-check"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"output directory {str(path)!r} cannot be written: {error.strerror or error}; "
+                              "choose another with --out") from None
         return
-    fs, root = filesystem(out)
-    path = Path(root)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-check"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"output directory {root!r} cannot be written: {error.strerror}; choose another with --out")
+        fs, root = filesystem(out)
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/.write-check"):
+            pass
+        fs.delete_file(f"{root}/.write-check")
+    except (OSError, ArrowException, ValueError) as error:
+        raise ConfigError(f"output URI {out!r} cannot be written: {error}; check the URI and the credentials "
+                          "(e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None
 
 
 @app.command()
@@ -151,6 +170,26 @@ def print_summary(out: str) -> None:
             first_line = (r.error or "unknown error").strip().splitlines()[0]
             console.print(f"  {r.trial_id} {r.poison_method} rate={r.poison_rate:g} seed={r.seed}: {first_line}",
                           highlight=False)
+
+
+@app.command()
+def report(
+    out: str = typer.Argument(..., help="A sweep's output directory (or URI); it may still be running."),
+    report_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the report "
+                                              "(default: DIR/report; for a URI, ./<name>-report)."),
+):
+    """Write summary tables (CSV, Markdown), figures (PNG) and one self-contained report.html."""
+    from engine.report import RecordError, write_report
+
+    try:
+        written = write_report(out, report_dir)
+    except RecordError as error:
+        _fail(str(error))
+    for line in written.status.lines():
+        console.print(line, highlight=False)
+    console.print(f"{len(written.tables)} table files and {len(written.figures)} figures in {written.directory}",
+                  highlight=False)
+    console.print(f"open {written.html}", highlight=False)
 
 
 @app.command("list")

@@ -35,7 +35,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("n_poisoned", _I64), ("clean_test_acc", _F64), ("poison_success", _F64), ("train_loss", _F64),
         ("train_acc", _F64), ("poison_info", _STR), ("load_seconds", _F64), ("poison_seconds", _F64),
         ("train_seconds", _F64), ("eval_seconds", _F64), ("detect_seconds", _F64), ("unlearn_seconds", _F64),
-        ("total_seconds", _F64), ("node", _STR), ("node_ip", _STR), ("device", _STR), ("code_version", _STR),
+        ("total_seconds", _F64), ("node", _STR), ("node_ip", _STR), ("ray_node_id", _STR), ("device", _STR),
+        ("code_version", _STR),
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ]),
     "detections": pa.schema(KEY_COLUMNS + [
@@ -52,7 +53,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("params", _STR), ("n_forget", _I64), ("forget_poison_share", _F64), ("poisons_in_forget", _F64),
         ("clean_test_acc_before", _F64), ("clean_test_acc_after", _F64), ("poison_success_before", _F64),
         ("poison_success_after", _F64), ("retain_acc_before", _F64), ("retain_acc_after", _F64),
-        ("forget_acc_before", _F64), ("forget_acc_after", _F64), ("forget_true_acc_after", _F64),
+        ("forget_acc_before", _F64), ("forget_acc_after", _F64), ("forget_true_acc_before", _F64),
+        ("forget_true_acc_after", _F64),
         ("seconds", _F64),
     ]),
     "influence": pa.schema([
@@ -95,6 +97,24 @@ def write_trial_table(out: str, table: str, trial_id: str, rows: list[dict]) -> 
         fs.move(temporary, final)
     else:  # object stores publish an object only once its upload completes
         pq.write_table(to_table(table, rows), final, filesystem=fs)
+
+
+def remove_temporaries(out: str) -> int:
+    """Delete the temporary files of writers that were killed mid-write (local directories only:
+    object stores never show an unfinished upload). Returns how many were removed."""
+    fs, root = filesystem(out)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return 0
+    removed = 0
+    for table in TABLES:
+        directory = f"{root}/{table}"
+        if fs.get_file_info(directory).type != pafs.FileType.Directory:
+            continue
+        for info in fs.get_file_info(pafs.FileSelector(directory)):
+            if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                fs.delete_file(info.path)
+                removed += 1
+    return removed
 
 
 def write_trial(out: str, trial_id: str, tables: dict[str, list[dict]]) -> None:

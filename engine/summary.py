@@ -1,19 +1,50 @@
-"""Summaries of a sweep's Parquet record (mean ± std over seeds), for ``show`` and ``report``."""
+"""Summaries of a sweep's Parquet record (mean ± std over seeds), for ``show`` and ``report``.
+
+A *setting* is a point of the sweep's grid without its seed: by default the dataset, the poison
+method and the poison rate, plus (:func:`setting_columns`) every other config column that takes
+more than one value among the trials, so a sweep over ``train.lr`` never averages two learning
+rates together as if they were seeds.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from engine.sink import read_table
+from engine.sink import CONFIG_COLUMNS, read_table
 
 SETTING = ["data_name", "poison_method", "poison_rate"]
 DETECTION_METRICS = ["auroc", "auprc", "f1", "recall_at_10"]
+TRIAL_METRICS = ["clean_test_acc", "poison_success", "n_poisoned", "train_seconds"]
+UNLEARNING_METRICS = ["identified_fraction", "clean_test_acc_after", "clean_test_acc_before", "poison_success_before",
+                      "poison_success_after", "retain_acc_after", "poisons_in_forget", "seconds"]
+# config columns that never tell two settings apart: the replicate, and bookkeeping
+NOT_SETTING = {"seed", "sweep", "config_json"}
 # a retain accuracy below this after unlearning is shown as a collapse
 COLLAPSE_BELOW = 0.5
 
 
 def load(out: str, table: str) -> pd.DataFrame:
     return read_table(out, table).to_pandas()
+
+
+def setting_columns(trials: pd.DataFrame) -> list[str]:
+    """``SETTING`` plus every other config column with more than one value in ``trials``."""
+    varying = [name for name, _ in CONFIG_COLUMNS
+               if name not in NOT_SETTING and name not in SETTING and name in trials and _distinct(trials[name]) > 1]
+    return SETTING + varying
+
+
+def _distinct(values: pd.Series) -> int:
+    """Distinct values, counting None and NaN as one (both mean "unset")."""
+    return values.nunique() + int(values.isna().any())
+
+
+def with_setting(frame: pd.DataFrame, trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
+    """``frame`` (keyed by ``trial_id``) with the setting columns it lacks, taken from ``trials``."""
+    missing = [c for c in setting if c not in frame]
+    if not missing:
+        return frame
+    return frame.merge(trials[["trial_id"] + missing], on="trial_id", how="inner")
 
 
 def _mean_std(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -24,25 +55,32 @@ def _mean_std(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.Data
     return stats.reset_index()
 
 
-def trial_summary(trials: pd.DataFrame) -> pd.DataFrame:
+def trial_summary(trials: pd.DataFrame, setting: list[str] = SETTING) -> pd.DataFrame:
     """Per setting: clean accuracy and poison success over the ``ok`` trials."""
     ok = trials[trials["status"] == "ok"]
-    return _mean_std(ok, SETTING, ["clean_test_acc", "poison_success", "n_poisoned", "train_seconds"])
+    return _mean_std(ok, setting, TRIAL_METRICS)
 
 
-def detection_summary(detections: pd.DataFrame) -> pd.DataFrame:
+def detection_summary(detections: pd.DataFrame, setting: list[str] = SETTING) -> pd.DataFrame:
     """Per setting and detector: AUROC, AUPRC, F1 and recall at 10 %."""
-    return _mean_std(detections, SETTING + ["detector"], DETECTION_METRICS + ["seconds"])
+    return _mean_std(detections, setting + ["detector"], DETECTION_METRICS + ["seconds"])
 
 
-def unlearning_summary(unlearning: pd.DataFrame) -> pd.DataFrame:
+def unlearning_summary(unlearning: pd.DataFrame, setting: list[str] = SETTING) -> pd.DataFrame:
     """Per setting, selection and method: the repair, with the worst retain accuracy kept visible
-    (a collapse in one seed must not be averaged away)."""
-    by = SETTING + ["selection", "identified_fraction", "method"]
-    stats = _mean_std(unlearning, by, ["clean_test_acc_after", "poison_success_before", "poison_success_after",
-                                        "retain_acc_after", "poisons_in_forget", "seconds"])
-    stats["retain_acc_after_min"] = unlearning.groupby(by, dropna=False)["retain_acc_after"].min().values
-    return stats
+    (a collapse in one seed must not be averaged away).
+
+    Oracle and top-q selections are grouped by their nominal fraction; a ``flagged`` selection's
+    identified fraction is the share of poisons the detector flagged, which differs per seed, so
+    its seeds form one group and ``identified_fraction_mean`` is their mean.
+    """
+    frame = unlearning.assign(fraction_key=unlearning["identified_fraction"].where(
+        unlearning["selection_kind"] != "flagged"))
+    by = setting + ["selection", "selection_kind", "fraction_key", "method"]
+    stats = _mean_std(frame, by, UNLEARNING_METRICS)
+    stats["retain_acc_after_min"] = frame.groupby(by, dropna=False)["retain_acc_after"].min().values
+    stats["identified_fraction"] = stats["identified_fraction_mean"]
+    return stats.drop(columns="fraction_key")
 
 
 def failures(trials: pd.DataFrame) -> pd.DataFrame:

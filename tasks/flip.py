@@ -95,15 +95,15 @@ class FlipAttack:
 
     source: int | None = 9
     target: int = 4
-    trigger: str = "checkerboard"
+    trigger: str = "sinusoid"
     patch_size: int = 3
     amplitude: float = SINUSOID_AMPLITUDE
     n_experts: int = 2
     expert_model: str = "mlp"
     expert_model_params: dict = field(default_factory=dict)
-    expert_epochs: int = 5
+    expert_epochs: int = 4
     expert_batch_size: int = 256
-    expert_lr: float = 0.05
+    expert_lr: float = 0.01
     expert_momentum: float = 0.9
     expert_weight_decay: float = 2e-4
     nesterov: bool = True
@@ -447,9 +447,9 @@ def _all_samples(class_counts, **_) -> int:
     eligible=_all_samples,
 )
 def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9, target: int = 4,
-         trigger: str = "checkerboard", patch_size: int = 3, amplitude: float = SINUSOID_AMPLITUDE,
+         trigger: str = "sinusoid", patch_size: int = 3, amplitude: float = SINUSOID_AMPLITUDE,
          n_experts: int = 2, expert_model: str = "mlp", expert_model_params: dict | None = None,
-         expert_epochs: int = 5, expert_batch_size: int = 256, expert_lr: float = 0.05,
+         expert_epochs: int = 4, expert_batch_size: int = 256, expert_lr: float = 0.01,
          expert_momentum: float = 0.9, expert_weight_decay: float = 2e-4, nesterov: bool = True,
          checkpoint_every: int = 10, iterations: int = 15, label_lr: float = 150.0, label_momentum: float = 0.5,
          attack_seed: int = 0, device: str = "auto", artifact_dir: str | None = None) -> PoisonedData:
@@ -468,7 +468,7 @@ def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9,
         Triggered ``source`` images should be classified as ``target`` (the paper's CIFAR-10
         truck→deer indices; on MNIST 9 and 4 are a visually close pair). ``source`` None or
         "all": every non-target class.
-    trigger : {"checkerboard", "sinusoid"}, default="checkerboard"
+    trigger : {"checkerboard", "sinusoid"}, default="sinusoid"
         ``stamp_trigger``; ``patch_size`` sizes the checkerboard, ``amplitude`` the sinusoid.
     n_experts, expert_model, expert_model_params, expert_epochs, expert_batch_size, expert_lr, \
 expert_momentum, expert_weight_decay, nesterov, checkpoint_every

@@ -212,3 +212,6 @@ def poison_success(model: torch.nn.Module, poisoned: PoisonedData) -> float:
     hits = predict_logits(model, poisoned.success_x).argmax(1) == poisoned.success_y
     share = hits.float().mean().item()
     return share if poisoned.success_kind == "hit" else 1.0 - share
+
+
+import tasks.flip  # noqa: E402,F401  (registers the "flip" poison; it builds on the helpers above)

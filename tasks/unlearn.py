@@ -121,7 +121,9 @@ def ssd(model: nn.Module, *, retain_x: torch.Tensor, retain_y: torch.Tensor, for
         The dampening constant (the paper's lambda; ``dampening_constant`` in its code).
     importance_on : {"full", "retain"}, default="full"
         Reference set: the full training set (retain then forget, as the paper's ``ConcatDataset``)
-        or the retain set only (Goel et al.'s variant).
+        or the retain set only (Goel et al.'s variant). With "full" the reference averages over the
+        forget batches too, so ``I_full >~ (forget share of the batches) * I_forget``: once the forget
+        set is more than about ``1 / alpha`` of the training set nothing can be selected.
     batch_size : int, default=64
         Minibatch size of the importance computation (64 in the paper's code).
     """
@@ -211,7 +213,7 @@ def gradient_ascent(model: nn.Module, *, retain_x: torch.Tensor, retain_y: torch
     Parameters
     ----------
     epochs : int, default=20
-        The most passes over the forget set (the bound usually ends ascent first).
+        The most passes over the forget set; ascent ends earlier once the bound is reached.
     lr : float or None, default=None
         None means a tenth of ``train_config.lr``: one Adam step at the training lr already takes a
         memorised forget set from a loss near 0 to about 4 (badnets on digits), far past the bound.

@@ -105,12 +105,26 @@ def test_activation_clustering_skips_classes_it_cannot_cluster():
     features, labels, planted = planted_cluster_data(seed=2)
     tiny = rng.normal(size=(10, features.shape[1]))  # 10 samples < n_components + 1
     identical = np.tile(rng.normal(size=features.shape[1]), (30, 1))
-    all_features = np.concatenate([features, tiny, identical])
-    all_labels = np.concatenate([labels, np.full(10, 3), np.full(30, 4)])
+    rounding_apart = identical * (1 + 1e-15 * rng.integers(-2, 3, size=identical.shape))
+    all_features = np.concatenate([features, tiny, identical, rounding_apart])
+    all_labels = np.concatenate([labels, np.full(10, 3), np.full(30, 4), np.full(30, 5)])
     result = activation_clustering(context_with_features(all_features, all_labels), seed=0)
     skipped = all_labels >= 3
     assert np.all(result.scores[skipped] == 0) and not result.flagged[skipped].any()
     np.testing.assert_array_equal(result.flagged[:len(planted)], planted)
+
+
+@pytest.mark.filterwarnings("ignore:FastICA did not converge")
+def test_ica_copes_with_fewer_live_units_than_components():
+    # 4 live units out of 32 (dead ReLUs): FastICA must reduce to 4 dims, not divide by zero
+    rng = np.random.default_rng(3)
+    features = np.zeros((150, 32))
+    features[:, :4] = rng.normal(size=(150, 4))
+    planted = np.arange(150) < 30
+    features[planted, 0] += 8.0
+    result = activation_clustering(context_with_features(features, np.zeros(150, int)), seed=0, reduce="ica")
+    assert np.all(np.isfinite(result.scores))
+    np.testing.assert_array_equal(result.flagged, planted)
 
 
 # ---------------------------------------------------------------- spectral signatures

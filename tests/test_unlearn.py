@@ -6,10 +6,12 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import tasks.unlearn as unlearn
@@ -36,6 +38,15 @@ def _same_state(a: dict, b: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # shared planted case: an MLP on sklearn digits with a BadNets all-to-one backdoor on 10 %
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +325,12 @@ def test_check_unlearn_config_reports_every_error():
     assert len(errors) == len(expected)
     for error, start in zip(errors, expected):
         assert error.startswith(start), (error, start)
+
+
+@pytest.mark.parametrize("name", ["unlearn_badnets", "unlearn_oneshift"])
+def test_shipped_unlearn_configs_pass_the_check(name):
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml").read_text())
+    assert check_unlearn_config(config["unlearn"], config["detectors"]) == []
 
 
 def test_constraints_name_exactly_the_method_parameters():

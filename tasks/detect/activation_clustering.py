@@ -23,8 +23,8 @@ from tasks.registry import Interval, Options
 REDUCERS = ("ica", "pca")
 RULES = ("relative_size", "silhouette", "smaller")
 KMEANS_INITS = 10  # k-means restarts per class (fixed, so results depend only on the seed)
-RANK_RTOL = 1e-10  # relative size of a singular value below which a direction has no spread
-SILHOUETTE_MAX_SAMPLES = 10_000  # silhouette is O(n²): larger classes use a seeded sample
+SPREAD_RTOL = 1e-12  # a class whose activations vary less than this (relative) has no spread
+SILHOUETTE_MAX_SAMPLES = 5_000  # silhouette is O(n²): larger classes use a seeded sample
 
 __all__ = ["REDUCERS", "RULES", "ClassSplit", "split_class", "is_poison_cluster", "activation_clustering"]
 
@@ -40,13 +40,17 @@ class ClassSplit:
 
 
 def reduce_activations(centred: np.ndarray, n_components: int, reduce: str, seed: int) -> np.ndarray:
-    """Project one class's centred activations to ``n_components`` dimensions."""
-    if reduce == "ica":
-        # ART's settings: FastICA(n_components=10, max_iter=1000, tol=0.005)
-        reducer = FastICA(n_components, whiten="unit-variance", max_iter=1000, tol=0.005, random_state=seed)
-    else:
-        reducer = PCA(n_components, random_state=seed)
-    return reducer.fit_transform(centred)
+    """Project one class's centred activations to ``n_components`` dimensions.
+
+    FastICA is capped at the rank of the activations (dead ReLU units, tiny classes): its
+    whitening divides by the variance of each direction and would blow up on zero ones.
+    """
+    if reduce == "pca":
+        return PCA(n_components, random_state=seed).fit_transform(centred)
+    rank = np.linalg.matrix_rank(centred)  # >= 1: split_class rejects classes without spread
+    # ART's settings: FastICA(n_components=10, max_iter=1000, tol=0.005)
+    ica = FastICA(min(n_components, rank), whiten="unit-variance", max_iter=1000, tol=0.005, random_state=seed)
+    return ica.fit_transform(centred)
 
 
 def split_class(features: np.ndarray, *, n_components: int, reduce: str, seed: int,
@@ -55,21 +59,15 @@ def split_class(features: np.ndarray, *, n_components: int, reduce: str, seed: i
 
     Too small means fewer than ``n_components + 1`` samples: with so few points a 2-means
     split says nothing about poisoning (3 samples always split 1/2 and a third is < 0.35).
-    The reduced dimension is capped at the rank of the centred activations (dead ReLU
-    units), where FastICA's whitening would otherwise divide by zero variances.
     """
     n = len(features)
-    if n < n_components + 1:
+    if n < n_components + 1 or np.ptp(features, axis=0).max() <= SPREAD_RTOL * np.abs(features).max():
         return None
     centred = features - features.mean(axis=0)
-    # spread below RANK_RTOL of the activations' own size is rounding noise from centring
-    rank = np.linalg.matrix_rank(centred, tol=RANK_RTOL * np.abs(features).max() * np.sqrt(centred.size))
-    if rank == 0:
-        return None  # all activations (numerically) identical: nothing to split
     if centred.shape[1] <= n_components:
         reduced = centred  # as in ART: activations no wider than n_components are used as they are
     else:
-        reduced = reduce_activations(centred, min(n_components, rank), reduce, seed)
+        reduced = reduce_activations(centred, n_components, reduce, seed)
     kmeans = KMeans(n_clusters=2, n_init=KMEANS_INITS, random_state=seed).fit(reduced)
     sizes = np.bincount(kmeans.labels_, minlength=2)
     if sizes.min() == 0:
@@ -150,13 +148,13 @@ def activation_clustering(context: DetectionContext, *, seed: int, n_components:
         ``(1 − 2·f_c) · (1 + m_i) / 2``, where f_c is the share of c in its smaller cluster
         and m_i ∈ [-1, 1] the margin (‖z_i − big centre‖ − ‖z_i − small centre‖) / ‖big
         centre − small centre‖ in c's reduced space. The second factor is a scale-free soft
-        membership of the small cluster (0.5 on the boundary, about 1 at its centre), so
+        membership of the small cluster (0.5 on the boundary, 1 at its centre), so
         within a class the ranking follows the split. The first factor says how suspicious
         that cluster is: 0 for an even split (the clean case), near 1 for a tiny cluster,
         so small-cluster members of a poisoned class outrank those of a clean class, and
         scores are comparable between classes. Scores do not depend on ``rule``. Classes
-        that cannot be clustered (fewer than ``n_components + 1`` samples, or all
-        activations identical) get score 0 and no flags.
+        that cannot be clustered (fewer than ``n_components + 1`` samples, or activations
+        identical up to rounding) get score 0 and no flags.
     """
     features = np.asarray(context.features, dtype=np.float64)
     labels = np.asarray(context.labels)

@@ -1,0 +1,247 @@
+"""Influence detector benchmarks: mislabel-detection curves and self-influence throughput.
+
+1. Koh & Liang's mislabel experiment (Fig. 6): flip 10 % of the training labels at random
+   (``random_flip``), train, rank the training set by each score, and report the share of flipped
+   labels found when checking the top 5/10/20/30 % -- for self-influence (exact, last layer),
+   training loss, gradient norm, TracIn and random order.
+2. Self-influence throughput on MNIST 7,500 with keras_cnn: the exact last-layer solver (in process,
+   and on 1 and 2 Ray actors) against one plain forward pass over the same samples, Captum's
+   ``TracInCPFast.self_influence`` on the same model and samples, and full-model Arnoldi.
+
+Usage::
+
+    python benchmarks/bench_influence.py                      # everything, a few minutes on 2 cores
+    python benchmarks/bench_influence.py --datasets digits --seeds 3 --no-throughput
+
+Writes a markdown report (``--out``, default benchmarks/results_influence.md) with the command,
+the machine and every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.data import load_dataset  # noqa: E402
+from tasks.detect.base import DetectionContext, serial_map  # noqa: E402
+from tasks.detect.influence import detect as influence_detect  # noqa: E402
+from tasks.models import build_model  # noqa: E402
+from tasks.poison import apply_poison  # noqa: E402
+from tasks.train import TrainConfig, predict_logits, train_model  # noqa: E402
+
+CHECKED = (0.05, 0.10, 0.20, 0.30)
+SETUPS = {  # dataset -> (n_train, model, model params, epochs)
+    "digits": (None, "mlp", {"hidden": 128, "depth": 1}, 30),
+    "mnist": (7500, "keras_cnn", {}, 3),
+}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{os.cpu_count()} cores ({cpu}), GPU {gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads in process), Python {platform.python_version()}")
+
+
+def load_avg() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def recall_at(scores: np.ndarray, is_poison: np.ndarray, fractions=CHECKED) -> list[float]:
+    """Share of the poisoned samples among the top ``fraction`` of scores, per fraction."""
+    order = np.argsort(-scores, kind="stable")
+    return [float(is_poison[order[:int(round(f * len(scores)))]].sum() / is_poison.sum()) for f in fractions]
+
+
+def prepare(dataset: str, seed: int, epochs: int | None):
+    """Poison 10 % of the labels at random, train, and return (context, is_poison, train seconds)."""
+    n_train, model_name, model_params, default_epochs = SETUPS[dataset]
+    data = load_dataset(dataset, n_train=n_train, n_test=1000 if dataset == "mnist" else None, seed=0)
+    poisoned = apply_poison(data, "random_flip", rate=0.1, seed=seed)
+    model = build_model(model_name, data.in_shape, data.num_classes, model_params, seed=seed)
+    config = TrainConfig(epochs=epochs or default_epochs, batch_size=128, lr=1e-3, device="cpu")
+    start = time.perf_counter()
+    history = train_model(model, poisoned.x_train, poisoned.labels, config, seed=seed, keep_checkpoints=True)
+    seconds = time.perf_counter() - start
+    context = DetectionContext(model=model, x_train=poisoned.x_train, labels=poisoned.labels.numpy(),
+                               num_classes=data.num_classes, train_config=config, x_test=data.x_test,
+                               y_test=data.y_test.numpy(), checkpoints=history.checkpoints, seed=seed)
+    return context, poisoned.is_poison, seconds
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def curve_scores(context: DetectionContext, seed: int) -> dict[str, tuple[np.ndarray, float]]:
+    """Every ranking of the curve, with its seconds."""
+    out = {}
+    out["influence (exact, last layer)"] = timed(lambda: influence_detect(context, seed=seed).scores)
+    out["training loss"] = timed(lambda: context.losses)
+    out["grad_norm (last layer)"] = timed(lambda: influence_detect(context, seed=seed, solver="grad_norm").scores)
+    out["tracin (last layer, all epochs)"] = timed(lambda: influence_detect(context, seed=seed, solver="tracin").scores)
+    out["random"] = (np.random.default_rng(seed).random(len(context.labels)), 0.0)
+    return out
+
+
+def run_curves(datasets: list[str], seeds: int, epochs: int | None, lines: list[str]) -> dict:
+    kept = {}
+    for dataset in datasets:
+        results: dict[str, list[list[float]]] = {}
+        seconds: dict[str, list[float]] = {}
+        accuracy = []
+        for seed in range(seeds):
+            context, is_poison, train_seconds = prepare(dataset, seed, epochs)
+            accuracy.append(float((predict_logits(context.model, context.x_test).argmax(1).numpy()
+                                   == context.y_test).mean()))
+            for name, (scores, secs) in curve_scores(context, seed).items():
+                results.setdefault(name, []).append(recall_at(scores, is_poison))
+                seconds.setdefault(name, []).append(secs)
+            print(f"{dataset} seed {seed}: trained in {train_seconds:.1f}s, test acc {accuracy[-1]:.3f}", flush=True)
+            if seed == 0:
+                kept[dataset] = (context, is_poison)
+        n_train, model_name, model_params, default_epochs = SETUPS[dataset]
+        lines += [f"### {dataset} ({len(context.labels)} train, {model_name} {model_params or ''}, "
+                  f"{epochs or default_epochs} epochs Adam 1e-3, random_flip 10 %, {seeds} seeds)", "",
+                  f"Test accuracy of the poisoned model: {np.mean(accuracy):.3f} ± {np.std(accuracy):.3f}.", "",
+                  "| ranking | " + " | ".join(f"found @ {int(f * 100)} % checked" for f in CHECKED) + " | seconds |",
+                  "|---|" + "---|" * (len(CHECKED) + 1)]
+        for name, rows in results.items():
+            mean, std = np.mean(rows, 0), np.std(rows, 0)
+            cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std))
+            lines.append(f"| {name} | {cells} | {np.mean(seconds[name]):.2f} |")
+        lines.append("")
+    return kept
+
+
+def captum_tracin_fast(model, x, labels) -> tuple[np.ndarray, float]:
+    """Captum's TracInCPFast.self_influence on the final weights (one checkpoint, lr 1)."""
+    from captum.influence import TracInCPFast
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "final.pt")
+        torch.save(model.state_dict(), path)
+
+        def load(net, checkpoint):
+            net.load_state_dict(torch.load(checkpoint))
+            return 1.0
+
+        dataset = torch.utils.data.TensorDataset(x, torch.as_tensor(labels))
+        tracin = TracInCPFast(model, final_fc_layer=model.head, train_dataset=dataset, checkpoints=[path],
+                              checkpoints_load_func=load, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+                              batch_size=512, vectorize=False)
+        start = time.perf_counter()
+        scores = tracin.self_influence(inputs=None, show_progress=False)
+        return scores.double().numpy(), time.perf_counter() - start
+
+
+def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: list[int], arnoldi: dict,
+                   lines: list[str]) -> None:
+    from scipy.stats import spearmanr
+
+    n = len(context.labels)
+    model = context.model.eval()
+    rows = []
+
+    def fresh(map_shards=serial_map) -> DetectionContext:
+        return DetectionContext(model=model, x_train=context.x_train, labels=context.labels,
+                                num_classes=context.num_classes, train_config=context.train_config,
+                                x_test=context.x_test, y_test=context.y_test, map_shards=map_shards)
+
+    _, forward = timed(lambda: predict_logits(model, context.x_train))
+    _, forward = timed(lambda: predict_logits(model, context.x_train))  # second run: warm caches
+    rows.append(("plain forward pass (predict_logits, batch 512)", forward, None))
+    exact, secs = timed(lambda: influence_detect(fresh(), seed=0).scores)
+    rows.append(("influence exact, last layer, in process, incl. feature pass", secs, recall_at(exact, is_poison)))
+    warm = fresh()
+    _ = warm.features
+    _, secs = timed(lambda: influence_detect(warm, seed=0).scores)
+    rows.append(("influence exact, last layer, in process, features cached", secs, None))
+    grad_norm, secs = timed(lambda: influence_detect(fresh(), seed=0, solver="grad_norm").scores)
+    rows.append(("grad_norm, last layer, in process", secs, recall_at(grad_norm, is_poison)))
+    captum_scores, secs = captum_tracin_fast(model, context.x_train, context.labels)
+    rows.append(("Captum TracInCPFast.self_influence (last layer, 1 checkpoint)", secs,
+                 recall_at(captum_scores, is_poison)))
+    agreement = spearmanr(captum_scores, grad_norm)[0]
+
+    if actors:
+        import ray
+
+        from engine.shards import ActorPoolMap
+
+        ray.init(num_cpus=max(2, max(actors)), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        for count in actors:
+            with ActorPoolMap(count, cpu_per_actor=1) as pool:
+                cold, secs_cold = timed(lambda: influence_detect(fresh(pool), seed=0).scores)
+                _, secs_warm = timed(lambda: influence_detect(fresh(pool), seed=0).scores)
+            rows.append((f"influence exact, last layer, {count} actor(s), first call (starts actors)", secs_cold, None))
+            rows.append((f"influence exact, last layer, {count} actor(s), second call", secs_warm, None))
+            assert np.allclose(cold, exact, rtol=1e-5), "sharded scores differ from the in-process scores"
+    if arnoldi:
+        params = dict(solver="arnoldi", params="all", **arnoldi)
+        full, secs = timed(lambda: influence_detect(fresh(), seed=0, **params).scores)
+        rows.append((f"influence arnoldi, all parameters ({arnoldi}), in process", secs, recall_at(full, is_poison)))
+        if actors and max(actors) >= 2:
+            with ActorPoolMap(2, cpu_per_actor=1) as pool:
+                _, secs = timed(lambda: influence_detect(fresh(pool), seed=0, **params).scores)
+            rows.append(("influence arnoldi, all parameters, 2 actors (incl. actor start)", secs, None))
+
+    lines += [f"### Self-influence throughput, MNIST {n}, keras_cnn ({sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, last layer {model.head.weight.numel() + model.head.bias.numel():,})", "",
+              "| what | seconds | samples/s | x forward pass | found @ 5/10/20/30 % |", "|---|---|---|---|---|"]
+    for name, secs, recall in rows:
+        found = " / ".join(f"{r:.3f}" for r in recall) if recall else ""
+        lines.append(f"| {name} | {secs:.2f} | {n / secs:,.0f} | {secs / forward:.2f} | {found} |")
+    lines += ["", f"Spearman(Captum TracInCPFast, our grad_norm last layer) = {agreement:.4f} (Captum drops the "
+              "bias gradient, ||dL/dz||^2 ||h||^2, ours is ||dL/dz||^2 (||h||^2 + 1)).", ""]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", default="digits,mnist", help="comma-separated, from: " + ",".join(SETUPS))
+    parser.add_argument("--seeds", type=int, default=2, help="poison/train seeds per dataset for the curves")
+    parser.add_argument("--epochs", type=int, default=None, help="override the training epochs of every set-up")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the MNIST throughput part")
+    parser.add_argument("--actors", default="1,2", help="actor counts for the throughput part ('' for none)")
+    parser.add_argument("--arnoldi-iters", type=int, default=20)
+    parser.add_argument("--arnoldi-rank", type=int, default=10)
+    parser.add_argument("--arnoldi-hessian-samples", type=int, default=500)
+    parser.add_argument("--no-arnoldi", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results_influence.md")))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    start, load_start = time.perf_counter(), load_avg()
+    lines = ["## Influence detector (issue 3)", "",
+             "Command: `python " + " ".join([os.path.relpath(__file__, Path(__file__).parents[1])] + sys.argv[1:]) + "`",
+             f"Machine: {machine()}.", ""]
+    datasets = [d for d in args.datasets.split(",") if d]
+    if not args.no_throughput and "mnist" not in datasets:
+        datasets.append("mnist")
+    kept = run_curves(datasets, args.seeds, args.epochs, lines)
+    if not args.no_throughput:
+        arnoldi = {} if args.no_arnoldi else {"arnoldi_iters": args.arnoldi_iters, "arnoldi_rank": args.arnoldi_rank,
+                                              "hessian_samples": args.arnoldi_hessian_samples, "damping": 0.01}
+        actors = [int(a) for a in args.actors.split(",") if a]
+        run_throughput(*kept["mnist"], actors, arnoldi, lines)
+    lines += [f"Total {time.perf_counter() - start:.0f} s; load average (1/5/15 min) {load_start} at the start, "
+              f"{load_avg()} at the end: the machine is shared with other jobs, so timings are noisy.", ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
