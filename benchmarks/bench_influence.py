@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     start, load_start = time.perf_counter(), load_avg()
     lines = ["## Influence detector (issue 3)", "",
-             "Command: `python " + " ".join([os.path.relpath(__file__, Path(__file__).parents[1])] + sys.argv[1:]) + "`",
+             "Command: `python " + " ".join(["benchmarks/bench_influence.py"] + sys.argv[1:]) + "`",
              f"Machine: {machine()}.", ""]
     datasets = [d for d in args.datasets.split(",") if d]
     if not args.no_throughput and "mnist" not in datasets:

@@ -154,7 +154,8 @@ def print_summary(out: str) -> None:
                         "success after", "retain acc", "min retain", "s"])
         for _, r in summary.unlearning_summary(unlearning).iterrows():
             collapsed = r.retain_acc_after_min < summary.COLLAPSE_BELOW
-            table.add_row(_setting(r), r.selection, f"{r.identified_fraction:.2f}", r.method, str(r.n),
+            selection = r.selection if r.selection_kind == "oracle" else f"{r.selection} ({r.selection_kind})"
+            table.add_row(_setting(r), selection, f"{r.identified_fraction:.2f}", r.method, str(r.n),
                           summary.fmt(r.clean_test_acc_after_mean, r.clean_test_acc_after_std),
                           summary.fmt(r.poison_success_before_mean, r.poison_success_before_std),
                           summary.fmt(r.poison_success_after_mean, r.poison_success_after_std),

@@ -550,8 +550,8 @@ def arnoldi_inverse(apply_h: Callable[[torch.Tensor], torch.Tensor], p: int, *, 
     damped = evals + damping
     if damped.min() <= 0:
         raise InfluenceSolverError(
-            f"Arnoldi kept eigenvalue {evals[damped.argmin()].item():.3g} of H, so lambda + damping <= 0; raise damping "
-            f"above {-evals.min().item() * 1.1:.3g}")
+            f"Arnoldi kept eigenvalue {evals[damped.argmin()].item():.3g} of H, so lambda + damping <= 0; "
+            f"raise damping above {-evals.min().item() * 1.1:.3g}")
     vectors = evecs.T.to(dtype=dtype, device=device) @ basis[:size]  # (rank, p)
     return FactorInverse(vectors.T * damped.rsqrt().to(dtype=dtype, device=device)), evals
 
