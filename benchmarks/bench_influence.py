@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.data import load_dataset  # noqa: E402
 from tasks.detect.base import DetectionContext, serial_map  # noqa: E402
 from tasks.detect.influence import detect as influence_detect  # noqa: E402
+from tasks.influence import SolverSettings, fit_influence, score_influence  # noqa: E402
 from tasks.models import build_model  # noqa: E402
 from tasks.poison import apply_poison  # noqa: E402
 from tasks.train import TrainConfig, predict_logits, train_model  # noqa: E402
@@ -97,13 +98,14 @@ def curve_scores(context: DetectionContext, seed: int) -> dict[str, tuple[np.nda
     return out
 
 
-def run_curves(datasets: list[str], seeds: int, epochs: int | None, lines: list[str]) -> dict:
+def run_curves(datasets: list[str], seeds: dict[str, int], epochs: int | None, lines: list[str]) -> dict:
     kept = {}
     for dataset in datasets:
+        n_seeds = seeds[dataset]
         results: dict[str, list[list[float]]] = {}
         seconds: dict[str, list[float]] = {}
         accuracy = []
-        for seed in range(seeds):
+        for seed in range(n_seeds):
             context, is_poison, train_seconds = prepare(dataset, seed, epochs)
             accuracy.append(float((predict_logits(context.model, context.x_test).argmax(1).numpy()
                                    == context.y_test).mean()))
@@ -115,7 +117,7 @@ def run_curves(datasets: list[str], seeds: int, epochs: int | None, lines: list[
                 kept[dataset] = (context, is_poison)
         n_train, model_name, model_params, default_epochs = SETUPS[dataset]
         lines += [f"### {dataset} ({len(context.labels)} train, {model_name} {model_params or ''}, "
-                  f"{epochs or default_epochs} epochs Adam 1e-3, random_flip 10 %, {seeds} seeds)", "",
+                  f"{epochs or default_epochs} epochs Adam 1e-3, random_flip 10 %, {n_seeds} seeds)", "",
                   f"Test accuracy of the poisoned model: {np.mean(accuracy):.3f} ± {np.std(accuracy):.3f}.", "",
                   "| ranking | " + " | ".join(f"found @ {int(f * 100)} % checked" for f in CHECKED) + " | seconds |",
                   "|---|" + "---|" * (len(CHECKED) + 1)]
@@ -149,8 +151,9 @@ def captum_tracin_fast(model, x, labels) -> tuple[np.ndarray, float]:
 
 
 def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: list[int], arnoldi: dict,
-                   lines: list[str]) -> None:
+                   arnoldi_in_process: bool, lines: list[str]) -> None:
     from scipy.stats import spearmanr
+
 
     n = len(context.labels)
     model = context.model.eval()
@@ -180,10 +183,9 @@ def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: lis
     if actors:
         import ray
 
-        from engine.shards import ActorPoolMap
-
         ray.init(num_cpus=max(2, max(actors)), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+        from engine.shards import ActorPoolMap
         for count in actors:
             with ActorPoolMap(count, cpu_per_actor=1) as pool:
                 cold, secs_cold = timed(lambda: influence_detect(fresh(pool), seed=0).scores)
@@ -192,13 +194,17 @@ def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: lis
             rows.append((f"influence exact, last layer, {count} actor(s), second call", secs_warm, None))
             assert np.allclose(cold, exact, rtol=1e-5), "sharded scores differ from the in-process scores"
     if arnoldi:
-        params = dict(solver="arnoldi", params="all", **arnoldi)
-        full, secs = timed(lambda: influence_detect(fresh(), seed=0, **params).scores)
-        rows.append((f"influence arnoldi, all parameters ({arnoldi}), in process", secs, recall_at(full, is_poison)))
-        if actors and max(actors) >= 2:
-            with ActorPoolMap(2, cpu_per_actor=1) as pool:
-                _, secs = timed(lambda: influence_detect(fresh(pool), seed=0, **params).scores)
-            rows.append(("influence arnoldi, all parameters, 2 actors (incl. actor start)", secs, None))
+        settings = SolverSettings(solver="arnoldi", l2=context.train_config.weight_decay, **arnoldi)
+        payload, secs = timed(lambda: fit_influence(model, context.x_train, context.labels, settings, params="all"))
+        rows.append((f"arnoldi, all parameters: fit on the driver ({arnoldi})", secs, None))
+        runs = [("in process", serial_map)] if arnoldi_in_process else []
+        if actors:
+            runs.append((f"{max(actors)} actors, incl. actor start", ActorPoolMap(max(actors), cpu_per_actor=1)))
+        for label, map_shards in runs:
+            full, secs = timed(lambda: score_influence(payload, map_shards).self_influence)
+            rows.append((f"arnoldi, all parameters: scoring, {label}", secs, recall_at(full, is_poison)))
+            if map_shards is not serial_map:
+                map_shards.close()
 
     lines += [f"### Self-influence throughput, MNIST {n}, keras_cnn ({sum(p.numel() for p in model.parameters()):,} "
               f"parameters, last layer {model.head.weight.numel() + model.head.bias.numel():,})", "",
@@ -213,17 +219,23 @@ def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: lis
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="digits,mnist", help="comma-separated, from: " + ",".join(SETUPS))
-    parser.add_argument("--seeds", type=int, default=2, help="poison/train seeds per dataset for the curves")
+    parser.add_argument("--seeds", type=int, default=5, help="poison/train seeds of the digits curve")
+    parser.add_argument("--mnist-seeds", type=int, default=1, help="poison/train seeds of the MNIST curve")
+    parser.add_argument("--mnist-train", type=int, default=7500, help="MNIST training samples")
     parser.add_argument("--epochs", type=int, default=None, help="override the training epochs of every set-up")
     parser.add_argument("--no-throughput", action="store_true", help="skip the MNIST throughput part")
     parser.add_argument("--actors", default="1,2", help="actor counts for the throughput part ('' for none)")
     parser.add_argument("--arnoldi-iters", type=int, default=20)
     parser.add_argument("--arnoldi-rank", type=int, default=10)
-    parser.add_argument("--arnoldi-hessian-samples", type=int, default=500)
+    parser.add_argument("--arnoldi-hessian-samples", type=int, default=256)
+    parser.add_argument("--arnoldi-damping", type=float, default=0.01)
     parser.add_argument("--no-arnoldi", action="store_true")
+    parser.add_argument("--arnoldi-in-process", action="store_true",
+                        help="also score full-model Arnoldi in process (slow: about 2x the 2-actor time)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results_influence.md")))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    SETUPS["mnist"] = (args.mnist_train,) + SETUPS["mnist"][1:]
     start, load_start = time.perf_counter(), load_avg()
     lines = ["## Influence detector (issue 3)", "",
              "Command: `python " + " ".join(["benchmarks/bench_influence.py"] + sys.argv[1:]) + "`",
@@ -231,12 +243,12 @@ def main(argv=None) -> None:
     datasets = [d for d in args.datasets.split(",") if d]
     if not args.no_throughput and "mnist" not in datasets:
         datasets.append("mnist")
-    kept = run_curves(datasets, args.seeds, args.epochs, lines)
+    kept = run_curves(datasets, {"digits": args.seeds, "mnist": args.mnist_seeds}, args.epochs, lines)
     if not args.no_throughput:
         arnoldi = {} if args.no_arnoldi else {"arnoldi_iters": args.arnoldi_iters, "arnoldi_rank": args.arnoldi_rank,
-                                              "hessian_samples": args.arnoldi_hessian_samples, "damping": 0.01}
+                                              "hessian_samples": args.arnoldi_hessian_samples, "damping": args.arnoldi_damping}
         actors = [int(a) for a in args.actors.split(",") if a]
-        run_throughput(*kept["mnist"], actors, arnoldi, lines)
+        run_throughput(*kept["mnist"], actors, arnoldi, args.arnoldi_in_process, lines)
     lines += [f"Total {time.perf_counter() - start:.0f} s; load average (1/5/15 min) {load_start} at the start, "
               f"{load_avg()} at the end: the machine is shared with other jobs, so timings are noisy.", ""]
     Path(args.out).write_text("\n".join(lines))

@@ -11,11 +11,14 @@
 # data_mnist.tar.xz (9 MB; this check needs only it) and data_fashion_mnist.tar.xz (26 MB), IDX files
 # in the layout tasks/data.py reads (<root>/MNIST/raw, <root>/FashionMNIST/raw). $OUT gets log.txt (every step's output),
 # gpu_trials.csv (the trials table), gpu_detections.csv and gpu_apps.csv (nvidia-smi's GPU
-# processes, once a second, to see the four trials share the GPU).
+# processes, once a second, to see the four trials share the GPU), and gpu_influence_trials.csv (a
+# second sweep whose influence detector shards its work over 2 actors per trial, each with its own
+# GPU share).
 #
-# Knobs (environment): PY (python3), GPU_SHARE (0.25), DEVICE (cuda), N_TRAIN (7500), EPOCHS (3).
+# Knobs (environment): PY (python3), GPU_SHARE (0.25), DEVICE (cuda), N_TRAIN (7500), EPOCHS (3),
+# ACTORS (2, influence actors per trial).
 # A CPU dry run here: PY=/work/venv/bin/python GPU_SHARE=0 DEVICE=cpu N_TRAIN=500 EPOCHS=1 \
-#   SITE=skip DATA=/tmp/devdata OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
+#   ACTORS=1 SITE=skip DATA=/tmp/devdata OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
 #
 # Building .devicepkg (on a machine with network; Python 3.12, manylinux x86_64 wheels):
 #   unzip ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl into a folder S; rm -rf S/ray/{jars,rllib,serve,llm}
@@ -90,13 +93,34 @@ step "$PY" -m engine.cli run "$WORK/gpu_sweep.yaml" --out "$WORK/out" --data-roo
 CODE=$?
 [ -n "${SMI:-}" ] && kill "$SMI"
 
-step "$PY" - "$WORK/out" "$OUT" <<'EOF'
+# influence actors with their own GPU share: per trial 0.15 GPU + 2 actors x 0.05 = a quarter, so
+# again four trials share the GPU, and each trial's influence scores are sharded over its 2 actors
+if [ "$GPU_SHARE" = 0 ]; then TRIAL_GPU=0; ACTOR_GPU=0; else TRIAL_GPU=0.15; ACTOR_GPU=0.05; fi
+cat > "$WORK/gpu_influence.yaml" <<EOF
+name: gpu_influence
+data: {name: mnist, n_train: 2000, n_test: 500}
+poison: {method: one_shift, rate: 0.1, params: {shift: 1}}
+model: {name: keras_cnn}
+train: {epochs: 2, batch_size: 128, lr: 0.001, optimizer: adam, device: $DEVICE}
+detectors: [loss, {name: influence, params: {solver: exact, params: last_layer}}]
+sweep: {seed: [0, 1, 2, 3]}
+resources: {cpu: 1, gpu: $TRIAL_GPU, influence_actors: ${ACTORS:-2}, actor_cpu: 1, actor_gpu: $ACTOR_GPU, max_failures: 1}
+EOF
+step cat "$WORK/gpu_influence.yaml"
+step "$PY" -m engine.cli run "$WORK/gpu_influence.yaml" --out "$WORK/influence" --data-root "$DATA" || CODE=$?
+
+step "$PY" - "$WORK/out" "$OUT" "$WORK/influence" <<'EOF'
 import sys
 import pandas as pd
-out, dest = sys.argv[1], sys.argv[2]
+out, dest, influence = sys.argv[1], sys.argv[2], sys.argv[3]
 trials = pd.read_parquet(f"{out}/trials")
 trials.drop(columns=["config_json", "error"]).to_csv(f"{dest}/gpu_trials.csv", index=False)
 pd.read_parquet(f"{out}/detections").to_csv(f"{dest}/gpu_detections.csv", index=False)
+with_actors = pd.read_parquet(f"{influence}/trials")
+with_actors.drop(columns=["config_json"]).to_csv(f"{dest}/gpu_influence_trials.csv", index=False)
+print(with_actors[["trial_id", "seed", "status", "device", "train_seconds", "detect_seconds", "total_seconds"]]
+      .to_string())
+print(pd.read_parquet(f"{influence}/detections")[["trial_id", "detector", "auroc", "seconds"]].to_string())
 cols = ["trial_id", "poison_rate", "seed", "status", "device", "clean_test_acc", "poison_success",
         "load_seconds", "train_seconds", "detect_seconds", "total_seconds", "started_at", "finished_at"]
 print(trials[cols].to_string())

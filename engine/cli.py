@@ -50,11 +50,14 @@ def run(
     except ConfigError as error:
         _fail(str(error))
     console.print(f"sweep [bold]{sweep.name}[/]: {len(sweep.trials)} trials -> {sweep.out}")
+    from engine.config import trial_id
     from engine.progress import SweepProgress
+    from engine.sink import completed_trials
     from engine.sweep import run_sweep
 
+    done = completed_trials(sweep.out)  # a resumed sweep's bar counts only what is left to run
     try:
-        with SweepProgress(len(sweep.trials), console) as progress:
+        with SweepProgress(sum(trial_id(t) not in done for t in sweep.trials), console) as progress:
             outcome = run_sweep(sweep, address=address, verbose=verbose, progress=progress, reuse_actors=reuse_actors)
     except RuntimeError as error:
         _fail(str(error))

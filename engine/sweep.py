@@ -19,11 +19,19 @@ import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray.tune import Callback
 
-from engine.config import Sweep, config_columns, key_columns, trial_id
 from engine.sink import completed_trials, filesystem, remove_temporaries, write_trial
+
+if TYPE_CHECKING:
+    from engine.config import Sweep
+
+# engine.config (and through it torch, scikit-learn, every registry) is imported inside the
+# functions that need it: a trial process then starts in 1-2 s and imports the science
+# inside its first trial, so Tune does not give up on a slow-starting process and hand its trial to
+# a busy one (benchmarks/results_engine.md)
 
 TUNE_DIR = "_tune"  # Tune's own experiment state, inside the output directory
 ARTIFACT_DIR = "_artifacts"  # work shared between trials (e.g. FLIP's experts)
@@ -65,6 +73,7 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
     so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
     ``trials`` row.
     """
+    from engine.config import config_columns, key_columns, trial_id
     from tasks.detect.base import serial_map
     from tasks.trial import run_trial
 
@@ -241,11 +250,15 @@ class RetryLog(Callback):
         self.retried: dict[str, int] = {}
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        from engine.config import trial_id
+
         tid = trial_id(trial.config["trial"])
         self.retried[tid] = self.retried.get(tid, 0) + 1
 
 
 def _short_name(trial) -> str:
+    from engine.config import trial_id
+
     return f"{trial.trial_id}-{trial_id(trial.config['trial'])}"
 
 
@@ -259,9 +272,14 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     """
     from ray import tune
 
+    from engine.config import trial_id
+
     start = time.perf_counter()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
+    from engine.report import write_plan
+
+    write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them
     done = completed_trials(sweep.out)
     pending = [t for t in sweep.trials if trial_id(t) not in done]

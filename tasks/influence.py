@@ -105,7 +105,7 @@ def select_parameters(model: nn.Module, subset: str = "last_layer", k: int = 1) 
 
 @dataclass
 class GradientModel:
-    """A classifier's cross-entropy loss as a function of a flat vector of chosen parameters.
+    """A classifier's cross-entropy loss as a function of the chosen parameters (kept flat in ``theta``).
 
     When every chosen parameter belongs to ``model.head`` (a ``SplitModel``), the functional part
     is the head alone and its inputs are the penultimate features (``prepare(x) = body(x)``):

@@ -3,12 +3,12 @@ detectors read) and ``head`` (the final linear layer), and ``forward = head(feat
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from tasks.registry import Interval, Registry
-from numbers import Integral, Real
 
 MODELS = Registry("model")
 
@@ -62,7 +62,7 @@ def mlp(in_shape: tuple[int, int, int], num_classes: int, *, hidden: int = 256, 
 
 
 class _ResNetFeatures(nn.Module):
-    def __init__(self, net: ResNet):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
@@ -76,6 +76,8 @@ class _ResNetFeatures(nn.Module):
 @MODELS.register("resnet18")
 def resnet18(in_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
     """ResNet-18, CIFAR variant: 3x3 stem with stride 1 and no max-pool."""
+    from torchvision.models.resnet import BasicBlock, ResNet  # imported here: torchvision is slow to import
+
     net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     head = net.fc

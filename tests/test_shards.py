@@ -83,47 +83,55 @@ def test_actor_bundles_match_the_actor_requests():
     assert actor_bundles(0, 1, 1) == []
 
 
-def test_pool_equals_serial_map_in_shard_order(ray_local):
+@pytest.fixture(scope="module")
+def pool(ray_local):
+    """One 2-actor pool shared by the tests below (starting actors is the slow part).
+
+    Half a CPU each, so that the Tune trial below still finds room beside them.
+    """
+    with ActorPoolMap(2, cpu_per_actor=0.5) as shared_pool:
+        yield shared_pool
+    assert shared_pool.actors == []
+
+
+def test_pool_equals_serial_map_in_shard_order(pool):
     shared = {"delay": 0.02, "n": 8, "offset": 7}
-    with ActorPoolMap(2, cpu_per_actor=1) as pool:
-        results = pool(slow_square, shared, list(range(8)))
+    results = pool(slow_square, shared, list(range(8)))
     assert [r[0] for r in results] == [r[0] for r in serial_map(slow_square, {**shared, "delay": 0}, range(8))]
     assert len({pid for _, pid in results}) == 2  # both actors worked
-    assert pool.actors == []
+    assert pool(slow_square, shared, []) == []
 
 
-def test_actor_that_exits_is_replaced_and_its_shard_recomputed(ray_local, tmp_path):
-    shared = {"marker": str(tmp_path / "exited")}
-    with ActorPoolMap(2, cpu_per_actor=1) as pool:
-        results = pool(exit_once, shared, list(range(10)))
-        assert pool.replacements == 1
-    assert (tmp_path / "exited").exists()
+def test_actor_that_exits_is_replaced_and_its_shard_recomputed(pool, tmp_path):
+    before = pool.replacements
+    results = pool(exit_once, {"marker": str(tmp_path / "exited")}, list(range(10)))
+    assert (tmp_path / "exited").exists() and pool.replacements == before + 1
     assert results == [s * 10 for s in range(10)]
 
 
-def test_killed_actor_is_replaced_and_its_shard_recomputed(ray_local, tmp_path):
-    shared = {"marker": str(tmp_path / "killed")}
-    with ActorPoolMap(2, cpu_per_actor=1) as pool:
-        results = pool(kill_own_actor_once, shared, list(range(12)))
-        assert pool.replacements == 1
+def test_killed_actor_is_replaced_and_its_shard_recomputed(pool, tmp_path):
+    before = pool.replacements
+    results = pool(kill_own_actor_once, {"marker": str(tmp_path / "killed")}, list(range(12)))
+    assert (tmp_path / "killed").exists() and pool.replacements == before + 1
     assert results == [s * 10 for s in range(12)]
 
 
-def test_an_error_in_fn_reaches_the_caller(ray_local):
-    with ActorPoolMap(1, cpu_per_actor=1) as pool, pytest.raises(ValueError, match="shard 2 is bad"):
+def test_an_error_in_fn_reaches_the_caller_and_the_pool_goes_on(pool):
+    with pytest.raises(ValueError, match="shard 2 is bad"):
         pool(fail_on_two, None, [0, 1, 2, 3])
+    assert pool(fail_on_two, None, [0, 1, 3]) == [0, 1, 3]
 
 
 def test_pool_inside_a_tune_trial_uses_the_trial_placement_group(ray_local, tmp_path):
     from ray import tune
 
     def trainable(config):
-        with ActorPoolMap(2, cpu_per_actor=0.5) as pool:
-            groups = pool(placement_group_of_shard, None, list(range(4)))
+        with ActorPoolMap(2, cpu_per_actor=0.25) as trial_pool:
+            groups = trial_pool(placement_group_of_shard, None, list(range(4)))
         own = ray.get_runtime_context().get_placement_group_id()
         return {"inside": float(all(g == own for g in groups)), "n": len(groups)}
 
-    resources = tune.PlacementGroupFactory([{"CPU": 0.5}] + actor_bundles(2, 0.5, 0))
+    resources = tune.PlacementGroupFactory([{"CPU": 0.5}] + actor_bundles(2, 0.25, 0))
     tuner = tune.Tuner(tune.with_resources(trainable, resources),
                        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
     result = tuner.fit()[0]
@@ -148,13 +156,12 @@ def _context(trained, map_shards) -> DetectionContext:
                             x_test=data.x_test, y_test=data.y_test.numpy(), map_shards=map_shards)
 
 
-def test_influence_scores_from_two_actors_equal_the_single_process_scores(ray_local, trained, monkeypatch):
+def test_influence_scores_from_two_actors_equal_the_single_process_scores(pool, trained, monkeypatch):
     monkeypatch.setattr(influence_detector, "SHARD_SIZE", 64)  # 7 shards over 400 samples
-    with ActorPoolMap(2, cpu_per_actor=1) as pool:  # one pool for both cases: the actors import torch once
-        for params in INFLUENCE_CASES:
-            serial = influence_detector.detect(_context(trained, serial_map), seed=0, **params)
-            sharded = influence_detector.detect(_context(trained, pool), seed=0, **params)
-            _assert_same_detection(sharded, serial)
+    for params in INFLUENCE_CASES:
+        serial = influence_detector.detect(_context(trained, serial_map), seed=0, **params)
+        sharded = influence_detector.detect(_context(trained, pool), seed=0, **params)
+        _assert_same_detection(sharded, serial)
 
 
 INFLUENCE_CASES = [
