@@ -32,13 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.data import load_dataset  # noqa: E402
-from tasks.detect import DETECTORS, DetectionContext  # noqa: E402
-from tasks.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, stamp_trigger  # noqa: E402
-from tasks.metrics import detection_metrics  # noqa: E402
-from tasks.models import build_model  # noqa: E402
-from tasks.poison import pair_flip  # noqa: E402
-from tasks.train import TrainConfig, accuracy, predict_logits, train_model  # noqa: E402
+from tasks.data import load_dataset
+from tasks.detect import DETECTORS, DetectionContext
+from tasks.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, stamp_trigger
+from tasks.metrics import detection_metrics
+from tasks.models import build_model
+from tasks.poison import pair_flip
+from tasks.train import TrainConfig, accuracy, predict_logits, train_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,7 +109,6 @@ def detector_aurocs(args, data, model, config, poisoned, seed: int) -> dict:
 
 
 def run_setup(args, data, params: dict, artifact_dir: str, start: float) -> list[str]:
-    n = len(data.y_train)
     clean = [evaluate(args, data, data.y_train, params, s)[2:] for s in args.seeds]
     rows, aurocs, info = [], {}, {}
     for rate in args.rates:

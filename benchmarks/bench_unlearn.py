@@ -28,12 +28,12 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.data import load_dataset  # noqa: E402
-from tasks.detect import DETECTORS, DetectionContext  # noqa: E402
-from tasks.models import build_model  # noqa: E402
-from tasks.poison import apply_poison, poison_success  # noqa: E402
-from tasks.train import TrainConfig, accuracy, train_model  # noqa: E402
-from tasks.unlearn import run_unlearning  # noqa: E402
+from tasks.data import load_dataset
+from tasks.detect import DETECTORS, DetectionContext
+from tasks.models import build_model
+from tasks.poison import apply_poison, poison_success
+from tasks.train import TrainConfig, accuracy, train_model
+from tasks.unlearn import run_unlearning
 
 POISON_PARAMS = {"badnets": {"target": 0, "mode": "all_to_one"}, "one_shift": {}}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -15,7 +16,8 @@ from tasks.registry import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweep label-poisoning experiments: poison -> train -> detect -> unlearn -> Parquet.")
-console = Console()
+# piped output (logs, CI) gets wide tables instead of rich's 80-column default
+console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", 150)))
 
 
 def _fail(message: str) -> None:

@@ -179,8 +179,9 @@ def normalise_detector(entry: Any) -> Any:
     if isinstance(entry, str):
         return {"name": entry, "params": {}, "label": entry}
     if isinstance(entry, dict) and "name" in entry:
-        return {"name": entry["name"], "params": entry.get("params") or {}, "label": entry.get("label") or entry["name"],
-                **{k: v for k, v in entry.items() if k not in ("name", "params", "label")}}
+        extra = {k: v for k, v in entry.items() if k not in ("name", "params", "label")}
+        return {"name": entry["name"], "params": entry.get("params") or {},
+                "label": entry.get("label") or entry["name"], **extra}
     return entry
 
 
@@ -188,7 +189,8 @@ def _check_resources(resources: dict) -> list[str]:
     errors = []
     for key, value in resources.items():
         if key not in RESOURCE_CONSTRAINTS:
-            errors.append(f"resources.{key} is not known (allowed: {', '.join(sorted(RESOURCE_CONSTRAINTS))}); remove it")
+            allowed = ", ".join(sorted(RESOURCE_CONSTRAINTS))
+            errors.append(f"resources.{key} is not known (allowed: {allowed}); remove it")
         elif message := check_value(f"resources.{key}", value, RESOURCE_CONSTRAINTS[key]):
             errors.append(message)
     return errors

@@ -295,8 +295,9 @@ def hvp(gm: GradientModel, inputs: torch.Tensor, labels: torch.Tensor, vectors: 
     params, tangents = gm.params(), gm.split(vectors)
     for start in range(0, n, chunk):
         xb, yb = inputs[start:start + chunk], labels[start:start + chunk]
-        loss_grad = grad(lambda p: gm.loss(p, xb, yb))
-        product = vmap(lambda *v: jvp(loss_grad, (params,), (v,))[1])(*tangents)
+        # the closures run inside this iteration, so binding the loop variables late is safe
+        loss_grad = grad(lambda p: gm.loss(p, xb, yb))  # noqa: B023
+        product = vmap(lambda *v: jvp(loss_grad, (params,), (v,))[1])(*tangents)  # noqa: B023
         out += gm.flatten(product) * (len(xb) / n)
     return out + shift * vectors
 

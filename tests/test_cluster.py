@@ -10,7 +10,6 @@ The cluster is private to this module: its own temp dir (so ``ray.init()`` elsew
 machine never finds it), its own auth token, and at the end only its own processes are ended.
 """
 
-import json
 import os
 import re
 import shutil

@@ -26,14 +26,6 @@ from tasks.train import TrainConfig, train_model
 ATOL = 1e-10  # float64 gradients and Hessians, computed two ways
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny problems: one thread is faster, and much faster when other jobs share the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def digits():

@@ -21,15 +21,6 @@ from tasks.train import TrainConfig
 ATOL = 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models train fastest on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def context_with_features(features: np.ndarray, labels: np.ndarray, num_classes: int) -> DetectionContext:
     context = DetectionContext(model=torch.nn.Identity(), x_train=torch.as_tensor(features, dtype=torch.float32),
                                labels=labels, num_classes=num_classes)

@@ -40,14 +40,6 @@ def _same_state(a: dict, b: dict) -> bool:
 # shared planted case: an MLP on sklearn digits with a BadNets all-to-one backdoor on 10 %
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def digits():
