@@ -12,7 +12,7 @@
    ``ray start`` cluster (1 CPU each; both nodes on this machine).
 
 Usage: ``python benchmarks/bench_engine.py [--trials 16 --small 4 --node-trials 8]``; prints a
-Markdown table (paste into benchmarks/results_engine.md).
+Markdown table (paste into benchmarks/RESULTS.md, section 3).
 """
 
 from __future__ import annotations

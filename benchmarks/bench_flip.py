@@ -14,7 +14,7 @@ score the FLIP-poisoned training set (AUROC against the flipped mask).
 
 Plain Python on ``tasks.*`` (no Ray). Examples::
 
-    python benchmarks/bench_flip.py --out benchmarks/results_flip.md
+    python benchmarks/bench_flip.py --out results/bench_flip.md   (then into benchmarks/RESULTS.md, section 7)
     python benchmarks/bench_flip.py --dataset digits --setups sinusoid checkerboard:3
 """
 

@@ -13,7 +13,7 @@ Usage::
     python benchmarks/bench_influence.py                      # everything, a few minutes on 2 cores
     python benchmarks/bench_influence.py --datasets digits --seeds 3 --no-throughput
 
-Writes a markdown report (``--out``, default benchmarks/results_influence.md) with the command,
+Writes a markdown report (``--out``, default results/bench_influence.md; its tables go into benchmarks/RESULTS.md, section 4) with the command,
 the machine and every number.
 """
 
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-arnoldi", action="store_true")
     parser.add_argument("--arnoldi-in-process", action="store_true",
                         help="also score full-model Arnoldi in process (slow: about 2x the 2-actor time)")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results_influence.md")))
+    parser.add_argument("--out", default=str(Path(__file__).parents[1] / "results" / "bench_influence.md"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     SETUPS["mnist"] = (args.mnist_train,) + SETUPS["mnist"][1:]
@@ -252,6 +252,7 @@ def main(argv=None) -> None:
         run_throughput(*kept["mnist"], actors, arnoldi, args.arnoldi_in_process, lines)
     lines += [f"Total {time.perf_counter() - start:.0f} s; load average (1/5/15 min) {load_start} at the start, "
               f"{load_avg()} at the end: the machine is shared with other jobs, so timings are noisy.", ""]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # engine.config (and through it torch, scikit-learn, every registry) is imported inside the
 # functions that need it: a trial process then starts in 1-2 s and imports the science
 # inside its first trial, so Tune does not give up on a slow-starting process and hand its trial to
-# a busy one (benchmarks/results_engine.md)
+# a busy one (benchmarks/RESULTS.md, section 3)
 
 TUNE_DIR = "_tune"  # Tune's own experiment state, inside the output directory
 ARTIFACT_DIR = "_artifacts"  # work shared between trials (e.g. FLIP's experts)
@@ -268,7 +268,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
 
     ``reuse_actors`` keeps each trial process alive for the next trial of the same resources, so
     torch and the datasets are imported once per process rather than once per trial
-    (``benchmarks/results_engine.md``).
+    (``benchmarks/RESULTS.md, section 3``).
     """
     from ray import tune
 
