@@ -216,7 +216,7 @@ def list_registered():
     except ImportError:
         pass
     for key, registry in registries:
-        table = _table(key, ["name", "parameters (default)", "what it is"])
+        table = _table(key, ["name", "parameters (default)", "what it is"], left=3)
         for name in registry.names():
             entry = registry.get(name)
             defaults = entry.defaults()
