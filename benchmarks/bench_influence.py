@@ -13,8 +13,8 @@ Usage::
     python benchmarks/bench_influence.py                      # everything, a few minutes on 2 cores
     python benchmarks/bench_influence.py --datasets digits --seeds 3 --no-throughput
 
-Writes a markdown report (``--out``, default results/bench_influence.md; its tables go into benchmarks/RESULTS.md, section 4) with the command,
-the machine and every number.
+Writes a markdown report (``--out``, default results/bench_influence.md) with the command, the
+machine and every number; its tables go into benchmarks/RESULTS.md, section 4.
 """
 
 from __future__ import annotations

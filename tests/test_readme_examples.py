@@ -2,7 +2,7 @@
 and give the numbers computed here from the rows that were written.
 
 The examples come from README.md between ``<!-- analysis-examples -->`` and
-``<!-- /analysis-examples -->`` when it has them, else from docs/analysis.md.
+``<!-- /analysis-examples -->``.
 """
 
 import re
@@ -23,7 +23,8 @@ N_TRAIN = 100
 
 def analysis_section() -> str:
     readme = (ROOT / "README.md").read_text()
-    source = readme if START in readme else (ROOT / "docs" / "analysis.md").read_text()
+    assert START in readme, "README.md lost its analysis examples section"
+    source = readme
     assert START in source and END in source, "the analysis section's markers are missing"
     return source.split(START, 1)[1].split(END, 1)[0]
 
