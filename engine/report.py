@@ -441,14 +441,19 @@ def figure_auroc_vs_rate(table: pd.DataFrame, setting: list[str], path: Path) ->
             legend[detector] = ax.errorbar(x, rows["auroc_mean"], yerr=rows["auroc_std"].fillna(0), marker="o",
                                            capsize=3, color=colors[detector], label=detector)
         legend.setdefault("chance (0.5)", ax.axhline(0.5, color="grey", linestyle="--", linewidth=1))
-        ax.set_ylim(0, 1.04)
-        _rate_axis(ax, group["poison_rate"])
-        ax.set_ylabel("detection AUROC")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
+        _rate_panel(ax, group["poison_rate"], "detection AUROC", title)
     _suptitle(figure, "Detection AUROC vs poison rate (mean ± std over seeds)")
     _legend(figure, list(legend.values()), list(legend))
     return _save(figure, path)
+
+
+def _rate_panel(ax, rates: pd.Series, ylabel: str, title: str) -> None:
+    """The shared frame of a metric-vs-poison-rate panel: [0, 1] values, one tick per rate."""
+    ax.set_ylim(0, 1.04)
+    _rate_axis(ax, rates)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def figure_accuracy_vs_rate(table: pd.DataFrame, setting: list[str], path: Path) -> Path:
@@ -462,12 +467,8 @@ def figure_accuracy_vs_rate(table: pd.DataFrame, setting: list[str], path: Path)
         for name, (metric, color, marker) in lines.items():
             legend[name] = ax.errorbar(group["poison_rate"], group[f"{metric}_mean"],
                                        yerr=group[f"{metric}_std"].fillna(0), marker=marker, capsize=3, color=color)
-        ax.set_ylim(0, 1.04)
-        _rate_axis(ax, group["poison_rate"])
+        _rate_panel(ax, group["poison_rate"], "share of test set", title)
         _percent_axis(ax.yaxis)
-        ax.set_ylabel("share of test set")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
     _suptitle(figure, "Clean accuracy and poison success vs poison rate (mean ± std over seeds)")
     _legend(figure, list(legend.values()), list(legend))
     return _save(figure, path)

@@ -148,8 +148,8 @@ def tune_trainable(config: dict, *, out: str, version: str, resources: dict) -> 
 
 
 def _artifact_dir(out: str) -> str | None:
-    fs, root = filesystem(out)
-    return None if "://" in out else f"{root}/{ARTIFACT_DIR}"
+    """Shared trial artifacts (FLIP's experts) live beside the tables; object stores get none (no file locks)."""
+    return None if "://" in out else f"{filesystem(out)[1]}/{ARTIFACT_DIR}"
 
 
 def trial_resources(resources: dict):
