@@ -20,6 +20,7 @@ machine and every number; its tables go into benchmarks/RESULTS.md, section 4.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -104,6 +106,7 @@ def run_curves(datasets: list[str], seeds: dict[str, int], epochs: int | None, l
         n_seeds = seeds[dataset]
         results: dict[str, list[list[float]]] = {}
         seconds: dict[str, list[float]] = {}
+        aurocs: dict[str, list[float]] = {}
         accuracy = []
         for seed in range(n_seeds):
             context, is_poison, train_seconds = prepare(dataset, seed, epochs)
@@ -111,6 +114,7 @@ def run_curves(datasets: list[str], seeds: dict[str, int], epochs: int | None, l
                                    == context.y_test).mean()))
             for name, (scores, secs) in curve_scores(context, seed).items():
                 results.setdefault(name, []).append(recall_at(scores, is_poison))
+                aurocs.setdefault(name, []).append(roc_auc_score(is_poison, scores))
                 seconds.setdefault(name, []).append(secs)
             print(f"{dataset} seed {seed}: trained in {train_seconds:.1f}s, test acc {accuracy[-1]:.3f}", flush=True)
             if seed == 0:
@@ -119,65 +123,90 @@ def run_curves(datasets: list[str], seeds: dict[str, int], epochs: int | None, l
         lines += [f"### {dataset} ({len(context.labels)} train, {model_name} {model_params or ''}, "
                   f"{epochs or default_epochs} epochs Adam 1e-3, random_flip 10 %, {n_seeds} seeds)", "",
                   f"Test accuracy of the poisoned model: {np.mean(accuracy):.3f} ± {np.std(accuracy):.3f}.", "",
-                  "| ranking | " + " | ".join(f"found @ {int(f * 100)} % checked" for f in CHECKED) + " | seconds |",
-                  "|---|" + "---|" * (len(CHECKED) + 1)]
+                  "| ranking | " + " | ".join(f"found @ {int(f * 100)} % checked" for f in CHECKED)
+                  + " | AUROC | seconds |", "|---|" + "---|" * (len(CHECKED) + 2)]
         for name, rows in results.items():
             mean, std = np.mean(rows, 0), np.std(rows, 0)
             cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std))
-            lines.append(f"| {name} | {cells} | {np.mean(seconds[name]):.2f} |")
+            auroc = f"{np.mean(aurocs[name]):.4f} ± {np.std(aurocs[name]):.4f}"
+            lines.append(f"| {name} | {cells} | {auroc} | {np.mean(seconds[name]):.2f} |")
         lines.append("")
     return kept
 
 
-def captum_tracin_fast(model, x, labels) -> tuple[np.ndarray, float]:
-    """Captum's TracInCPFast.self_influence on the final weights (one checkpoint, lr 1)."""
+def captum_self_influence(model, x, labels, batch_size: int, folder: str):
+    """A zero-argument call of Captum's TracInCPFast.self_influence on the final weights (one checkpoint, lr 1)."""
     from captum.influence import TracInCPFast
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "final.pt")
-        torch.save(model.state_dict(), path)
+    path = os.path.join(folder, f"final-{id(model)}.pt")
+    torch.save(model.state_dict(), path)
 
-        def load(net, checkpoint):
-            net.load_state_dict(torch.load(checkpoint))
-            return 1.0
+    def load(net, checkpoint):
+        net.load_state_dict(torch.load(checkpoint))
+        return 1.0
 
-        dataset = torch.utils.data.TensorDataset(x, torch.as_tensor(labels))
-        tracin = TracInCPFast(model, final_fc_layer=model.head, train_dataset=dataset, checkpoints=[path],
-                              checkpoints_load_func=load, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
-                              batch_size=512, vectorize=False)
-        start = time.perf_counter()
-        scores = tracin.self_influence(inputs=None, show_progress=False)
-        return scores.double().numpy(), time.perf_counter() - start
+    dataset = torch.utils.data.TensorDataset(x, torch.as_tensor(labels))
+    tracin = TracInCPFast(model, final_fc_layer=model.head, train_dataset=dataset, checkpoints=[path],
+                          checkpoints_load_func=load, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+                          batch_size=batch_size, vectorize=False)
+    return lambda: tracin.self_influence(inputs=None, show_progress=False).double().numpy()
+
+
+def plain_forward(model, x, batch_size: int = 512):
+    """``model(x)`` in batches, no_grad, the model as trained (default memory layout)."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def interleaved(contenders: dict, repeats: int) -> dict[str, tuple[list[float], object]]:
+    """Run every contender ``repeats`` times, round-robin (so load spikes hit all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    outputs = {}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            outputs[name], secs = timed(fn)
+            times[name].append(secs)
+    return {name: (times[name], outputs[name]) for name in contenders}
 
 
 def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: list[int], arnoldi: dict,
-                   arnoldi_in_process: bool, lines: list[str]) -> None:
+                   arnoldi_in_process: bool, repeats: int, lines: list[str]) -> None:
     from scipy.stats import spearmanr
 
     n = len(context.labels)
     model = context.model.eval()
-    rows = []
+    x, labels = context.x_train, context.labels
 
     def fresh(map_shards=serial_map) -> DetectionContext:
-        return DetectionContext(model=model, x_train=context.x_train, labels=context.labels,
-                                num_classes=context.num_classes, train_config=context.train_config,
-                                x_test=context.x_test, y_test=context.y_test, map_shards=map_shards)
+        return DetectionContext(model=model, x_train=x, labels=labels, num_classes=context.num_classes,
+                                train_config=context.train_config, x_test=context.x_test, y_test=context.y_test,
+                                map_shards=map_shards)
 
-    _, forward = timed(lambda: predict_logits(model, context.x_train))
-    _, forward = timed(lambda: predict_logits(model, context.x_train))  # second run: warm caches
-    rows.append(("plain forward pass (predict_logits, batch 512)", forward, None))
-    exact, secs = timed(lambda: influence_detect(fresh(), seed=0).scores)
-    rows.append(("influence exact, last layer, in process, incl. feature pass", secs, recall_at(exact, is_poison)))
     warm = fresh()
     _ = warm.features
-    _, secs = timed(lambda: influence_detect(warm, seed=0).scores)
-    rows.append(("influence exact, last layer, in process, features cached", secs, None))
-    grad_norm, secs = timed(lambda: influence_detect(fresh(), seed=0, solver="grad_norm").scores)
-    rows.append(("grad_norm, last layer, in process", secs, recall_at(grad_norm, is_poison)))
-    captum_scores, secs = captum_tracin_fast(model, context.x_train, context.labels)
-    rows.append(("Captum TracInCPFast.self_influence (last layer, 1 checkpoint)", secs,
-                 recall_at(captum_scores, is_poison)))
-    agreement = spearmanr(captum_scores, grad_norm)[0]
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    with tempfile.TemporaryDirectory() as folder:
+        contenders = {
+            "plain forward pass: model(x), batch 512, no_grad": lambda: plain_forward(model, x),
+            "our forward pass: predict_logits (channels-last copy on the CPU)": lambda: predict_logits(model, x),
+            "influence exact, last layer, incl. its feature pass": lambda: influence_detect(fresh(), seed=0).scores,
+            "influence exact, last layer, features cached (as in a trial)": lambda: influence_detect(warm, seed=0).scores,
+            "grad_norm, last layer, incl. its feature pass": lambda: influence_detect(fresh(), seed=0,
+                                                                                      solver="grad_norm").scores,
+            "Captum TracInCPFast.self_influence, batch 512": captum_self_influence(model, x, labels, 512, folder),
+            "Captum TracInCPFast.self_influence, batch 128 (our CPU batch)":
+                captum_self_influence(model, x, labels, 128, folder),
+            "Captum TracInCPFast.self_influence, batch 128, given our channels-last copy":
+                captum_self_influence(channels_last, x, labels, 128, folder),
+        }
+        measured = interleaved(contenders, repeats)
+    rows = [(name, secs, out if name.startswith(("influence", "grad_norm", "Captum")) else None)
+            for name, (secs, out) in measured.items()]
+    forward = min(measured["our forward pass: predict_logits (channels-last copy on the CPU)"][0])
+    exact_scores = measured["influence exact, last layer, incl. its feature pass"][1]
+    grad_norm_scores = measured["grad_norm, last layer, incl. its feature pass"][1]
+    captum_scores = measured["Captum TracInCPFast.self_influence, batch 512"][1]
+    agreement = spearmanr(captum_scores, grad_norm_scores)[0]
 
     if actors:
         import ray
@@ -190,29 +219,35 @@ def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: lis
                 cold, secs_cold = timed(lambda: influence_detect(fresh(pool), seed=0).scores)
                 warm_pool = fresh(pool)
                 warm_pool.features = warm.features
-                _, secs_warm = timed(lambda: influence_detect(warm_pool, seed=0).scores)  # noqa: B023 (called at once)
-            rows.append((f"influence exact, last layer, {count} actor(s), first call (starts actors)", secs_cold, None))
+                secs_warm = [timed(lambda: influence_detect(warm_pool, seed=0).scores)[1]  # noqa: B023 (called at once)
+                             for _ in range(repeats)]
+            rows.append((f"influence exact, last layer, {count} actor(s), first call (starts actors)", [secs_cold], None))
             rows.append((f"influence exact, last layer, {count} actor(s), warm actors, features cached", secs_warm,
                          None))
-            assert np.allclose(cold, exact, rtol=1e-5), "sharded scores differ from the in-process scores"
+            assert np.allclose(cold, exact_scores, rtol=1e-5), "sharded scores differ from the in-process scores"
     if arnoldi:
         settings = SolverSettings(solver="arnoldi", l2=context.train_config.weight_decay, **arnoldi)
-        payload, secs = timed(lambda: fit_influence(model, context.x_train, context.labels, settings, params="all"))
-        rows.append((f"arnoldi, all parameters: fit on the driver ({arnoldi})", secs, None))
+        payload, secs = timed(lambda: fit_influence(model, x, labels, settings, params="all"))
+        rows.append((f"arnoldi, all parameters: fit on the driver ({arnoldi})", [secs], None))
         runs = [("in process", serial_map)] if arnoldi_in_process else []
         runs += [(f"{count} actor(s), incl. actor start", ActorPoolMap(count, cpu_per_actor=1)) for count in actors]
         for label, map_shards in runs:
             full, secs = timed(lambda: score_influence(payload, map_shards).self_influence)  # noqa: B023
-            rows.append((f"arnoldi, all parameters: scoring, {label}", secs, recall_at(full, is_poison)))
+            rows.append((f"arnoldi, all parameters: scoring, {label}", [secs], full))
             if map_shards is not serial_map:
                 map_shards.close()
 
     lines += [f"### Self-influence throughput, MNIST {n}, keras_cnn ({sum(p.numel() for p in model.parameters()):,} "
               f"parameters, last layer {model.head.weight.numel() + model.head.bias.numel():,})", "",
-              "| what | seconds | samples/s | x forward pass | found @ 5/10/20/30 % |", "|---|---|---|---|---|"]
-    for name, secs, recall in rows:
-        found = " / ".join(f"{r:.3f}" for r in recall) if recall else ""
-        lines.append(f"| {name} | {secs:.2f} | {n / secs:,.0f} | {secs / forward:.2f} | {found} |")
+              f"Each of the first eight rows ran {repeats} times, round-robin; seconds = the fastest run (the median "
+              "in brackets). x forward = fastest seconds / our fastest forward pass.", "",
+              "| what | seconds | samples/s | x forward | AUROC | found @ 5/10/20/30 % |", "|---|---|---|---|---|---|"]
+    for name, secs, scores in rows:
+        best = min(secs)
+        seconds = f"{best:.2f}" + (f" ({float(np.median(secs)):.2f})" if len(secs) > 1 else "")
+        auroc = f"{roc_auc_score(is_poison, scores):.4f}" if scores is not None else ""
+        found = " / ".join(f"{r:.3f}" for r in recall_at(scores, is_poison)) if scores is not None else ""
+        lines.append(f"| {name} | {seconds} | {n / best:,.0f} | {best / forward:.2f} | {auroc} | {found} |")
     lines += ["", f"Spearman(Captum TracInCPFast, our grad_norm last layer) = {agreement:.4f} (Captum drops the "
               "bias gradient, ||dL/dz||^2 ||h||^2, ours is ||dL/dz||^2 (||h||^2 + 1)).", ""]
 
@@ -226,6 +261,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the training epochs of every set-up")
     parser.add_argument("--no-throughput", action="store_true", help="skip the MNIST throughput part")
     parser.add_argument("--actors", default="1,2", help="actor counts for the throughput part ('' for none)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each throughput contender")
     parser.add_argument("--arnoldi-iters", type=int, default=20)
     parser.add_argument("--arnoldi-rank", type=int, default=10)
     parser.add_argument("--arnoldi-hessian-samples", type=int, default=256)
@@ -249,7 +285,7 @@ def main(argv=None) -> None:
         arnoldi = {} if args.no_arnoldi else {"arnoldi_iters": args.arnoldi_iters, "arnoldi_rank": args.arnoldi_rank,
                                               "hessian_samples": args.arnoldi_hessian_samples, "damping": args.arnoldi_damping}
         actors = [int(a) for a in args.actors.split(",") if a]
-        run_throughput(*kept["mnist"], actors, arnoldi, args.arnoldi_in_process, lines)
+        run_throughput(*kept["mnist"], actors, arnoldi, args.arnoldi_in_process, args.repeats, lines)
     lines += [f"Total {time.perf_counter() - start:.0f} s; load average (1/5/15 min) {load_start} at the start, "
               f"{load_avg()} at the end: the machine is shared with other jobs, so timings are noisy.", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

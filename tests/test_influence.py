@@ -109,6 +109,37 @@ def test_iterative_self_influence_agrees_with_exact(digits, small_mlp, solver):
         assert relative_error < 1e-6
 
 
+def test_float32_closed_form_exact_matches_float64_brute_force(digits):
+    """The default exact path on a float32 head (closed-form gradients and Hessian, float32 triangular
+    solves) against float64 autograd gradients, torch.func.hessian and a dense solve."""
+    model = build_model("keras_cnn", digits.in_shape, 10, {"width": 4, "hidden": 16}, seed=0)
+    train_model(model, digits.x_train, digits.y_train, TrainConfig(epochs=15, batch_size=32, lr=1e-2), seed=0)
+    x, y = digits.x_train, digits.y_train
+    settings = infl.SolverSettings(solver="exact", damping=0.01)
+    payload = infl.fit_influence(model, x, y, settings)
+    assert payload.terms[0].gm.dtype == torch.float32 and payload.terms[0].gm.is_linear_head
+    fast = infl.score_influence(payload, lambda fn, shared, shards: [fn(shared, s) for s in shards], 64)
+
+    names = infl.select_parameters(model, "last_layer")
+    model64 = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        features = model64.features(x.double())
+    head = {n: p.detach() for n, p in model64.head.named_parameters()}
+    theta = torch.cat([head["weight"].reshape(-1), head["bias"]])
+
+    def mean_loss(flat):
+        weight, bias = flat[:head["weight"].numel()].reshape(head["weight"].shape), flat[head["weight"].numel():]
+        return nn.functional.cross_entropy(features @ weight.T + bias, y)
+
+    H = torch.func.hessian(mean_loss)(theta) + 0.01 * torch.eye(len(theta), dtype=torch.float64)
+    grads = _autograd_grads(model, names, x, y)
+    truth = (grads * torch.linalg.solve(H, grads.T).T).sum(1).numpy()
+    relative_error = np.linalg.norm(fast.self_influence - truth) / np.linalg.norm(truth)
+    print(f"float32 closed form vs float64 brute force: relative error {relative_error:.2e}")
+    assert relative_error < 1e-4
+    assert spearmanr(fast.self_influence, truth)[0] > 0.9999
+
+
 def _logistic_regression_fit(model, x, y, l2, drop=None):
     """Minimise (1/n) sum_{j != drop} CE_j + l2/2 ||theta||^2 to convergence (LBFGS, float64, warm start)."""
     weights = torch.ones(len(x), dtype=torch.float64)

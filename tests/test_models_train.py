@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks.models import MODELS, build_model
-from tasks.train import TrainConfig, extract_features, train_model
+from tasks.train import TrainConfig, extract_features, predict_logits, train_model
 
 
 @pytest.mark.parametrize("name,shape", [("keras_cnn", (1, 8, 8)), ("keras_cnn", (3, 32, 32)),
@@ -16,6 +16,18 @@ def test_forward_is_head_of_features(name, shape):
     with torch.no_grad():
         assert torch.allclose(model(x), model.head(model.features(x)))
     assert model.features(x).shape == (4, model.head.in_features)
+
+
+@pytest.mark.parametrize("name,shape", [("keras_cnn", (1, 28, 28)), ("resnet18", (3, 16, 16))])
+def test_fast_inference_layout_matches_the_plain_forward_and_leaves_the_model_alone(name, shape):
+    model = build_model(name, shape, 10, seed=0).eval()
+    x = torch.rand(300, *shape)  # more than one CPU inference batch
+    with torch.no_grad():
+        plain = model(x)
+    torch.testing.assert_close(predict_logits(model, x), plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(extract_features(model, x), dtype=torch.float32),
+                               model.features(x).detach(), atol=1e-5, rtol=1e-4)
+    assert all(p.is_contiguous() for p in model.parameters())  # the channels-last copy was a copy
 
 
 def test_keras_cnn_has_the_reference_layers():

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from tasks.registry import Registry
-from tasks.train import TrainConfig, extract_features, per_sample_loss, predict_logits
+from tasks.models import SplitModel
+from tasks.train import TrainConfig, extract_features, predict_logits
 
 DETECTORS = Registry("detector")
 
@@ -55,13 +56,24 @@ class DetectionContext:
         return extract_features(self.model, self.x_train)
 
     @cached_property
+    def train_logits(self) -> torch.Tensor:
+        """Logits of every training sample: the head applied to the cached ``features`` when the
+        model is features -> head (one pass over the images serves every detector)."""
+        if isinstance(self.model, SplitModel):
+            head = self.model.head
+            return predict_logits(head, torch.as_tensor(self.features, dtype=head.weight.dtype))
+        return predict_logits(self.model, self.x_train)
+
+    @cached_property
     def pred_probs(self) -> np.ndarray:
         """In-sample softmax probabilities of the trained model, shape (n, K)."""
-        return torch.softmax(predict_logits(self.model, self.x_train), 1).double().numpy()
+        return torch.softmax(self.train_logits.double(), 1).numpy()
 
     @cached_property
     def losses(self) -> np.ndarray:
-        return per_sample_loss(self.model, self.x_train, torch.as_tensor(self.labels))
+        """Cross-entropy of every training sample under its given label, float64 (n,)."""
+        labels = torch.as_tensor(np.asarray(self.labels), dtype=torch.int64)
+        return nn.functional.cross_entropy(self.train_logits.double(), labels, reduction="none").numpy()
 
 
 @dataclass
