@@ -415,16 +415,22 @@ class CholeskyInverse:
 
     def __init__(self, chol: torch.Tensor):
         self.chol = chol
+        self._cast = {chol.dtype: chol}  # the factor in each gradient dtype seen, cast once (not per shard)
 
     def to(self, device):
         return self if self.chol.device == torch.device(device) else CholeskyInverse(self.chol.to(device))
+
+    def _factor(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._cast:
+            self._cast[dtype] = self.chol.to(dtype)
+        return self._cast[dtype]
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_solve(vectors.to(self.chol.dtype).T, self.chol).T.to(vectors.dtype)
 
     def self_influence(self, grads: torch.Tensor | GradBatch) -> torch.Tensor:
         flat = _as_batch(grads).flat()
-        whitened = torch.linalg.solve_triangular(self.chol.to(flat.dtype), flat.T, upper=False)
+        whitened = torch.linalg.solve_triangular(self._factor(flat.dtype), flat.T, upper=False)
         return (whitened.double() ** 2).sum(0)
 
 
