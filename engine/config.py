@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -50,6 +51,7 @@ SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root"}, "poison":
                 "model": {"name", "params"}, "train": set(TRAIN_CONSTRAINTS)}
 # fields that say where or how a trial runs, not what it computes: not part of its identity
 NOT_IDENTITY = [("data", "root"), ("train", "device")]
+DETECTOR_KEYS = {"name", "params", "label"}
 
 
 class ConfigErrors(ConfigError):
@@ -69,37 +71,89 @@ class Sweep:
     grid: dict[str, list] = field(default_factory=dict)
 
 
+# a seed ends up in an int64 Parquet column and in numpy/torch generators
+SEED = [Interval(Integral, 0, 2**63 - 1)]
+# a sweep's name becomes a directory under the output (Ray Tune's state): one plain path component
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; read it as the number everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+# ...but a plain integer stays an int (the float resolver above would take it too)
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:float"]
+    + [(tag, regex) for tag, regex in resolvers if tag == "tag:yaml.org,2002:float"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"poison.rate=0.2"`` -> ``("poison.rate", 0.2)``; the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigErrors([f"--set {text!r} must look like key=value, e.g. poison.rate=0.2"], "--set")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), read_yaml(value)
+    except yaml.YAMLError as error:
+        problem = str(error).splitlines()[0]
+        raise ConfigErrors([f"--set {text!r}: the value {value!r} is not valid YAML ({problem}); quote a string "
+                            "or write a list as [a, b]"], "--set") from None
 
 
-def set_dotted(config: dict, key: str, value: Any) -> None:
+def set_dotted(config: dict, key: str, value: Any) -> str | None:
+    """Set ``a.b.c`` inside nested mappings; the error message if a step is a value, not a mapping."""
     parts = key.split(".")
     node = config
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
             node[part] = {}
+        elif not isinstance(node[part], dict):
+            where = ".".join(parts[:depth + 1])
+            return f"{key} cannot be set: {where} is {node[part]!r}, not a mapping"
         node = node[part]
     node[parts[-1]] = value
+    return None
+
+
+def _related(a: str, b: str) -> bool:
+    """One dotted key is the other or lies inside it (``seed`` and ``seed.x``)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``--set`` overrides; a ``sweep.<key>`` override replaces that grid axis, and a plain
-    override of a swept key fixes it (removes it from the grid)."""
+    override of a swept key (or of a key inside it) fixes it (removes it from the grid)."""
     raw = copy.deepcopy(raw)
+    errors = []
     for text in overrides:
         key, value = parse_override(text)
-        grid = raw.setdefault("sweep", {}) or {}
-        raw["sweep"] = grid
+        if key == "sweep":
+            errors.append(f"--set {text!r}: set one grid axis at a time, e.g. --set sweep.seed=[0,1,2]")
+            continue
+        if not isinstance(raw.get("sweep") or {}, dict):
+            errors.append(f"--set {text!r}: sweep must map dotted keys to lists; got {raw['sweep']!r}")
+            continue
+        grid = raw["sweep"] = raw.get("sweep") or {}
         if key.startswith("sweep."):
             grid[key[len("sweep."):]] = value
-        else:
-            grid.pop(key, None)
-            set_dotted(raw, key, value)
+            continue
+        for swept in [k for k in grid if _related(k, key)]:
+            del grid[swept]
+        if message := set_dotted(raw, key, value):
+            errors.append(f"--set {text!r}: {message}")
+    if errors:
+        raise ConfigErrors(errors, "--set")
     return raw
 
 
@@ -107,58 +161,136 @@ def load_sweep(path: str | Path, overrides: list[str] = (), out: str | None = No
                data_root: str | None = None) -> Sweep:
     """Read, override, expand and validate a sweep file. Raises ``ConfigErrors`` listing every problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigErrors([f"config path {str(path)!r} is a directory; give a sweep's YAML file, "
+                            "e.g. configs/quickstart.yaml"], str(path))
     if not path.is_file():
         raise ConfigErrors([f"config file {str(path)!r} does not exist"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
+        raw = read_yaml(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigErrors([f"not valid YAML: {error}"], str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigErrors(["the top level must be a mapping of keys to values"], str(path))
     raw = apply_overrides(raw, list(overrides))
     if data_root is not None:
-        set_dotted(raw, "data.root", data_root)
+        raw["data"] = raw.get("data") if isinstance(raw.get("data"), dict) else (raw.get("data") or {})
+        if isinstance(raw["data"], dict):
+            raw["data"]["root"] = data_root
     return build_sweep(raw, default_name=path.stem, out=out, source=str(path))
 
 
+def check_name(name: Any) -> list[str]:
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+        return []
+    return [f"name must be {NAME_RULE} (it names a folder in the output); got {name!r}"]
+
+
 def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = None, source: str = "config") -> Sweep:
+    """Expand the grid and check everything in one pass: every problem of every trial is reported at once."""
     errors = [f"{k} is not a known top-level key (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}); remove it"
               for k in raw if k not in TOP_LEVEL_KEYS]
     name = raw.get("name", default_name)
-    resources = {**RESOURCE_DEFAULTS, **(raw.get("resources") or {})}
-    errors += _check_resources(resources)
+    errors += check_name(name)
+    if not isinstance(raw.get("resources") or {}, dict):
+        errors.append(f"resources must be a mapping (allowed keys: {', '.join(sorted(RESOURCE_CONSTRAINTS))}); "
+                      f"got {raw['resources']!r}")
+        resources = dict(RESOURCE_DEFAULTS)
+    else:
+        resources = {**RESOURCE_DEFAULTS, **(raw.get("resources") or {})}
+        errors += _check_resources(resources)
     grid = raw.get("sweep") or {}
     if not isinstance(grid, dict):
         errors.append(f"sweep must map dotted keys to lists of values; got {grid!r}")
         grid = {}
-    for key, values in grid.items():
+    for key, values in list(grid.items()):
         if not isinstance(values, list) or not values:
             errors.append(f"sweep.{key} must be a non-empty list of values; got {values!r}")
-    if errors:
-        raise ConfigErrors(errors, source)
+            del grid[key]
+        elif str(key).split(".")[0] not in TRIAL_DEFAULTS:
+            errors.append(f"sweep.{key} does not name a trial setting (it must start with one of "
+                          f"{', '.join(sorted(TRIAL_DEFAULTS))})")
+            del grid[key]
 
-    base = _merge_defaults({k: v for k, v in raw.items() if k in TRIAL_DEFAULTS})
+    base = {k: v for k, v in raw.items() if k in TRIAL_DEFAULTS}
     trials = []
     for point in itertools.product(*grid.values()):
         trial = copy.deepcopy(base)
         for key, value in zip(grid, point):
-            if key.split(".")[0] not in TRIAL_DEFAULTS:
-                errors.append(f"sweep.{key} does not name a trial setting (it must start with one of "
-                              f"{', '.join(sorted(TRIAL_DEFAULTS))})")
-                continue
-            set_dotted(trial, key, copy.deepcopy(value))
+            if message := set_dotted(trial, key, copy.deepcopy(value)):
+                errors.append(f"sweep.{key}: {message}")
+        shape_errors, trial = _check_shape(trial)
         trial = _merge_defaults(trial)
-        errors += check_trial(trial)
-        if resources["gpu"] == 0 and trial["train"]["device"] == "cuda":
+        errors += shape_errors + check_trial(trial)
+        if resources["gpu"] == 0 and trial["train"].get("device") == "cuda":
             errors.append("train.device is 'cuda' but resources.gpu is 0: a trial without a GPU share sees no GPU; "
                           "set resources.gpu (e.g. 0.25) or train.device: auto")
         trial["sweep"] = name
         trials.append(trial)
     if errors:
         raise ConfigErrors(errors, source)
+    trials = [resolve(t) for t in trials]
     unique = {trial_id(t): t for t in trials}  # a grid that repeats a point runs it once
     return Sweep(name=name, out=out or raw.get("out") or f"results/{name}", trials=list(unique.values()),
                  resources=resources, grid=grid)
+
+
+def _check_shape(config: dict) -> tuple[list[str], dict]:
+    """Problems with the config's structure (a section that is not a mapping, unknown keys, a detector
+    entry without a name...) and the config with the broken parts dropped, so that the value checks
+    can still run on the rest and report their problems in the same pass."""
+    errors, clean = [], {}
+    for key, value in config.items():
+        if key in SECTION_KEYS:
+            allowed = SECTION_KEYS[key]
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                errors.append(f"{key} must be a mapping (keys: {', '.join(sorted(allowed))}); got {value!r}")
+                continue
+            errors += [f"{key}.{k} is not known (allowed: {', '.join(sorted(allowed))}); remove it"
+                       for k in value if k not in allowed]
+            clean[key] = {k: v for k, v in value.items() if k in allowed}
+        elif key == "detectors":
+            detector_errors, clean[key] = _shape_detectors(value)
+            errors += detector_errors
+        else:
+            clean[key] = value
+    for section in ("poison", "model"):
+        params = clean.get(section, {}).get("params")
+        if params is not None and not isinstance(params, dict):
+            errors.append(f"{section}.params must be a mapping of parameter names to values; got {params!r}")
+            clean[section]["params"] = {}
+    return errors, clean
+
+
+def _shape_detectors(detectors: Any) -> tuple[list[str], list]:
+    if detectors is None:
+        return [], []
+    if not isinstance(detectors, list):
+        return [f"detectors must be a list of detector names or {{name, params, label}} mappings, e.g. "
+                f"[loss]; got {detectors!r}"], []
+    errors, kept = [], []
+    for i, entry in enumerate(detectors):
+        key = f"detectors[{i}]"
+        if isinstance(entry, str):
+            kept.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            errors.append(f"{key} must be a detector name or a mapping with 'name'; got {entry!r}")
+            kept.append(None)
+            continue
+        problems = [f"{key} has unknown keys {sorted(map(str, set(entry) - DETECTOR_KEYS))} (allowed: name, "
+                    "params, label); remove them"] if set(entry) - DETECTOR_KEYS else []
+        if "name" not in entry:
+            problems.append(f"{key} has no 'name' (one of {', '.join(DETECTORS.names())})")
+        if entry.get("label") is not None and not isinstance(entry["label"], str):
+            problems.append(f"{key}.label must be a string; got {entry['label']!r}")
+        if entry.get("params") is not None and not isinstance(entry["params"], dict):
+            problems.append(f"{key}.params must be a mapping of parameter names to values; got {entry['params']!r}")
+        errors += problems
+        kept.append(None if problems else entry)
+    return errors, kept
 
 
 def _merge_defaults(config: dict) -> dict:
@@ -178,10 +310,9 @@ def normalise_detector(entry: Any) -> Any:
     """``"loss"`` -> ``{"name": "loss", "params": {}, "label": "loss"}``; anything odd is left for the checks."""
     if isinstance(entry, str):
         return {"name": entry, "params": {}, "label": entry}
-    if isinstance(entry, dict) and "name" in entry:
-        extra = {k: v for k, v in entry.items() if k not in ("name", "params", "label")}
+    if isinstance(entry, dict):
         return {"name": entry["name"], "params": entry.get("params") or {},
-                "label": entry.get("label") or entry["name"], **extra}
+                "label": entry.get("label") or entry["name"]}
     return entry
 
 
@@ -196,31 +327,17 @@ def _check_resources(resources: dict) -> list[str]:
     return errors
 
 
-def _check_section_keys(config: dict) -> list[str]:
-    errors = []
-    for section, allowed in SECTION_KEYS.items():
-        value = config.get(section)
-        if not isinstance(value, dict):
-            errors.append(f"{section} must be a mapping; got {value!r}")
-            continue
-        errors += [f"{section}.{k} is not known (allowed: {', '.join(sorted(allowed))}); remove it"
-                   for k in value if k not in allowed]
-    return errors
-
-
 def check_trial(config: dict) -> list[str]:
     """Every problem with one resolved trial config (no data is read)."""
-    errors = _check_section_keys(config)
-    if errors:
-        return errors
-    if message := check_value("seed", config["seed"], [Interval(Integral, 0)]):
+    errors = []
+    if message := check_value("seed", config["seed"], SEED):
         errors.append(message)
     data, poison, model = config["data"], config["poison"], config["model"]
     errors += _check_named(DATASETS, "data.name", data["name"])
     for key in ("n_train", "n_test"):
         if message := check_value(f"data.{key}", data[key], [NONE, Interval(Integral, 1)]):
             errors.append(message)
-    if message := check_value("data.seed", data["seed"], [Interval(Integral, 0)]):
+    if message := check_value("data.seed", data["seed"], SEED):
         errors.append(message)
     if message := check_value("data.root", data["root"], [NONE, STR]):
         errors.append(message)
@@ -255,23 +372,52 @@ def _check_entry(registry, key: str, name: Any, params_key: str, params: Any) ->
     return registry.get(name).check_params(params_key, params)
 
 
-def _check_detectors(detectors: Any) -> list[str]:
-    if not isinstance(detectors, list):
-        return [f"detectors must be a list of detector names or {{name, params, label}} mappings; got {detectors!r}"]
+def _check_detectors(detectors: list) -> list[str]:
+    """Value checks of the detector entries that passed ``_check_shape`` (the others are None)."""
     errors, labels = [], []
     for i, entry in enumerate(detectors):
-        key = f"detectors[{i}]"
-        if not isinstance(entry, dict):
-            errors.append(f"{key} must be a detector name or a mapping with 'name'; got {entry!r}")
+        if entry is None:
             continue
-        extra = set(entry) - {"name", "params", "label"}
-        if extra:
-            errors.append(f"{key} has unknown keys {sorted(extra)} (allowed: name, params, label); remove them")
+        key = f"detectors[{i}]"
         errors += _check_entry(DETECTORS, f"{key}.name", entry["name"], f"{key}.params", entry["params"])
         labels.append(entry["label"])
     for label in {x for x in labels if labels.count(x) > 1}:
         errors.append(f"detectors: {label!r} appears more than once; give each entry a distinct 'label'")
     return errors
+
+
+def resolve(config: dict) -> dict:
+    """The trial as it runs: every registry default filled into ``params``, numbers normalised (an int
+    given where a float is meant becomes a float), so that ``trial_id`` changes when a default does and
+    ``rate: 1`` and ``rate: 1.0`` are one trial. Expects a config that passed ``check_trial``."""
+    config = copy.deepcopy(config)
+    config["poison"]["rate"] = float(config["poison"]["rate"])
+    for section, registry, key in (("poison", POISONS, "method"), ("model", MODELS, "name")):
+        config[section]["params"] = _resolved_params(registry, config[section][key], config[section]["params"])
+    for detector in config["detectors"]:
+        detector["params"] = _resolved_params(DETECTORS, detector["name"], detector["params"])
+    for key, value in config["train"].items():
+        if _is_float(TRAIN_CONSTRAINTS[key]) and isinstance(value, Integral) and not isinstance(value, bool):
+            config["train"][key] = float(value)
+    if config.get("unlearn"):
+        from tasks.unlearn import UNLEARNERS, normalize_methods
+
+        config["unlearn"]["methods"] = [{"name": name, "params": _resolved_params(UNLEARNERS, name, params)}
+                                        for name, params in normalize_methods(config["unlearn"]["methods"])]
+    return config
+
+
+def _is_float(allowed: list) -> bool:
+    """The constraints admit real numbers but no constraint is an int range."""
+    intervals = [c for c in allowed if isinstance(c, Interval)]
+    return bool(intervals) and all(c.kind is Real for c in intervals)
+
+
+def _resolved_params(registry, name: str, params: dict) -> dict:
+    entry = registry.get(name)
+    resolved = {**entry.defaults(), **params}
+    return {key: float(value) if isinstance(value, Integral) and not isinstance(value, bool)
+            and _is_float(entry.constraints.get(key, [])) else value for key, value in resolved.items()}
 
 
 def identity(config: dict) -> dict:
@@ -280,6 +426,9 @@ def identity(config: dict) -> dict:
     config.pop("sweep", None)
     for section, key in NOT_IDENTITY:
         config.get(section, {}).pop(key, None)
+    for params in [config.get(s, {}).get("params") or {} for s in ("poison", "model")] + [
+            d.get("params") or {} for d in config.get("detectors") or []]:
+        params.pop("device", None)  # where a poison or detector computes, not what
     return config
 
 

@@ -40,6 +40,11 @@ class PoisonedData:
 
 def n_to_poison(rate: float, n: int, eligible: int, method: str) -> int:
     count = int(round(rate * n))
+    if rate > 0 and count == 0:  # a "poisoned" run with no poison: its detection metrics are undefined
+        raise ConfigError(
+            f"poison.rate {rate} poisons 0 of {n} training samples (rate x n rounds to 0); use at least "
+            f"{1 / n:.2g} for one poison, or 0 for a clean run"
+        )
     if count > eligible:
         raise ConfigError(
             f"poison.rate {rate} asks {method!r} to poison {count} of {n} training samples, "
