@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine import summary
@@ -21,7 +24,7 @@ console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # config text is not markup
     raise typer.Exit(code=2)
 
 
@@ -41,26 +44,57 @@ def run(
                                       "the next trial (saves its start-up, seconds per trial); --no-reuse-actors "
                                       "starts a fresh process per trial, so a node that starts late still gets "
                                       "trials when trials are shorter than a process start."),
+    rerun: str = typer.Option("failed", "--rerun", help="Which recorded trials to run again: 'failed' (default: "
+                              "every trial not done ok), 'stale' (also ok trials recorded by another code "
+                              "version), 'all'."),
 ):
     """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
     from engine.config import check_data, load_sweep
+    from engine.record import RERUN_CHOICES, run_lock
 
+    if rerun not in RERUN_CHOICES:
+        _fail(f"--rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
     try:
         sweep = load_sweep(config, set_, out=out, data_root=data_root)
         check_data(sweep)
         _check_writable(sweep.out)
     except ConfigError as error:
         _fail(str(error))
-    console.print(f"sweep [bold]{sweep.name}[/]: {len(sweep.trials)} trials -> {sweep.out}")
+    from filelock import Timeout
+
+    lock = run_lock(sweep.out)
+    try:
+        if lock is None:
+            _run_locked(sweep, address, verbose, reuse_actors, rerun)
+        else:
+            with lock:
+                _run_locked(sweep, address, verbose, reuse_actors, rerun)
+    except Timeout:
+        _fail(f"another `poisonsweep run` is writing to {sweep.out} (it holds {lock.lock_file}); wait for it to "
+              "finish, or choose another --out")
+
+
+def _run_locked(sweep, address, verbose: bool, reuse_actors: bool, rerun: str) -> None:
     from engine.config import trial_id
     from engine.progress import SweepProgress
-    from engine.sink import completed_trials
+    from engine.record import code_version, quarantine, stale_trials, trials_to_run
     from engine.sweep import run_sweep
 
-    done = completed_trials(sweep.out)  # a resumed sweep's bar counts only what is left to run
-    try:
-        with SweepProgress(sum(trial_id(t) not in done for t in sweep.trials), console) as progress:
-            outcome = run_sweep(sweep, address=address, verbose=verbose, progress=progress, reuse_actors=reuse_actors)
+    console.print(f"sweep [bold]{escape(sweep.name)}[/]: {len(sweep.trials)} trials -> {escape(sweep.out)}")
+    for damaged, moved in quarantine(sweep.out):
+        console.print(escape(f"moved {damaged} (not readable Parquet) to {moved}; its trial runs again"),
+                      highlight=False)
+    ids, version = [trial_id(t) for t in sweep.trials], code_version()
+    stale = stale_trials(sweep.out, ids, version)
+    if stale:
+        listed = ", ".join(f"{v}: {n}" for v, n in stale.most_common())
+        verb = "they run again (--rerun " + rerun + ")" if rerun != "failed" else "kept; --rerun stale reruns them"
+        console.print(escape(f"{sum(stale.values())} ok trial(s) were recorded by other code versions ({listed}; "
+                             f"this is {version}): {verb}"), highlight=False)
+    try:  # a resumed sweep's bar counts only what is left to run
+        with SweepProgress(len(trials_to_run(sweep.out, ids, rerun, version)), console) as progress:
+            outcome = run_sweep(sweep, address=address, verbose=verbose, progress=progress,
+                                reuse_actors=reuse_actors, rerun=rerun)
     except RuntimeError as error:
         _fail(str(error))
     retried = sum(outcome.retried.values())
@@ -69,6 +103,10 @@ def run(
                   + (f", {retried} attempt(s) retried after a worker died" if retried else "")
                   + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
     print_summary(sweep.out)
+    if outcome.interrupted:
+        console.print(f"[bold yellow]interrupted:[/] {outcome.interrupted} trial(s) not finished. Run the same "
+                      "command again to resume: finished trials are kept and skipped.", highlight=False)
+        raise typer.Exit(code=130)
 
 
 def _check_writable(out: str) -> None:
@@ -110,7 +148,35 @@ def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI
 
     if fs.get_file_info(f"{root}/trials").type != FileType.Directory:
         _fail(f"{out!r} holds no trials table: is it a sweep's output directory?")
-    print_summary(out)
+    with _damage_reported(out):
+        print_summary(out)
+
+
+@app.command()
+def repair(out: str = typer.Argument(..., help="A sweep's output directory (or URI).")):
+    """Move every file of the record that is not readable Parquet to DIR/_quarantine/ (the next `run`
+    recomputes its trial)."""
+    from engine.record import QUARANTINE_DIR, quarantine
+
+    moved = quarantine(out)
+    for damaged, target in moved:
+        console.print(escape(f"moved {damaged} to {target}"), highlight=False)
+    console.print(escape(f"{len(moved)} damaged file(s) moved to {QUARANTINE_DIR}/" if moved
+                         else "every file is readable Parquet; nothing to repair")
+                  + (": run the sweep again to recompute their trials" if moved else ""), highlight=False)
+
+
+@contextlib.contextmanager
+def _damage_reported(out: str):
+    """Name every damaged file of the record once (readers skip them, each with a warning)."""
+    from engine.record import damaged_files
+    from engine.sink import DamagedFile
+
+    for path in damaged_files(out):
+        console.print(f"[bold yellow]warning:[/] {escape(str(DamagedFile(path, out)))}", highlight=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamagedFile)
+        yield
 
 
 def _table(title: str, columns: list[str], left: int = 2) -> Table:
@@ -121,7 +187,7 @@ def _table(title: str, columns: list[str], left: int = 2) -> Table:
 
 
 def _setting(r) -> str:
-    return f"{r.data_name} {r.poison_method} {r.poison_rate:g}"
+    return escape(f"{r.data_name} {r.poison_method} {r.poison_rate:g}")
 
 
 def print_summary(out: str) -> None:
@@ -131,6 +197,10 @@ def print_summary(out: str) -> None:
         console.print("no trials recorded yet")
         return
     ok = trials[trials["status"] == "ok"]
+    from engine.record import version_note
+
+    if note := version_note(ok["code_version"]):
+        console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
     table = _table("Trials (mean±std over seeds)",
                    ["setting", "n", "poisoned", "clean acc", "poison success", "train s"], left=1)
     for _, r in summary.trial_summary(trials).iterrows():
@@ -145,7 +215,7 @@ def print_summary(out: str) -> None:
         table = _table("Detectors (mean±std over seeds)",
                        ["setting", "detector", "n", "AUROC", "AUPRC", "F1", "recall@10%", "s"])
         for _, r in summary.detection_summary(detections).iterrows():
-            table.add_row(_setting(r), r.detector, str(r.n),
+            table.add_row(_setting(r), escape(r.detector), str(r.n),
                           summary.fmt(r.auroc_mean, r.auroc_std), summary.fmt(r.auprc_mean, r.auprc_std),
                           summary.fmt(r.f1_mean, r.f1_std), summary.fmt(r.recall_at_10_mean, r.recall_at_10_std),
                           f"{r.seconds_mean:.1f}")
@@ -160,7 +230,7 @@ def print_summary(out: str) -> None:
         for _, r in summary.unlearning_summary(unlearning).iterrows():
             collapsed = r.retain_acc_after_min < summary.COLLAPSE_BELOW
             selection = r.selection if r.selection_kind == "oracle" else f"{r.selection} ({r.selection_kind})"
-            table.add_row(_setting(r), selection, f"{r.identified_fraction:.2f}", r.method, str(r.n),
+            table.add_row(_setting(r), escape(selection), f"{r.identified_fraction:.2f}", escape(r.method), str(r.n),
                           summary.fmt(r.clean_test_acc_after_mean, r.clean_test_acc_after_std),
                           summary.fmt(r.poison_success_before_mean, r.poison_success_before_std),
                           summary.fmt(r.poison_success_after_mean, r.poison_success_after_std),
@@ -174,7 +244,7 @@ def print_summary(out: str) -> None:
         console.print(f"[bold red]{len(failed)} failed trial(s)[/] (status 'failed' in the trials table):")
         for _, r in failed.iterrows():
             first_line = (r.error or "unknown error").strip().splitlines()[0]
-            console.print(f"  {r.trial_id} {r.poison_method} rate={r.poison_rate:g} seed={r.seed}: {first_line}",
+            console.print(escape(f"  {r.trial_id} {r.poison_method} rate={r.poison_rate:g} seed={r.seed}: {first_line}"),
                           highlight=False)
 
 
@@ -188,14 +258,15 @@ def report(
     from engine.report import RecordError, write_report
 
     try:
-        written = write_report(out, report_dir)
+        with _damage_reported(out):
+            written = write_report(out, report_dir)
     except RecordError as error:
         _fail(str(error))
     for line in written.status.lines():
-        console.print(line, highlight=False)
-    console.print(f"{len(written.tables)} table files and {len(written.figures)} figures in {written.directory}",
-                  highlight=False)
-    console.print(f"open {written.html}", highlight=False)
+        console.print(escape(line), highlight=False)
+    console.print(escape(f"{len(written.tables)} table files and {len(written.figures)} figures in "
+                         f"{written.directory}"), highlight=False)
+    console.print(escape(f"open {written.html}"), highlight=False)
 
 
 @app.command("list")
@@ -221,7 +292,7 @@ def list_registered():
             entry = registry.get(name)
             defaults = entry.defaults()
             params = ", ".join(f"{k}={defaults.get(k, '…')!r}" for k in entry.constraints)
-            table.add_row(name, params, entry.help)
+            table.add_row(name, escape(params), escape(entry.help))
         console.print(table)
 
 

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine import summary
+from engine.record import version_note
 from engine.sink import CONFIG_COLUMNS, filesystem, read_table, trial_path
 
 PLAN_FILE = "sweep.json"
@@ -101,6 +103,7 @@ class RecordStatus:
     missing: pd.DataFrame = field(default_factory=pd.DataFrame)  # planned, not yet recorded
     uneven: pd.DataFrame = field(default_factory=pd.DataFrame)  # settings with fewer ok seeds than others
     failures: pd.DataFrame = field(default_factory=pd.DataFrame)
+    versions_note: str | None = None  # set when the ok trials come from more than one code version
 
     def lines(self) -> list[str]:
         """The status in plain sentences."""
@@ -119,6 +122,8 @@ class RecordStatus:
         if not self.uneven.empty:
             lines.append(f"{len(self.uneven)} setting(s) have fewer ok seeds than planned or than other settings "
                          "(see 'Seeds per setting').")
+        if self.versions_note:
+            lines.append(f"Warning: {self.versions_note}")
         return lines
 
 
@@ -144,6 +149,7 @@ def record_status(trials: pd.DataFrame, plan: pd.DataFrame | None, other_ids: se
         status.unplanned = int((~trials["trial_id"].isin(plan["trial_id"])).sum())
         expected = pd.concat([plan, trials], ignore_index=True).drop_duplicates("trial_id")
     status.uneven = _uneven_settings(expected, ok, setting)
+    status.versions_note = version_note(ok["code_version"]) if "code_version" in ok else None
     return status
 
 
@@ -204,7 +210,10 @@ def _read_trial_scores(out: str, trial_id: str, columns: list[str]) -> pd.DataFr
     path = trial_path(out, "scores", trial_id)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    return pq.read_table(path, columns=columns, filesystem=fs).to_pandas()
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs).to_pandas()
+    except (OSError, ValueError, pa.ArrowException):  # damaged: read_table's warning already names it
+        return None
 
 
 def found_vs_checked_table(out: str, trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
@@ -604,6 +613,10 @@ def default_report_dir(out: str) -> Path:
 def write_report(out: str, directory: str | Path | None = None) -> Report:
     """Write the tables, figures, ``report.md`` and ``report.html`` of the sweep recorded in ``out``.
 
+    The report is built in a hidden folder beside ``directory`` and renamed into place at the end, so a
+    crash never leaves a half-written report (an earlier report stays as it was). Config text is shown
+    as written: matplotlib does not read ``$...$`` in a label as mathematics.
+
     Parameters
     ----------
     out : str
@@ -616,10 +629,32 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
     Report
         The paths written and the record's status.
     """
+    import shutil
+
+    from matplotlib import rc_context
+
     plan = read_plan(out)
     _check_record(out, plan)
-    directory = Path(directory) if directory is not None else default_report_dir(out)
-    directory.mkdir(parents=True, exist_ok=True)
+    final = Path(directory) if directory is not None else default_report_dir(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with rc_context({"text.parse_math": False}):
+            report = _write_report(out, plan, staging)
+        old = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.old"
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    moved = lambda path: final / path.relative_to(staging)  # noqa: E731
+    return Report(final, moved(report.html), moved(report.markdown), [moved(p) for p in report.tables],
+                  [moved(p) for p in report.figures], report.status)
+
+
+def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Report:
+    directory.mkdir(parents=True)
     trials = summary.load(out, "trials")
     setting = _setting_columns(trials, plan)
     status = record_status(trials, plan, _ids_in(out, ["detections", "unlearning"]), setting)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -132,8 +133,39 @@ def read_table(out: str, table: str, columns: list[str] | None = None) -> pa.Tab
     if fs.get_file_info(directory).type != pafs.FileType.Directory:
         empty = SCHEMAS[table].empty_table()
         return empty.select(columns) if columns else empty
-    dataset = ds.dataset(directory, schema=SCHEMAS[table], format="parquet", filesystem=fs)
+    files, damaged = readable_files(out, table)
+    for path in damaged:
+        warnings.warn(DamagedFile(path, out), stacklevel=2)
+    dataset = ds.dataset(files, schema=SCHEMAS[table], format="parquet", filesystem=fs)
     return dataset.to_table(columns=columns)
+
+
+class DamagedFile(UserWarning):
+    """A file in a table directory that is not readable Parquet: skipped, named, and how to fix it."""
+
+    def __init__(self, path: str, out: str):
+        self.path = path
+        super().__init__(f"{path} is not readable Parquet and is skipped; `poisonsweep repair {out}` moves it "
+                         "aside, and the next `run` of the sweep recomputes its trial")
+
+
+def readable_files(out: str, table: str) -> tuple[list[str], list[str]]:
+    """The table's files that are readable Parquet, and those that are not (a truncated copy, a stray
+    file). Hidden names (``.``, ``_``: temporaries) are neither, as for every Parquet reader."""
+    fs, root = filesystem(out)
+    directory = f"{root}/{table}"
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        return [], []
+    good, damaged = [], []
+    for info in fs.get_file_info(pafs.FileSelector(directory)):
+        if info.base_name.startswith((".", "_")):
+            continue
+        try:
+            pq.read_metadata(info.path, filesystem=fs)
+            good.append(info.path)
+        except (OSError, ValueError, pa.ArrowException):  # pyarrow's error for "not Parquet" varies by damage
+            damaged.append(info.path)
+    return sorted(good), sorted(damaged)
 
 
 def completed_trials(out: str) -> set[str]:

@@ -10,20 +10,20 @@ by Tune up to ``resources.max_failures`` times; a trial that raises is recorded 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ray.tune import Callback
 
-from engine.sink import completed_trials, filesystem, remove_temporaries, write_trial
+from engine.record import code_version, trials_to_run
+from engine.sink import filesystem, remove_temporaries, write_trial
 
 if TYPE_CHECKING:
     from engine.config import Sweep
@@ -45,20 +45,7 @@ class SweepOutcome:
     failed: dict[str, str] = field(default_factory=dict)  # trial_id -> error
     retried: dict[str, int] = field(default_factory=dict)  # trial_id -> attempts lost to a dead worker
     seconds: float = 0.0
-
-
-def code_version() -> str:
-    """The package version, plus the git commit when run from a checkout."""
-    try:
-        version = metadata.version("poisonsweep")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{version}+{commit}" if commit else version
+    interrupted: int = 0  # trials left unfinished by Ctrl-C
 
 
 def _now() -> dt.datetime:
@@ -183,8 +170,10 @@ def init_ray(address: str | None, verbose: bool) -> None:
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    # a private local Ray listens on the loopback interface only: nothing of it is reachable from the network
+    local = {"_node_ip_address": "127.0.0.1"} if address == "local" else {}
     ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=True,
-             logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)})
+             logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)}, **local)
 
 
 def check_cluster_resources(resources: dict) -> None:
@@ -262,9 +251,17 @@ def _short_name(trial) -> str:
     return f"{trial.trial_id}-{trial_id(trial.config['trial'])}"
 
 
+class _HideRestoreHint(logging.Filter):
+    """Tune ends a Ctrl-C with "Resume experiment with: Tuner.restore(...)"; we resume by rerunning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
-              reuse_actors: bool = True) -> SweepOutcome:
-    """Run every trial of ``sweep`` not yet recorded as ``ok`` in ``sweep.out``.
+              reuse_actors: bool = True, rerun: str = "failed") -> SweepOutcome:
+    """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``engine.record.trials_to_run``:
+    ``rerun`` is ``failed``, ``stale`` or ``all``).
 
     ``reuse_actors`` keeps each trial process alive for the next trial of the same resources, so
     torch and the datasets are imported once per process rather than once per trial
@@ -281,14 +278,14 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
 
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them
-    done = completed_trials(sweep.out)
-    pending = [t for t in sweep.trials if trial_id(t) not in done]
+    version = code_version()
+    wanted = set(trials_to_run(sweep.out, [trial_id(t) for t in sweep.trials], rerun, version))
+    pending = [t for t in sweep.trials if trial_id(t) in wanted]
     outcome = SweepOutcome(total=len(sweep.trials), skipped=len(sweep.trials) - len(pending))
     if not pending:
         return outcome
     init_ray(address, verbose)
     check_cluster_resources(sweep.resources)
-    version = code_version()
     out = sweep.out if "://" in sweep.out else root  # workers chdir elsewhere: absolute paths only
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, out=out, version=version, resources=sweep.resources),
@@ -309,8 +306,17 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
             progress_reporter=None,
         ),
     )
-    results = tuner.fit()
+    restore_hint = _HideRestoreHint()
+    logging.getLogger("ray.tune.tune").addFilter(restore_hint)
+    try:
+        results = tuner.fit()
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(restore_hint)
+    finished = 0
     for result in results:
+        if not result.config or (result.error is None and not result.metrics):
+            continue  # Ctrl-C stopped it before it finished: the next run runs it
+        finished += 1
         config = result.config["trial"]
         tid = trial_id(config)
         if result.error is not None:
@@ -321,6 +327,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
         elif (result.metrics or {}).get("status") == "failed":
             outcome.failed[tid] = result.metrics.get("error") or "see the trials table"
     outcome.retried = dict(retries.retried)
-    outcome.ran = len(pending)
+    outcome.ran = finished
+    outcome.interrupted = len(pending) - finished
     outcome.seconds = time.perf_counter() - start
     return outcome
