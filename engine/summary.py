@@ -28,9 +28,14 @@ def load(out: str, table: str) -> pd.DataFrame:
 
 
 def setting_columns(trials: pd.DataFrame) -> list[str]:
-    """``SETTING`` plus every other config column with more than one value in ``trials``."""
+    """``SETTING`` plus every other config column that takes more than one value within one
+    ``SETTING`` group (a column that only follows the poison method, like its resolved params, adds nothing)."""
+    if trials.empty:
+        return list(SETTING)
+    groups = trials.groupby(SETTING, dropna=False)
     varying = [name for name, _ in CONFIG_COLUMNS
-               if name not in NOT_SETTING and name not in SETTING and name in trials and _distinct(trials[name]) > 1]
+               if name not in NOT_SETTING and name not in SETTING and name in trials
+               and (groups[name].agg(_distinct) > 1).any()]
     return SETTING + varying
 
 

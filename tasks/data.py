@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import os
 import pickle
 import zlib
@@ -212,11 +213,39 @@ def read_idx_dataset(files: dict[str, Path]) -> Arrays:
     return x_train, y_train, x_test, y_test
 
 
+# the only globals the dataset pickles (CIFAR-10 python batches, mnist.pkl.gz) refer to: numpy arrays,
+# their dtypes and scalars. ``numpy.core`` is the pre-2.0 name of ``numpy._core`` (older pickles use it).
+_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside ``_PICKLE_GLOBALS``."""
+
+
+class _DatasetUnpickler(pickle.Unpickler):
+    """An unpickler that builds only numpy arrays and builtin containers: a crafted file that names any
+    other callable (``os.system``, ``builtins.eval``...) is refused before anything is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"it refers to {module}.{name}, which a dataset file never needs "
+                                         "(only numpy arrays are allowed); the file is not loaded")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, encoding: str):
-    """Load a (possibly gzipped) pickle. Only for dataset files the user chose to trust."""
+    """Load a (possibly gzipped) dataset pickle with ``_DatasetUnpickler``."""
     data = _read_bytes(path)
     try:
-        return pickle.loads(data, encoding=encoding)
+        return _DatasetUnpickler(io.BytesIO(data), encoding=encoding).load()
+    except _RefusedGlobal as error:
+        raise DatasetFileError(path, f"not a dataset pickle: {error}") from error
     except Exception as error:  # pickle raises many types on bad input; all mean "corrupt file"
         raise DatasetFileError(path, f"not a readable pickle ({type(error).__name__}: {error})") from error
 

@@ -67,6 +67,33 @@ def test_a_corrupt_dataset_file_is_named_before_any_trial_runs(tmp_path):
     assert not (tmp_path / "out" / "trials").exists()
 
 
+class _Payload:
+    """A pickle that runs a shell command when loaded by ``pickle.load``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_crafted_dataset_pickle_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    write_cifar10(tmp_path / "data", per_batch=10, n_test=20)
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2"
+    crafted.write_bytes(pickle.dumps({b"data": _Payload(f"touch {marker}"), b"labels": []}))
+    config = write_config(tmp_path, data={"name": "cifar10", "n_train": 20, "n_test": 10})
+    code, output = run_cli(config, "--out", tmp_path / "out", "--data-root", tmp_path / "data")
+    assert code == 2
+    assert f"dataset file {crafted} is unreadable: not a dataset pickle: it refers to " in output
+    assert "which a dataset file never needs (only numpy arrays are allowed)" in output
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("resources, available, message", [
     ({"gpu": 0.25}, {"CPU": 8}, "resources ask for GPUs (gpu: 0.25, actor_gpu: 0) but the Ray cluster has none"),
     ({"influence_actors": 2, "actor_gpu": 0.5}, {"CPU": 8},

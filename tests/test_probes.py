@@ -96,3 +96,16 @@ def test_a_changed_registry_default_changes_the_trial_id(monkeypatch):
     changed = {**entry.defaults(), "flag_fraction": 0.25}
     monkeypatch.setattr(entry, "defaults", lambda: changed)
     assert trial_id(build_sweep(BASE).trials[0]) != before
+
+
+# ---------------------------------------------------------------------------- exposure
+
+
+def test_cluster_yaml_keeps_token_authentication_on_and_the_dashboard_on_loopback():
+    from pathlib import Path
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "cluster.yaml").read_text())
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "0.0.0.0" not in " ".join(starts) and any("--dashboard-host=127.0.0.1" in c for c in starts)
+    assert raw["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
