@@ -349,6 +349,12 @@ def check_trial(config: dict) -> list[str]:
         if message := check_value(f"train.{key}", value, TRAIN_CONSTRAINTS[key]):
             errors.append(message)
     errors += _check_detectors(config["detectors"])
+    from tasks.detect.influence import tracin_optimizer_error
+
+    for i, detector in enumerate(config["detectors"]):
+        if detector is not None and detector["name"] == "influence" and isinstance(detector["params"], dict):
+            if message := tracin_optimizer_error(detector["params"].get("solver"), config["train"]["optimizer"]):
+                errors.append(f"detectors[{i}]: {message}")
     if config.get("unlearn"):
         from tasks.unlearn import check_unlearn_config
 

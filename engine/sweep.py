@@ -170,12 +170,9 @@ def init_ray(address: str | None, verbose: bool) -> None:
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    local = {}
-    if address == "local":
-        # a private local Ray advertises the loopback address, and requires Ray's token (~/.ray/auth_token):
-        # Ray 2.60's core servers still listen on every interface, so the token is what keeps others out
-        local = {"_node_ip_address": "127.0.0.1"}
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # a private local Ray advertises the loopback address; Ray 2.60's core servers still listen on every
+    # interface (README, "Security"), and its token authentication (on by default for a new local Ray) guards them
+    local = {"_node_ip_address": "127.0.0.1"} if address == "local" else {}
     ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=True,
              logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)}, **local)
 

@@ -441,7 +441,7 @@ def _all_samples(class_counts, **_) -> int:
         "iterations": [Interval(Integral, 1)],
         "label_lr": [Interval(Real, 0, None, "neither")],
         "label_momentum": [Interval(Real, 0, 1, "left")],
-        "attack_seed": [Interval(Integral, 0)],
+        "attack_seed": [Interval(Integral, 0), NONE],
         "device": [Options(("auto", "cpu", "cuda"))],
     },
     eligible=_all_samples,
@@ -452,7 +452,7 @@ def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9,
          expert_epochs: int = 4, expert_batch_size: int = 256, expert_lr: float = 0.01,
          expert_momentum: float = 0.9, expert_weight_decay: float = 2e-4, nesterov: bool = True,
          checkpoint_every: int = 10, iterations: int = 15, label_lr: float = 150.0, label_momentum: float = 0.5,
-         attack_seed: int = 0, device: str = "auto", artifact_dir: str | None = None) -> PoisonedData:
+         attack_seed: int | None = None, device: str = "auto", artifact_dir: str | None = None) -> PoisonedData:
     """FLIP (Jha et al. 2023): flip the round(rate·n) labels that best plant a ``trigger`` backdoor.
 
     Parameters
@@ -462,8 +462,8 @@ def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9,
     rate : float
         Share of training labels flipped (the paper's budget b = round(rate·n)).
     seed : int
-        Unused: the flips follow from the logits, which depend on ``attack_seed`` only, so that
-        trials with different seeds share one attack.
+        The trial seed. It seeds the experts and the label stage unless ``attack_seed`` is given, so the
+        spread over a sweep's seeds includes the attack's own randomness.
     source, target : int, default=9, 4
         Triggered ``source`` images should be classified as ``target`` (the paper's CIFAR-10
         truck→deer indices; on MNIST 9 and 4 are a visually close pair). ``source`` None or
@@ -475,8 +475,10 @@ expert_momentum, expert_weight_decay, nesterov, checkpoint_every
         The experts: a registered model trained with SGD; checkpoints every ``checkpoint_every`` steps.
     iterations, label_lr, label_momentum : int, float, float, default=15, 150, 0.5
         Passes of trajectory matching and the SGD settings of the logits (the paper's defaults).
-    attack_seed : int, default=0
-        Seeds the experts and the label stage.
+    attack_seed : int or None, default=None
+        Seeds the experts and the label stage; None uses the trial ``seed``. Fix it (e.g. 0) to share one
+        attack, computed once, between the seeds of a sweep: the spread over seeds then measures
+        training and detection only.
     device : {"auto", "cpu", "cuda"}, default="auto"
         Where the experts and the label stage run (not part of the artifact key).
     artifact_dir : str or None
@@ -492,7 +494,7 @@ expert_momentum, expert_weight_decay, nesterov, checkpoint_every
     attack = FlipAttack(source, target, trigger, patch_size, amplitude, n_experts, expert_model,
                         dict(expert_model_params or {}), expert_epochs, expert_batch_size, expert_lr, expert_momentum,
                         expert_weight_decay, nesterov, checkpoint_every, iterations, label_lr, label_momentum,
-                        attack_seed)
+                        seed if attack_seed is None else attack_seed)
     stamp_trigger(data.x_test[:1], trigger, patch_size=patch_size, amplitude=amplitude)  # fail fast on a bad trigger
     n = len(data.y_train)
     budget = n_to_poison(rate, n, n, "flip")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -70,6 +71,7 @@ EXACT_MAX_PARAMS = 10_000  # an explicit p x p Hessian in float64 is 800 MB at t
 FLOAT64_MAX_PARAMS = 200_000  # above this the functional model stays in its own dtype
 WORK_BUDGET = 2 ** 24  # floats held by one vmapped call (gradients + activations), ~64-128 MB
 LISSA_GROWTH = 10.0  # a converging LiSSA iterate obeys ||h_t|| <= (t + 1) ||v||
+LISSA_RESIDUAL = 0.1  # warn when more than this share of LiSSA's slowest error component is left
 DEFAULT_SHARD_SIZE = 512
 
 
@@ -552,6 +554,29 @@ def largest_eigenvalue(apply_a: Callable[[torch.Tensor], torch.Tensor], p: int, 
     return abs(value)
 
 
+def _warn_if_lissa_too_shallow(*, shift: float, scale: float, depth: int) -> None:
+    """The recursion shrinks its error along the flattest direction (eigenvalue ~ shift) by
+    (1 - shift/scale) per step; warn when more than ``LISSA_RESIDUAL`` of it is left after ``depth``."""
+    if shift >= scale:
+        return  # a scale below the damping diverges, and lissa() says so
+    if shift <= 0:
+        advice = "with damping 0 the flattest direction never converges: raise damping"
+        left = 1.0
+    else:
+        contraction = 1.0 - shift / scale
+        left = contraction ** depth
+        needed = math.ceil(math.log(LISSA_RESIDUAL) / math.log(contraction))
+        advice = f"raise lissa_depth to at least {needed} (or raise damping, or use solver 'cg' or 'exact')"
+    if left > LISSA_RESIDUAL:
+        warnings.warn(f"LiSSA has not converged: after lissa_depth {depth} steps with lissa_scale {scale:.3g} and "
+                      f"damping {shift:g}, {left:.0%} of the error along the flattest direction is left; {advice}",
+                      LissaNotConverged, stacklevel=3)
+
+
+class LissaNotConverged(UserWarning):
+    """LiSSA's depth is too small for its scale and damping: its estimate is biased toward v / scale."""
+
+
 def lissa(gm: GradientModel, inputs: torch.Tensor, labels: torch.Tensor, vectors: torch.Tensor, *, shift: float,
           scale: float, depth: int, repeats: int, batch_size: int, seed: int) -> torch.Tensor:
     """LiSSA (Agarwal et al. 2016, as in Koh & Liang's code): rows ~ (H + shift I)^{-1} v.
@@ -559,6 +584,7 @@ def lissa(gm: GradientModel, inputs: torch.Tensor, labels: torch.Tensor, vectors
     h_0 = v; h_t = v + h_{t-1} - (H_batch + shift I) h_{t-1} / scale with a fresh seeded
     mini-batch per step; the estimate h_depth / scale is averaged over ``repeats`` runs.
     """
+    _warn_if_lissa_too_shallow(shift=shift, scale=scale, depth=depth)
     g = torch.Generator().manual_seed(seed)
     n = len(inputs)
     v_norm = vectors.norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)

@@ -201,10 +201,12 @@ def test_artifact_is_reused_across_seeds_and_budgets(digits, artifact_dir, monke
         raise AssertionError("the experts were trained again")
 
     monkeypatch.setattr(flip_module, "train_experts", no_training)
-    again = flip(digits, rate=0.02, seed=7, **SMALL, artifact_dir=artifact_dir)
+    again = flip(digits, rate=0.02, seed=7, attack_seed=0, **SMALL, artifact_dir=artifact_dir)
     assert again.info["artifact_reused"] and again.info["artifact_key"] == first.info["artifact_key"]
-    assert torch.equal(again.labels, first.labels)  # the trial seed does not change the attack
-    bigger = flip(digits, rate=0.04, seed=1, **SMALL, artifact_dir=artifact_dir)
+    assert torch.equal(again.labels, first.labels)  # a fixed attack_seed shares the attack between seeds
+    with pytest.raises(AssertionError, match="trained again"):  # by default the trial seed seeds the attack
+        flip(digits, rate=0.02, seed=7, **SMALL, artifact_dir=artifact_dir)
+    bigger = flip(digits, rate=0.04, seed=0, **SMALL, artifact_dir=artifact_dir)
     assert np.all(bigger.is_poison[first.is_poison])  # a larger budget extends the same ranking
     # another attack setting or another data subset is another artifact: the experts must train
     with pytest.raises(AssertionError, match="trained again"):
@@ -249,8 +251,9 @@ def test_constraints_name_every_science_parameter_and_defaults_agree():
     entry = POISONS.get("flip")
     keywords = [k for k, p in inspect.signature(flip).parameters.items() if p.kind is p.KEYWORD_ONLY]
     assert set(entry.constraints) == set(keywords) - {"rate", "seed", "artifact_dir"}
-    attack_defaults = {k: v for k, v in vars(FlipAttack()).items() if k != "expert_model_params"}
+    attack_defaults = {k: v for k, v in vars(FlipAttack()).items() if k not in ("expert_model_params", "attack_seed")}
     assert attack_defaults == {k: entry.defaults()[k] for k in attack_defaults}
+    assert entry.defaults()["attack_seed"] is None  # None: the trial seed seeds the attack
 
 
 @pytest.mark.parametrize("params, message", [

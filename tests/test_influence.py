@@ -8,6 +8,7 @@ import inspect
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -225,6 +226,20 @@ def test_failing_solvers_say_which_knob_to_turn(digits, small_mlp):
     too_few = infl.SolverSettings(solver="cg", damping=0.1, cg_maxiter=2, cg_tol=1e-10)
     with pytest.raises(infl.InfluenceSolverError, match="raise cg_maxiter"):
         infl._fit_inverse(gm, x, y, too_few, seed=0).solve(grads)
+
+
+def test_a_lissa_too_shallow_to_converge_warns_with_the_depth_it_needs(digits, small_mlp):
+    gm = infl.gradient_model(small_mlp, infl.select_parameters(small_mlp, "all"))
+    x, y = gm.prepare(digits.x_train), digits.y_train
+    grads = infl.per_sample_grads(gm, x[:5], y[:5])
+    shallow = infl.SolverSettings(solver="lissa", damping=0.1, lissa_scale=10.0, lissa_depth=20)
+    # (1 - 0.1/10)^20 = 82 % of the slowest error left; 10 % needs ln(0.1)/ln(0.99) = 230 steps
+    with pytest.warns(infl.LissaNotConverged, match="82% of the error .* raise lissa_depth to at least 230"):
+        infl._fit_inverse(gm, x, y, shallow, seed=0).solve(grads)
+    deep = infl.SolverSettings(solver="lissa", damping=0.1, lissa_scale=10.0, lissa_depth=230)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", infl.LissaNotConverged)
+        infl._fit_inverse(gm, x, y, deep, seed=0).solve(grads)
 
 
 def test_influence_rows_list_top_harmful_and_helpful_by_sign():

@@ -66,6 +66,15 @@ def test_exponent_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_pa
     assert trial["train"]["lr"] == 0.002 and trial["train"]["epochs"] == 1 and type(trial["train"]["epochs"]) is int
 
 
+def test_tracin_with_adam_is_refused_naming_the_option():
+    tracin = [{"name": "influence", "params": {"solver": "tracin"}}]
+    with pytest.raises(ConfigErrors) as info:
+        build_sweep({**BASE, "train": {"optimizer": "adam"}, "detectors": tracin})
+    assert "detectors[0]: influence solver 'tracin' assumes SGD steps (lr x gradient), but train.optimizer is " \
+           "'adam'" in str(info.value) and "set train.optimizer: sgd" in str(info.value)
+    build_sweep({**BASE, "train": {"optimizer": "sgd"}, "detectors": tracin})  # SGD: fine
+
+
 def test_a_rate_that_rounds_to_no_poison_is_an_error():
     sweep = build_sweep({**BASE, "poison": {"method": "one_shift", "rate": 1e-9}})
     with pytest.raises(ConfigErrors, match=r"poison.rate 1e-09 poisons 0 of 100 training samples"):

@@ -22,7 +22,7 @@ import torch
 from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top
 from tasks.influence import (DEFAULT_DAMPING, DEFAULT_SHARD_SIZE, PARAM_SUBSETS, SOLVERS, SolverSettings,
                              fit_influence, score_influence, select_parameters, uses_head_features)
-from tasks.registry import INT_LIST, NONE, Interval, Options
+from tasks.registry import INT_LIST, NONE, ConfigError, Interval, Options
 
 SHARD_SIZE = DEFAULT_SHARD_SIZE
 
@@ -77,6 +77,16 @@ def influence_rows(test_influence: np.ndarray, test_indices: np.ndarray, top_k: 
     return rows
 
 
+def tracin_optimizer_error(solver: str, optimizer: str) -> str | None:
+    """TracIn weighs each checkpoint by the SGD step lr x gradient; Adam's steps are rescaled per
+    coordinate, so lr_c <g_c(test), g_c(i)> is not the loss change it claims to be (Pruthi et al. 2020, sec. 3)."""
+    if solver == "tracin" and optimizer != "sgd":
+        return (f"influence solver 'tracin' assumes SGD steps (lr x gradient), but train.optimizer is {optimizer!r}, "
+                "whose steps are rescaled per coordinate; set train.optimizer: sgd, or choose another influence "
+                "solver (e.g. solver: exact)")
+    return None
+
+
 @DETECTORS.register("influence", CONSTRAINTS)
 def detect(context: DetectionContext, *, seed: int, solver: str = "exact", params: str = "last_layer", k: int = 2,
            damping: float = DEFAULT_DAMPING, flag_fraction: float = 0.1, test_points: int | list = 0,
@@ -108,6 +118,8 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
     detection : Detection
         ``scores`` float64 (n,), ``flagged`` the top ``flag_fraction``, ``extras["influence"]``.
     """
+    if message := tracin_optimizer_error(solver, context.train_config.optimizer):
+        raise ConfigError(message)
     settings = SolverSettings(solver=solver, damping=damping, l2=context.train_config.weight_decay,
                               hessian_samples=hessian_samples, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
                               lissa_scale=lissa_scale, lissa_depth=lissa_depth, lissa_repeats=lissa_repeats,
