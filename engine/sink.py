@@ -50,7 +50,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("is_poison", _BOOL), ("score", _F64), ("flagged", _BOOL),
     ]),
     "unlearning": pa.schema(KEY_COLUMNS + [
-        ("selection", _STR), ("selection_kind", _STR), ("identified_fraction", _F64), ("method", _STR),
+        ("selection", _STR), ("selection_kind", _STR), ("identified_fraction", _F64), ("top_fraction", _F64),
+        ("method", _STR),
         ("params", _STR), ("n_forget", _I64), ("forget_poison_share", _F64), ("poisons_in_forget", _F64),
         ("clean_test_acc_before", _F64), ("clean_test_acc_after", _F64), ("poison_success_before", _F64),
         ("poison_success_after", _F64), ("retain_acc_before", _F64), ("retain_acc_after", _F64),

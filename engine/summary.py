@@ -75,12 +75,14 @@ def unlearning_summary(unlearning: pd.DataFrame, setting: list[str] = SETTING) -
     """Per setting, selection and method: the repair, with the worst retain accuracy kept visible
     (a collapse in one seed must not be averaged away).
 
-    Oracle and top-q selections are grouped by their nominal fraction; a ``flagged`` selection's
-    identified fraction is the share of poisons the detector flagged, which differs per seed, so
-    its seeds form one group and ``identified_fraction_mean`` is their mean.
+    Oracle selections are grouped by their f (a share of the poisons), top-q selections by their q (a
+    share of the training set); the identified fraction of ``flagged`` and ``top`` selections is the
+    share of poisons they hold, which differs per seed, so ``identified_fraction_mean`` is its mean.
+    A record written before ``top_fraction`` existed kept q in ``identified_fraction``.
     """
+    top_q = unlearning["top_fraction"].fillna(unlearning["identified_fraction"])
     frame = unlearning.assign(fraction_key=unlearning["identified_fraction"].where(
-        unlearning["selection_kind"] != "flagged"))
+        unlearning["selection_kind"] == "oracle", top_q.where(unlearning["selection_kind"] == "top")))
     by = setting + ["selection", "selection_kind", "fraction_key", "method"]
     stats = _mean_std(frame, by, UNLEARNING_METRICS)
     stats["retain_acc_after_min"] = frame.groupby(by, dropna=False)["retain_acc_after"].min().values

@@ -408,8 +408,9 @@ def run_unlearning(model: nn.Module, poisoned: PoisonedData, x_test: torch.Tenso
     """Run every method on every forget-set selection; one row per selection x method.
 
     Row columns: ``selection`` (detector name or ``"oracle"``), ``selection_kind``,
-    ``identified_fraction`` (f for oracle, q for top, and for flagged the share of true poisons in the
-    forget set), ``method``, ``params`` (JSON, defaults filled in), ``n_forget``,
+    ``identified_fraction`` (a share of the poisons: f for oracle, and for flagged and top the share of
+    the true poisons in the forget set), ``top_fraction`` (q for top, the share of the training set it
+    forgets; NaN otherwise), ``method``, ``params`` (JSON, defaults filled in), ``n_forget``,
     ``forget_poison_share`` (precision), ``poisons_in_forget`` (recall), and before/after values of
     ``clean_test_acc``, ``poison_success``, ``retain_acc`` and ``forget_acc`` (retain and forget accuracy
     are measured against the labels GIVEN in training, i.e. the poisoned ones), plus
@@ -454,7 +455,10 @@ def _describe_selection(selection: dict, forget: np.ndarray, is_poison: np.ndarr
     return {
         "selection": "oracle" if kind == "oracle" else selection["detector"],
         "selection_kind": kind,
-        "identified_fraction": recall if kind == "flagged" else float(selection["fraction"]),
+        # one meaning per column: identified_fraction is a share of the poisons (the oracle's f as set,
+        # else the share the forget set holds); top_fraction is top-q's q, a share of the training set
+        "identified_fraction": float(selection["fraction"]) if kind == "oracle" else recall,
+        "top_fraction": float(selection["fraction"]) if kind == "top" else float("nan"),
         "n_forget": len(forget),
         "forget_poison_share": hits / len(forget) if len(forget) else float("nan"),
         "poisons_in_forget": recall,

@@ -371,12 +371,24 @@ def test_run_unlearning_rows_measure_the_selection(backdoor, digits):
         for key in ("clean_test_acc", "poison_success", "retain_acc"):
             assert empty[f"{key}_after"] == empty[f"{key}_before"]
     expected_keys = {
-        "selection", "selection_kind", "identified_fraction", "method", "params", "n_forget",
+        "selection", "selection_kind", "identified_fraction", "top_fraction", "method", "params", "n_forget",
         "forget_poison_share", "poisons_in_forget", "seconds",
         *(f"{k}_{w}" for k in ("clean_test_acc", "poison_success", "retain_acc", "forget_acc",
                                "forget_true_acc") for w in ("before", "after")),
     }
     assert all(set(r) == expected_keys for r in rows)
+
+
+def test_identified_fraction_is_always_a_share_of_the_poisons_and_top_fraction_of_the_training_set():
+    from tasks.unlearn import _describe_selection
+
+    is_poison = np.zeros(100, dtype=bool)
+    is_poison[:10] = True  # 10 poisons in 100 samples
+    forget = np.array([0, 1, 2, 50, 51])  # a top-5 % set holding 3 of the 10 poisons
+    top = _describe_selection({"kind": "top", "detector": "d", "fraction": 0.05}, forget, is_poison)
+    assert top["identified_fraction"] == pytest.approx(0.3) and top["top_fraction"] == 0.05
+    oracle = _describe_selection({"kind": "oracle", "fraction": 0.5}, np.arange(5), is_poison)
+    assert oracle["identified_fraction"] == 0.5 and np.isnan(oracle["top_fraction"])
 
 
 def test_run_unlearning_rejects_a_bad_config(backdoor, digits):
