@@ -191,7 +191,8 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
     errors = [f"{k} is not a known top-level key (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}); remove it"
               for k in raw if k not in TOP_LEVEL_KEYS]
     name = raw.get("name", default_name)
-    errors += check_name(name)
+    errors += [e + ("" if "name" in raw else " (taken from the file name: set name: in the config)")
+               for e in check_name(name)]
     if not isinstance(raw.get("resources") or {}, dict):
         errors.append(f"resources must be a mapping (allowed keys: {', '.join(sorted(RESOURCE_CONSTRAINTS))}); "
                       f"got {raw['resources']!r}")

@@ -167,9 +167,3 @@ def readable_files(out: str, table: str) -> tuple[list[str], list[str]]:
         except (OSError, ValueError, pa.ArrowException):  # pyarrow's error for "not Parquet" varies by damage
             damaged.append(info.path)
     return sorted(good), sorted(damaged)
-
-
-def completed_trials(out: str) -> set[str]:
-    """Trial ids whose trials row says ``ok``."""
-    trials = read_table(out, "trials", ["trial_id", "status"]).to_pylist()
-    return {row["trial_id"] for row in trials if row["status"] == "ok"}

@@ -171,7 +171,8 @@ def init_ray(address: str | None, verbose: bool) -> None:
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # a private local Ray advertises the loopback address; Ray 2.60's core servers still listen on every
-    # interface (README, "Running on a cluster", Security), and its token authentication (on by default for a new local Ray) guards them
+    # interface, and its token authentication (on by default for a new local Ray) guards them
+    # (README, "Running on a cluster", Security)
     local = {"_node_ip_address": "127.0.0.1"} if address == "local" else {}
     ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=True,
              logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)}, **local)
