@@ -1,0 +1,161 @@
+"""Figures of samples: score histograms (poisons vs clean) and galleries of the most suspicious and
+the missed training images, for one trial of a setting (see ``engine.report_samples``).
+
+A histogram shows what a table of AUROCs hides: a detector whose poisons sit at the *low* end of its
+scores (AUROC near 0) has a signal with the wrong sign, not no signal. The detector's own flag
+threshold (the lowest score it flagged) is drawn, so one sees what its label-free rule cut.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine.report import _legend, _new_figure, _save, _suptitle
+from engine.report_samples import flag_threshold
+
+HISTOGRAM_BINS = 40
+# scores beyond these quantiles are counted in the outermost bins, so one extreme score
+# does not squeeze every other into a single bar
+CLIP_QUANTILES = (0.001, 0.999)
+POISON_COLOR, CLEAN_COLOR, THRESHOLD_COLOR = "tab:red", "tab:blue", "black"
+TILE = (0.95, 1.3)  # inches per gallery image, with its two caption lines
+
+
+def _bin_edges(scores: np.ndarray, threshold: float | None) -> np.ndarray:
+    low, high = np.quantile(scores, CLIP_QUANTILES)
+    if threshold is not None:
+        low, high = min(low, threshold), max(high, threshold)
+    if not high > low:  # all scores equal
+        low, high = low - 0.5, high + 0.5
+    return np.linspace(low, high, HISTOGRAM_BINS + 1)
+
+
+def figure_score_histograms(scores: pd.DataFrame, title: str, path: Path) -> Path:
+    """One panel per detector: the share of poisoned and of clean training samples per score bin
+    (each normalised to its own count, so a 1 % poison set stays visible), and the flag threshold."""
+    detectors = sorted(scores["detector"].unique())
+    figure, axes = _new_figure(len(detectors), ncols=min(4, len(detectors)), panel=(3.6, 2.7))
+    legend = {}
+    for ax, detector in zip(axes, detectors):
+        rows = scores[scores["detector"] == detector]
+        values, is_poison = rows["score"].to_numpy(dtype=float), rows["is_poison"].to_numpy(dtype=bool)
+        finite = np.isfinite(values)
+        values, is_poison = values[finite], is_poison[finite]
+        threshold = flag_threshold(rows[finite])
+        edges = _bin_edges(values, threshold) if len(values) else np.linspace(0, 1, HISTOGRAM_BINS + 1)
+        clipped = np.clip(values, edges[0], edges[-1])
+        for name, mask, color in (("clean", ~is_poison, CLEAN_COLOR), ("poisoned", is_poison, POISON_COLOR)):
+            if mask.any():
+                label = f"{name} training samples"
+                legend[label] = ax.hist(clipped[mask], bins=edges, weights=np.full(mask.sum(), 1 / mask.sum()),
+                                        color=color, alpha=0.55, histtype="stepfilled")[2][0]
+        if threshold is not None:
+            legend["flag threshold (lowest flagged score)"] = ax.axvline(threshold, color=THRESHOLD_COLOR,
+                                                                         linestyle="--", linewidth=1.2)
+        n_flagged = int(rows["flagged"].sum())
+        ax.set_title(f"{detector}\n{n_flagged} flagged, {int(is_poison.sum())} poisons", fontsize=9)
+        ax.set_xlabel("score (higher = more suspicious)", fontsize=8)
+        ax.set_ylabel("share of its group", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    _suptitle(figure, f"Score distributions, poisoned vs clean: {title}")
+    _legend(figure, list(legend.values()), list(legend))
+    return _save(figure, path)
+
+
+def _show_image(ax, image: np.ndarray | None) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if image is None:
+        ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+        return
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(np.clip(image.transpose(1, 2, 0), 0, 1), interpolation="nearest")
+
+
+def _caption(row, n: int) -> str:
+    labels = f"label {row.label_given}" + (f" (true {row.label_true})" if row.label_given != row.label_true else "")
+    flag = " F" if row.flagged else ""
+    return f"#{row.rank}/{n}{flag} · {row.score:.3g}\n{labels}"
+
+
+def figure_gallery(rows: pd.DataFrame, images: dict[int, np.ndarray], n_train: int, title: str,
+                   path: Path) -> Path:
+    """Two rows of images per detector: its top-ranked training samples, and the poisons it ranked
+    lowest. Poisons have a red frame; captions give rank, score, given (and true) label, F = flagged."""
+    strips = [(detector, part, group) for (detector, part), group in rows.groupby(["detector", "part"], sort=False)]
+    width = max(len(group) for *_, group in strips)
+    figure = _gallery_canvas(len(strips), width)
+    axes = figure.subplots(len(strips), width, squeeze=False)
+    for r, (detector, part, group) in enumerate(strips):
+        for ax in axes[r, len(group):]:
+            ax.set_visible(False)
+        for ax, row in zip(axes[r], group.itertuples(index=False)):
+            _show_image(ax, images.get(int(row.index)))
+            ax.set_title(_caption(row, n_train), fontsize=6.5, color=POISON_COLOR if row.is_poison else "black")
+            for spine in ax.spines.values():
+                spine.set_color(POISON_COLOR if row.is_poison else "#bbbbbb")
+                spine.set_linewidth(2.5 if row.is_poison else 0.8)
+        what = "most suspicious" if part == "top" else "poisons ranked lowest"
+        axes[r, 0].set_ylabel(f"{detector}\n{what}", fontsize=7.5, rotation=0, ha="right", va="center")
+    _suptitle(figure, f"Most suspicious training images and missed poisons: {title} "
+                      "(red frame = poison; #rank/n, F = flagged · score; label given, true if it differs)")
+    return _save(figure, path)
+
+
+def _gallery_canvas(n_rows: int, n_columns: int):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(TILE[0] * n_columns + 1.8, TILE[1] * n_rows + 0.9), layout="constrained")
+
+
+# ---------------------------------------------------------------------------------------------
+# the samples part of the report
+
+GALLERY_TOP = 10  # most suspicious images shown per detector
+GALLERY_MISSED = 5  # lowest-ranked poisons shown per detector
+MAX_SETTINGS = 12  # settings that get histograms and galleries (the first, in setting order)
+
+
+def _check_text(rebuilt) -> str:
+    if not rebuilt.checked:
+        return "not checked"
+    if rebuilt.exact:
+        return f"all {rebuilt.checked} shown samples match the record"
+    return (f"WARNING: {rebuilt.mismatches} of {rebuilt.checked} shown samples differ from the record "
+            "(given or true label, or poison flag): the images may not be the trial's")
+
+
+def sample_figures(out: str, trials: pd.DataFrame, setting: list[str], directory: Path, *,
+                   top: int = GALLERY_TOP, missed: int = GALLERY_MISSED,
+                   max_settings: int = MAX_SETTINGS) -> tuple[pd.DataFrame, list[tuple[str, Path]]]:
+    """Histograms and galleries of one trial per setting (the lowest seed), for the first
+    ``max_settings`` settings. Returns a table of the trials shown (with the image check) and the
+    figures as (heading, path)."""
+    from engine.report import _setting_title, _slug
+    from engine.report_samples import gallery_rows, read_scores, rebuild_images, representative_trials
+
+    shown, figures = [], []
+    for trial in representative_trials(trials, setting).head(max_settings).itertuples(index=False):
+        scores = read_scores(out, trial.trial_id)
+        if scores is None or scores.empty:
+            continue
+        key = tuple(getattr(trial, c) for c in setting)
+        title = f"{_setting_title(key, setting)}, seed {trial.seed}"
+        stem = "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
+        figures.append((f"Score distributions: {title}",
+                        figure_score_histograms(scores, title, directory / f"scores_{stem}.png")))
+        rows = gallery_rows(scores, top, missed)
+        rebuilt = rebuild_images(trial.config_json, out, rows)
+        if rebuilt.images:
+            figures.append((f"Most suspicious samples: {title}",
+                            figure_gallery(rows, rebuilt.images, int(trial.n_train), title,
+                                           directory / f"samples_{stem}.png")))
+        shown.append({**dict(zip(setting, key)), "seed": trial.seed, "trial_id": trial.trial_id,
+                      "images": rebuilt.note, "check": _check_text(rebuilt)})
+    return pd.DataFrame(shown, columns=setting + ["seed", "trial_id", "images", "check"]), figures

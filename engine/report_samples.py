@@ -1,0 +1,124 @@
+"""Samples for the report: one trial per setting, its scores, and its training images rebuilt.
+
+The report shows *one* trial of each setting (the ok trial with the lowest seed), so its cost is
+flat in the number of seeds: it reads that trial's ``scores`` file once (a few columns) and never
+the scores of the others. The images are not stored in the record; they are rebuilt from the
+trial's recorded config (``config_json``) with the same code the trial ran: ``load_dataset`` and
+``apply_poison`` with the trial's seed, triggers included. The rebuild is checked against the
+record (given label, true label and poison mask of every sample shown), so a changed dataset
+file or poison code is reported instead of showing the wrong images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from engine.sink import filesystem, trial_path
+
+SCORE_COLUMNS = ["detector", "index", "label_given", "label_true", "is_poison", "score", "flagged"]
+# poisons whose images cost minutes to rebuild (FLIP trains expert models) but which change no image:
+# the clean images are the trial's images, and only the true labels can be checked
+LABEL_ONLY_EXPENSIVE = {"flip"}
+ARTIFACT_DIR = "_artifacts"  # engine.sweep.ARTIFACT_DIR (not imported: that module imports Ray's helpers)
+
+
+def representative_trials(trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
+    """One ok trial per setting, the one with the lowest seed (ties: lowest trial id)."""
+    ok = trials[trials["status"] == "ok"]
+    ordered = ok.sort_values(["seed", "trial_id"])
+    return ordered.groupby(setting, dropna=False, sort=True).head(1).reset_index(drop=True)
+
+
+def read_scores(out: str, trial_id: str) -> pd.DataFrame | None:
+    """One trial's ``scores`` rows (the columns the report needs), or None when the file is absent."""
+    fs, _ = filesystem(out)
+    path = trial_path(out, "scores", trial_id)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    return pq.read_table(path, columns=SCORE_COLUMNS, filesystem=fs).to_pandas()
+
+
+def flag_threshold(scores: pd.DataFrame) -> float | None:
+    """The detector's own cut: the lowest score among the samples it flagged (None if it flagged none)."""
+    flagged = scores.loc[scores["flagged"], "score"]
+    return float(flagged.min()) if len(flagged) else None
+
+
+def ranked(scores: pd.DataFrame) -> pd.DataFrame:
+    """One detector's rows, most suspicious first (ties by index, as the found-vs-checked curves),
+    with ``rank`` 1..n."""
+    order = np.lexsort((scores["index"].to_numpy(), -scores["score"].to_numpy()))
+    return scores.iloc[order].assign(rank=np.arange(1, len(scores) + 1))
+
+
+def gallery_rows(scores: pd.DataFrame, top: int, missed: int) -> pd.DataFrame:
+    """Per detector: its ``top`` highest-ranked samples (``part`` "top") and the ``missed`` poisons it
+    ranked lowest (``part`` "missed", lowest rank last)."""
+    parts = []
+    for _, rows in scores.groupby("detector", sort=True):
+        order = ranked(rows)
+        parts.append(order.head(top).assign(part="top"))
+        poisons = order[order["is_poison"]]
+        parts.append(poisons.tail(missed).assign(part="missed"))
+    return pd.concat(parts, ignore_index=True) if parts else scores.assign(rank=[], part=[])
+
+
+@dataclass
+class Rebuilt:
+    """Training images of one trial, rebuilt from its config, and how well they match the record."""
+
+    images: dict[int, np.ndarray] = field(default_factory=dict)  # index -> (C, H, W) float in [0, 1]
+    mismatches: int = 0  # samples shown whose recorded labels or poison flag the rebuild does not reproduce
+    checked: int = 0
+    note: str = ""  # how the images were obtained, or why they could not be
+
+    @property
+    def exact(self) -> bool:
+        return self.checked > 0 and self.mismatches == 0
+
+
+def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
+    """The training images ``rows["index"]`` of the trial whose resolved config is ``config_json``.
+
+    Checks the rebuilt given label, true label and poison flag of every row against the record.
+    A dataset that cannot be loaded gives an empty result whose ``note`` says why.
+    """
+    from tasks.data import load_dataset
+    from tasks.poison import apply_poison
+
+    config = json.loads(config_json)
+    data_cfg, poison_cfg = config["data"], config["poison"]
+    try:
+        data = load_dataset(data_cfg["name"], n_train=data_cfg.get("n_train"), n_test=data_cfg.get("n_test"),
+                            seed=data_cfg.get("seed", 0))
+    except (OSError, ValueError) as error:  # data absent here (e.g. a report made away from the cluster)
+        return Rebuilt(note=f"images not shown: {type(error).__name__}: {str(error).splitlines()[0]}")
+    indices = rows["index"].to_numpy()
+    if len(indices) and indices.max() >= len(data.y_train):
+        return Rebuilt(mismatches=len(indices), checked=len(indices),
+                       note=f"the record's indices exceed the rebuilt training set ({len(data.y_train)} samples)")
+    true_ok = data.y_train.numpy()[indices] == rows["label_true"].to_numpy()
+    if poison_cfg["method"] in LABEL_ONLY_EXPENSIVE:
+        x, agree = data.x_train, true_ok
+        note = f"clean images ({poison_cfg['method']} changes labels only); true labels checked"
+    else:
+        poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
+                                params=poison_cfg.get("params"), artifact_dir=_artifact_dir(out))
+        x = poisoned.x_train
+        agree = (true_ok & (poisoned.labels.numpy()[indices] == rows["label_given"].to_numpy())
+                 & (poisoned.is_poison[indices] == rows["is_poison"].to_numpy()))
+        note = "rebuilt from the trial config (data + poison with the trial's seed); given and true labels checked"
+    images = {int(i): x[int(i)].numpy() for i in np.unique(indices)}
+    return Rebuilt(images=images, mismatches=int((~agree).sum()), checked=len(indices), note=note)
+
+
+def _artifact_dir(out: str) -> str | None:
+    """The sweep's shared artifacts (FLIP's experts), when the record is a local directory."""
+    fs, root = filesystem(out)
+    return f"{root}/{ARTIFACT_DIR}" if isinstance(fs, pafs.LocalFileSystem) else None
