@@ -668,6 +668,10 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
                 title = _setting_title(key, setting)
                 name = "unlearning_" + "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
                 figure(f"Unlearning: {title}", figure_unlearning(part, title, directory / f"{name}.png"))
+            from engine.report_figures import unlearning_example_figures
+
+            for heading, path in unlearning_example_figures(out, trials, setting, directory):
+                figure(heading, path)
         influence = influence_table(out, trials, summary.load(out, "influence"), setting)
         if not influence.empty:
             shown = _display_influence(influence, setting)
@@ -743,7 +747,7 @@ def _markdown(out: str, status: RecordStatus, setting: list[str], sections, head
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em;display:block;overflow-x:auto;max-width:100%}th,td{border:1px solid #ccc;padding:3px 8px}
 th{background:#f2f2f2;text-align:left}td{font-variant-numeric:tabular-nums}img{max-width:100%}
 .note{color:#555}"""
 

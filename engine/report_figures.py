@@ -24,13 +24,24 @@ POISON_COLOR, CLEAN_COLOR, THRESHOLD_COLOR = "tab:red", "tab:blue", "black"
 TILE = (0.95, 1.3)  # inches per gallery image, with its two caption lines
 
 
-def _bin_edges(scores: np.ndarray, threshold: float | None) -> np.ndarray:
-    low, high = np.quantile(scores, CLIP_QUANTILES)
-    if threshold is not None:
+# non-negative scores whose top is this many times their median (losses) get a logarithmic axis
+LOG_SPAN = 30.0
+
+
+def _log_scale(scores: np.ndarray) -> bool:
+    positive = scores[scores > 0]
+    if scores.min() < 0 or len(positive) < 2:
+        return False
+    return np.quantile(scores, CLIP_QUANTILES[1]) > LOG_SPAN * np.median(positive)
+
+
+def _bin_edges(scores: np.ndarray, threshold: float | None, log: bool) -> np.ndarray:
+    low, high = np.quantile(scores[scores > 0] if log else scores, CLIP_QUANTILES)
+    if threshold is not None and (threshold > 0 or not log):
         low, high = min(low, threshold), max(high, threshold)
     if not high > low:  # all scores equal
-        low, high = low - 0.5, high + 0.5
-    return np.linspace(low, high, HISTOGRAM_BINS + 1)
+        low, high = (low / 2, high * 2) if log else (low - 0.5, high + 0.5)
+    return np.geomspace(low, high, HISTOGRAM_BINS + 1) if log else np.linspace(low, high, HISTOGRAM_BINS + 1)
 
 
 def figure_score_histograms(scores: pd.DataFrame, title: str, path: Path) -> Path:
@@ -45,7 +56,8 @@ def figure_score_histograms(scores: pd.DataFrame, title: str, path: Path) -> Pat
         finite = np.isfinite(values)
         values, is_poison = values[finite], is_poison[finite]
         threshold = flag_threshold(rows[finite])
-        edges = _bin_edges(values, threshold) if len(values) else np.linspace(0, 1, HISTOGRAM_BINS + 1)
+        log = len(values) > 0 and _log_scale(values)
+        edges = _bin_edges(values, threshold, log) if len(values) else np.linspace(0, 1, HISTOGRAM_BINS + 1)
         clipped = np.clip(values, edges[0], edges[-1])
         for name, mask, color in (("clean", ~is_poison, CLEAN_COLOR), ("poisoned", is_poison, POISON_COLOR)):
             if mask.any():
@@ -57,7 +69,9 @@ def figure_score_histograms(scores: pd.DataFrame, title: str, path: Path) -> Pat
                                                                          linestyle="--", linewidth=1.2)
         n_flagged = int(rows["flagged"].sum())
         ax.set_title(f"{detector}\n{n_flagged} flagged, {int(is_poison.sum())} poisons", fontsize=9)
-        ax.set_xlabel("score (higher = more suspicious)", fontsize=8)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("score (higher = more suspicious)" + (", log scale" if log else ""), fontsize=8)
         ax.set_ylabel("share of its group", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -78,10 +92,10 @@ def _show_image(ax, image: np.ndarray | None) -> None:
         ax.imshow(np.clip(image.transpose(1, 2, 0), 0, 1), interpolation="nearest")
 
 
-def _caption(row, n: int) -> str:
+def _caption(row) -> str:
     labels = f"label {row.label_given}" + (f" (true {row.label_true})" if row.label_given != row.label_true else "")
     flag = " F" if row.flagged else ""
-    return f"#{row.rank}/{n}{flag} · {row.score:.3g}\n{labels}"
+    return f"#{row.rank}{flag} · {row.score:.2g}\n{labels}"
 
 
 def figure_gallery(rows: pd.DataFrame, images: dict[int, np.ndarray], n_train: int, title: str,
@@ -97,14 +111,14 @@ def figure_gallery(rows: pd.DataFrame, images: dict[int, np.ndarray], n_train: i
             ax.set_visible(False)
         for ax, row in zip(axes[r], group.itertuples(index=False)):
             _show_image(ax, images.get(int(row.index)))
-            ax.set_title(_caption(row, n_train), fontsize=6.5, color=POISON_COLOR if row.is_poison else "black")
+            ax.set_title(_caption(row), fontsize=6.5, color=POISON_COLOR if row.is_poison else "black")
             for spine in ax.spines.values():
                 spine.set_color(POISON_COLOR if row.is_poison else "#bbbbbb")
                 spine.set_linewidth(2.5 if row.is_poison else 0.8)
-        what = "most suspicious" if part == "top" else "poisons ranked lowest"
+        what = "most suspicious" if part == "top" else f"poisons ranked lowest\n(rank of {n_train})"
         axes[r, 0].set_ylabel(f"{detector}\n{what}", fontsize=7.5, rotation=0, ha="right", va="center")
     _suptitle(figure, f"Most suspicious training images and missed poisons: {title} "
-                      "(red frame = poison; #rank/n, F = flagged · score; label given, true if it differs)")
+                      "(red frame = poison; #rank, F = flagged · score; label given, true if it differs)")
     return _save(figure, path)
 
 
@@ -159,3 +173,65 @@ def sample_figures(out: str, trials: pd.DataFrame, setting: list[str], directory
         shown.append({**dict(zip(setting, key)), "seed": trial.seed, "trial_id": trial.trial_id,
                       "images": rebuilt.note, "check": _check_text(rebuilt)})
     return pd.DataFrame(shown, columns=setting + ["seed", "trial_id", "images", "check"]), figures
+
+
+# ---------------------------------------------------------------------------------------------
+# unlearning at a glance
+
+EFFECT_COLOR, NO_EFFECT_COLOR = "tab:red", "tab:green"
+
+
+def _selection_label(row) -> str:
+    if row.selection_kind == "oracle":
+        return f"oracle {row.identified_fraction:.0%}"
+    return f"{row.selection} flagged (recall {row.identified_fraction:.0%})"
+
+
+def figure_unlearning_examples(runs: pd.DataFrame, success, title: str, path: Path) -> Path:
+    """The poison's test inputs (e.g. triggered images), with the class predicted before unlearning
+    (first row) and after each run (one row per selection × method). Red: the poison's effect shows
+    (the attacker's class for a "hit" poison, a wrong class for a "miss" one); green: it does not."""
+    n = len(success.x)
+    strips = [("before unlearning", list(runs["success_predictions_before"].iloc[0]))]
+    strips += [(f"{r.method} after\n{_selection_label(r)}", list(r.success_predictions_after))
+               for r in runs.itertuples(index=False)]
+    figure = _gallery_canvas(len(strips), n)
+    axes = figure.subplots(len(strips), n, squeeze=False)
+    for r, (label, predictions) in enumerate(strips):
+        for c, ax in enumerate(axes[r]):
+            _show_image(ax, success.x[c])
+            effect = (predictions[c] == success.wanted[c]) == (success.kind == "hit")
+            color = EFFECT_COLOR if effect else NO_EFFECT_COLOR
+            ax.set_title(f"predicted {predictions[c]}", fontsize=7, color=color)
+            for spine in ax.spines.values():
+                spine.set_color(color)
+                spine.set_linewidth(2)
+        axes[r, 0].set_ylabel(label, fontsize=7.5, rotation=0, ha="right", va="center")
+    wanted = "attacker's class" if success.kind == "hit" else "a wrong class"
+    _suptitle(figure, f"The poison's test inputs classified before and after unlearning: {title} "
+                      f"(red = the poison works: {wanted}; green = it does not)")
+    return _save(figure, path)
+
+
+def unlearning_example_figures(out: str, trials: pd.DataFrame, setting: list[str], directory: Path, *,
+                               max_settings: int = MAX_SETTINGS) -> list[tuple[str, Path]]:
+    """Per setting that unlearns (one trial, the lowest seed): the before/after picture."""
+    from engine.report import _setting_title, _slug
+    from engine.report_samples import (read_unlearning, rebuild_success_set, representative_trials,
+                                       unlearning_examples)
+
+    figures = []
+    for trial in representative_trials(trials, setting).head(max_settings).itertuples(index=False):
+        rows = read_unlearning(out, trial.trial_id)
+        runs = unlearning_examples(rows) if rows is not None and "success_predictions_after" in rows else None
+        if runs is None or runs.empty:
+            continue
+        success = rebuild_success_set(trial.config_json, out, len(runs["success_predictions_before"].iloc[0]))
+        if success is None or len(success.x) == 0:
+            continue
+        key = tuple(getattr(trial, c) for c in setting)
+        title = f"{_setting_title(key, setting)}, seed {trial.seed}"
+        stem = "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
+        figures.append((f"Unlearning at a glance: {title}",
+                        figure_unlearning_examples(runs, success, title, directory / f"unlearning_examples_{stem}.png")))
+    return figures

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -122,3 +123,51 @@ def _artifact_dir(out: str) -> str | None:
     """The sweep's shared artifacts (FLIP's experts), when the record is a local directory."""
     fs, root = filesystem(out)
     return f"{root}/{ARTIFACT_DIR}" if isinstance(fs, pafs.LocalFileSystem) else None
+
+
+@dataclass
+class SuccessSet:
+    """The first inputs of a poison's success set (e.g. triggered test images), rebuilt from a trial config."""
+
+    x: np.ndarray  # (n, C, H, W)
+    wanted: np.ndarray  # what the attacker wants predicted ("hit"), or the true label ("miss")
+    kind: str  # "hit" or "miss", as PoisonedData.success_kind
+
+
+def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None:
+    """The first ``n`` inputs of the trial's success set, or None where they cannot be rebuilt cheaply
+    (no data here, or a FLIP trial without its cached expert artifact)."""
+    from tasks.data import load_dataset
+    from tasks.poison import apply_poison
+
+    config = json.loads(config_json)
+    data_cfg, poison_cfg = config["data"], config["poison"]
+    artifacts = _artifact_dir(out)
+    if poison_cfg["method"] in LABEL_ONLY_EXPENSIVE and not (artifacts and list(Path(artifacts).glob("flip-*.npz"))):
+        return None
+    try:
+        data = load_dataset(data_cfg["name"], n_train=data_cfg.get("n_train"), n_test=data_cfg.get("n_test"),
+                            seed=data_cfg.get("seed", 0))
+    except (OSError, ValueError):
+        return None
+    poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
+                            params=poison_cfg.get("params"), artifact_dir=artifacts)
+    return SuccessSet(poisoned.success_x[:n].numpy(), poisoned.success_y[:n].numpy(), poisoned.success_kind)
+
+
+def read_unlearning(out: str, trial_id: str) -> pd.DataFrame | None:
+    """One trial's ``unlearning`` rows, or None when its file is absent."""
+    fs, _ = filesystem(out)
+    path = trial_path(out, "unlearning", trial_id)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
+def unlearning_examples(rows: pd.DataFrame) -> pd.DataFrame:
+    """The unlearning runs worth a picture: the oracle at its largest fraction and every detector's
+    flagged selection, each method once; rows without recorded predictions are dropped."""
+    rows = rows[rows["success_predictions_after"].map(lambda p: p is not None and len(p) > 0)]
+    oracle = rows[rows["selection_kind"] == "oracle"]
+    oracle = oracle[oracle["identified_fraction"] == oracle["identified_fraction"].max()]
+    return pd.concat([oracle, rows[rows["selection_kind"] == "flagged"]], ignore_index=True)
