@@ -747,7 +747,8 @@ def _markdown(out: str, status: RecordStatus, setting: list[str], sections, head
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em;display:block;overflow-x:auto;max-width:100%}th,td{border:1px solid #ccc;padding:3px 8px}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ccc;padding:3px 8px}
 th{background:#f2f2f2;text-align:left}td{font-variant-numeric:tabular-nums}img{max-width:100%}
 .note{color:#555}"""
 

@@ -33,7 +33,8 @@ window.addEventListener("load", () => {
   const out = document.createElement("pre");
   out.id = "probe";
   out.style.display = "none";
-  out.textContent = JSON.stringify({width, height: document.documentElement.scrollHeight, scroll_width: document.documentElement.scrollWidth, images, past});
+  const page = document.documentElement;
+  out.textContent = JSON.stringify({width, height: page.scrollHeight, scroll_width: page.scrollWidth, images, past});
   document.body.appendChild(out);
 });
 </script>"""
