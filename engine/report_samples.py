@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,8 @@ ARTIFACT_DIR = "_artifacts"  # engine.sweep.ARTIFACT_DIR (not imported: that mod
 def representative_trials(trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
     """One ok trial per setting, the one with the lowest seed (ties: lowest trial id)."""
     ok = trials[trials["status"] == "ok"]
-    ordered = ok.sort_values(["seed", "trial_id"])
-    return ordered.groupby(setting, dropna=False, sort=True).head(1).reset_index(drop=True)
+    first = ok.sort_values(["seed", "trial_id"]).groupby(setting, dropna=False).head(1)
+    return first.sort_values(setting).reset_index(drop=True)
 
 
 def read_scores(out: str, trial_id: str) -> pd.DataFrame | None:
@@ -90,14 +91,12 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
     Checks the rebuilt given label, true label and poison flag of every row against the record.
     A dataset that cannot be loaded gives an empty result whose ``note`` says why.
     """
-    from tasks.data import load_dataset
     from tasks.poison import apply_poison
 
     config = json.loads(config_json)
-    data_cfg, poison_cfg = config["data"], config["poison"]
+    poison_cfg = config["poison"]
     try:
-        data = load_dataset(data_cfg["name"], n_train=data_cfg.get("n_train"), n_test=data_cfg.get("n_test"),
-                            seed=data_cfg.get("seed", 0))
+        data = _dataset(**_data_key(config))
     except (OSError, ValueError) as error:  # data absent here (e.g. a report made away from the cluster)
         return Rebuilt(note=f"images not shown: {type(error).__name__}: {str(error).splitlines()[0]}")
     indices = rows["index"].to_numpy()
@@ -119,6 +118,20 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
     return Rebuilt(images=images, mismatches=int((~agree).sum()), checked=len(indices), note=note)
 
 
+def _data_key(config: dict) -> dict:
+    data = config["data"]
+    return {"name": data["name"], "n_train": data.get("n_train"), "n_test": data.get("n_test"),
+            "seed": data.get("seed", 0)}
+
+
+@lru_cache(maxsize=2)
+def _dataset(name: str, n_train: int | None, n_test: int | None, seed: int):
+    """The trial's dataset, loaded once for all the settings that share it (poisons copy, never modify it)."""
+    from tasks.data import load_dataset
+
+    return load_dataset(name, n_train=n_train, n_test=n_test, seed=seed)
+
+
 def _artifact_dir(out: str) -> str | None:
     """The sweep's shared artifacts (FLIP's experts), when the record is a local directory."""
     fs, root = filesystem(out)
@@ -137,17 +150,15 @@ class SuccessSet:
 def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None:
     """The first ``n`` inputs of the trial's success set, or None where they cannot be rebuilt cheaply
     (no data here, or a FLIP trial without its cached expert artifact)."""
-    from tasks.data import load_dataset
     from tasks.poison import apply_poison
 
     config = json.loads(config_json)
-    data_cfg, poison_cfg = config["data"], config["poison"]
+    poison_cfg = config["poison"]
     artifacts = _artifact_dir(out)
     if poison_cfg["method"] in LABEL_ONLY_EXPENSIVE and not (artifacts and list(Path(artifacts).glob("flip-*.npz"))):
         return None
     try:
-        data = load_dataset(data_cfg["name"], n_train=data_cfg.get("n_train"), n_test=data_cfg.get("n_test"),
-                            seed=data_cfg.get("seed", 0))
+        data = _dataset(**_data_key(config))
     except (OSError, ValueError):
         return None
     poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
@@ -167,7 +178,8 @@ def read_unlearning(out: str, trial_id: str) -> pd.DataFrame | None:
 def unlearning_examples(rows: pd.DataFrame) -> pd.DataFrame:
     """The unlearning runs worth a picture: the oracle at its largest fraction and every detector's
     flagged selection, each method once; rows without recorded predictions are dropped."""
-    rows = rows[rows["success_predictions_after"].map(lambda p: p is not None and len(p) > 0)]
+    recorded = rows["success_predictions_after"].map(lambda p: p is not None and len(p) > 0).astype(bool)
+    rows = rows[recorded]
     oracle = rows[rows["selection_kind"] == "oracle"]
     oracle = oracle[oracle["identified_fraction"] == oracle["identified_fraction"].max()]
     return pd.concat([oracle, rows[rows["selection_kind"] == "flagged"]], ignore_index=True)
