@@ -27,7 +27,7 @@ SCORE_COLUMNS = ["detector", "index", "label_given", "label_true", "is_poison", 
 # poisons whose images cost minutes to rebuild (FLIP trains expert models) but which change no image:
 # the clean images are the trial's images, and only the true labels can be checked
 LABEL_ONLY_EXPENSIVE = {"flip"}
-ARTIFACT_DIR = "_artifacts"  # engine.sweep.ARTIFACT_DIR (not imported: that module imports Ray's helpers)
+ARTIFACT_DIR = "_artifacts"  # engine.sweep.ARTIFACT_DIR (not imported: engine.sweep imports Ray Tune)
 
 
 def representative_trials(trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
@@ -37,13 +37,18 @@ def representative_trials(trials: pd.DataFrame, setting: list[str]) -> pd.DataFr
     return first.sort_values(setting).reset_index(drop=True)
 
 
-def read_scores(out: str, trial_id: str) -> pd.DataFrame | None:
-    """One trial's ``scores`` rows (the columns the report needs), or None when the file is absent."""
+def _read_trial_file(out: str, table: str, trial_id: str, columns: list[str] | None = None) -> pd.DataFrame | None:
+    """One trial's rows of ``table`` (only ``columns``), or None when its file is absent."""
     fs, _ = filesystem(out)
-    path = trial_path(out, "scores", trial_id)
+    path = trial_path(out, table, trial_id)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    return pq.read_table(path, columns=SCORE_COLUMNS, filesystem=fs).to_pandas()
+    return pq.read_table(path, columns=columns, filesystem=fs).to_pandas()
+
+
+def read_scores(out: str, trial_id: str) -> pd.DataFrame | None:
+    """One trial's ``scores`` rows (the columns the report needs), or None when the file is absent."""
+    return _read_trial_file(out, "scores", trial_id, SCORE_COLUMNS)
 
 
 def flag_threshold(scores: pd.DataFrame) -> float | None:
@@ -168,11 +173,7 @@ def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None
 
 def read_unlearning(out: str, trial_id: str) -> pd.DataFrame | None:
     """One trial's ``unlearning`` rows, or None when its file is absent."""
-    fs, _ = filesystem(out)
-    path = trial_path(out, "unlearning", trial_id)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    return pq.read_table(path, filesystem=fs).to_pandas()
+    return _read_trial_file(out, "unlearning", trial_id)
 
 
 def unlearning_examples(rows: pd.DataFrame) -> pd.DataFrame:
