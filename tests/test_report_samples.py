@@ -17,7 +17,7 @@ import pytest
 from engine.config import build_sweep
 from engine.report import write_plan, write_report
 from engine.report_figures import GALLERY_MISSED, GALLERY_TOP
-from engine.report_samples import flag_threshold, gallery_rows, read_scores, rebuild_images
+from engine.report_samples import flag_threshold, gallery_rows, read_scores, rebuild_images, unlearning_examples
 from engine.sweep import record_trial
 from tasks.unlearn import SUCCESS_EXAMPLES
 from tests.browser import check_page, find_browser
@@ -94,6 +94,15 @@ def test_flag_threshold_is_the_lowest_flagged_score():
     scores = pd.DataFrame({"score": [0.1, 0.9, 0.5, 0.7], "flagged": [False, True, False, True]})
     assert flag_threshold(scores) == 0.7
     assert flag_threshold(scores.assign(flagged=False)) is None
+
+
+def test_the_unlearning_picture_takes_the_full_oracle_and_every_flagged_selection():
+    runs = pd.DataFrame({"selection_kind": ["oracle", "oracle", "flagged", "top", "flagged"],
+                         "identified_fraction": [0.5, 1.0, 0.3, 0.1, 0.2], "method": ["ssd"] * 5,
+                         "success_predictions_after": [[1], [2], [3], [4], None]})
+    chosen = unlearning_examples(runs)
+    # the oracle at its largest fraction and the flagged run with predictions; top-q and unrecorded runs left out
+    assert chosen["success_predictions_after"].tolist() == [[2], [3]]
 
 
 def test_what_was_run_is_at_the_top(record):
