@@ -685,6 +685,7 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                    figure_auroc_vs_rate(detections, setting, directory / "auroc_vs_rate.png"))
         figure("Clean accuracy and poison success vs poison rate",
                figure_accuracy_vs_rate(per_setting, setting, directory / "accuracy_vs_rate.png"))
+        _sample_sections(out, trials, setting, directory, table, figure)
         curves = found_vs_checked_table(out, trials, setting)
         if not curves.empty:
             curves.to_csv(directory / "found_vs_checked.csv", index=False)
@@ -702,6 +703,10 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                 title = _setting_title(key, setting)
                 name = "unlearning_" + "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
                 figure(f"Unlearning: {title}", figure_unlearning(part, title, directory / f"{name}.png"))
+            from engine.report_figures import unlearning_example_figures
+
+            for heading, path in unlearning_example_figures(out, trials, setting, directory):
+                figure(heading, path)
         influence = influence_table(out, trials, summary.load(out, "influence"), setting)
         if not influence.empty:
             shown = _display_influence(influence, setting)
@@ -711,11 +716,37 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                 note += f" The first {INFLUENCE_SHOWN} of {len(shown)} test points; all are in influence_top_harmful.csv."
             table("influence_top_harmful", "Most harmful training samples per test point", influence,
                   shown.head(INFLUENCE_SHOWN), note)
+    header = _run_tables(trials)
     markdown = directory / "report.md"
-    markdown.write_text(_markdown(out, status, setting, sections))
+    markdown.write_text(_markdown(out, status, setting, sections, header))
     page = directory / "report.html"
-    page.write_text(_html(out, status, setting, sections))
+    page.write_text(_html(out, status, setting, sections, header))
     return Report(directory, page, markdown, tables, figures, status)
+
+
+def _run_tables(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """What was run (sweep, code, machines, time) and the resolved config, for the top of the page."""
+    from engine.report_run import resolved_config, run_overview
+
+    if trials.empty:
+        return []
+    return [("What was run", run_overview(trials)), ("Sweep config (as resolved)", resolved_config(trials))]
+
+
+def _sample_sections(out: str, trials: pd.DataFrame, setting: list[str], directory: Path, table, figure) -> None:
+    """Score histograms and image galleries of one trial per setting (engine.report_figures)."""
+    from engine.report_figures import MAX_SETTINGS, sample_figures
+
+    shown, figures = sample_figures(out, trials, setting, directory)
+    if shown.empty:
+        return
+    note = ("Histograms and galleries show one trial per setting, the ok trial with the lowest seed (not "
+            f"pooled over seeds), for the first {MAX_SETTINGS} settings. Images are rebuilt from the trial's "
+            "recorded config and checked against its recorded labels.")
+    table("samples_shown", "Samples shown: trials and image check", shown,
+          pd.concat([_display_setting(shown, setting), shown[["seed", "trial_id", "images", "check"]]], axis=1), note)
+    for heading, path in figures:
+        figure(heading, path)
 
 
 def _status_tables(status: RecordStatus, setting: list[str]) -> list[tuple[str, pd.DataFrame]]:
@@ -734,9 +765,9 @@ def _status_tables(status: RecordStatus, setting: list[str]) -> list[tuple[str, 
     return shown
 
 
-def _markdown(out: str, status: RecordStatus, setting: list[str], sections) -> str:
+def _markdown(out: str, status: RecordStatus, setting: list[str], sections, header=()) -> str:
     parts = [f"# Sweep report: {out}", "", *[f"- {line}" for line in status.lines()], ""]
-    for heading, frame in _status_tables(status, setting):
+    for heading, frame in [*header, *_status_tables(status, setting)]:
         parts += [f"## {heading}", "", markdown_table(frame), ""]
     if not sections:
         parts += ["No trial has finished ok yet: no tables or figures.", ""]
@@ -751,16 +782,17 @@ def _markdown(out: str, status: RecordStatus, setting: list[str], sections) -> s
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ccc;padding:3px 8px}
 th{background:#f2f2f2;text-align:left}td{font-variant-numeric:tabular-nums}img{max-width:100%}
 .note{color:#555}"""
 
 
-def _html(out: str, status: RecordStatus, setting: list[str], sections) -> str:
+def _html(out: str, status: RecordStatus, setting: list[str], sections, header=()) -> str:
     e = html.escape
     body = [f"<h1>Sweep report: {e(out)}</h1>", "<ul>" + "".join(f"<li>{e(line)}</li>" for line in status.lines())
             + "</ul>"]
-    for heading, frame in _status_tables(status, setting):
+    for heading, frame in [*header, *_status_tables(status, setting)]:
         body += [f"<h2>{e(heading)}</h2>", frame.to_html(index=False, escape=True, border=0)]
     if not sections:
         body.append("<p>No trial has finished ok yet: no tables or figures.</p>")

@@ -56,7 +56,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("clean_test_acc_before", _F64), ("clean_test_acc_after", _F64), ("poison_success_before", _F64),
         ("poison_success_after", _F64), ("retain_acc_before", _F64), ("retain_acc_after", _F64),
         ("forget_acc_before", _F64), ("forget_acc_after", _F64), ("forget_true_acc_before", _F64),
-        ("forget_true_acc_after", _F64),
+        ("forget_true_acc_after", _F64), ("success_predictions_before", pa.list_(_I64)),
+        ("success_predictions_after", pa.list_(_I64)),
         ("seconds", _F64),
     ]),
     "influence": pa.schema([

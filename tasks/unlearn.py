@@ -47,6 +47,8 @@ UNLEARNERS = Registry("unlearning method")
 
 # Goel et al.'s CF fine-tunes for 1000 iterations after a 4000-iteration pretraining: a quarter of it.
 FINETUNE_SHARE_OF_TRAINING = 0.25
+# inputs of the poison's success set whose predictions before and after unlearning are recorded
+SUCCESS_EXAMPLES = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +416,9 @@ def run_unlearning(model: nn.Module, poisoned: PoisonedData, x_test: torch.Tenso
     ``forget_poison_share`` (precision), ``poisons_in_forget`` (recall), and before/after values of
     ``clean_test_acc``, ``poison_success``, ``retain_acc`` and ``forget_acc`` (retain and forget accuracy
     are measured against the labels GIVEN in training, i.e. the poisoned ones), plus
-    ``forget_true_acc_before/after`` against the true labels, and ``seconds`` (the method alone).
+    ``forget_true_acc_before/after`` against the true labels, ``success_predictions_before/after``
+    (the classes predicted for the first ``SUCCESS_EXAMPLES`` inputs of the poison's success set, e.g.
+    triggered test images: what the report shows as images), and ``seconds`` (the method alone).
     An empty forget set gives a row whose after values equal the before values.
     """
     errors = check_unlearn_config(unlearn_config, list(detections))
@@ -422,7 +426,8 @@ def run_unlearning(model: nn.Module, poisoned: PoisonedData, x_test: torch.Tenso
         raise ConfigError("; ".join(errors))
     methods = normalize_methods(unlearn_config["methods"])
     before = {"clean_test_acc_before": accuracy(model, x_test, y_test),
-              "poison_success_before": poison_success(model, poisoned)}
+              "poison_success_before": poison_success(model, poisoned),
+              "success_predictions_before": success_predictions(model, poisoned)}
     rows = []
     for selection in expand_selections(unlearn_config["selections"]):
         forget = select_forget_set(selection, detections=detections, is_poison=poisoned.is_poison, seed=seed)
@@ -433,6 +438,14 @@ def run_unlearning(model: nn.Module, poisoned: PoisonedData, x_test: torch.Tenso
             rows.append({**base, **_run_method(model, name, params, split, x_test, y_test, poisoned,
                                                train_config, model_factory, seed)})
     return rows
+
+
+def success_predictions(model: nn.Module, poisoned: PoisonedData) -> list[int]:
+    """The classes ``model`` predicts for the first ``SUCCESS_EXAMPLES`` inputs of the poison's success set."""
+    examples = poisoned.success_x[:SUCCESS_EXAMPLES]
+    if len(examples) == 0:
+        return []
+    return predict_logits(model, examples).argmax(1).tolist()
 
 
 def _split(poisoned: PoisonedData, forget: np.ndarray) -> dict[str, torch.Tensor]:
@@ -481,6 +494,7 @@ def _run_method(model, name, params, split, x_test, y_test, poisoned, train_conf
         # nothing identified: nothing to unlearn, the model stays as it is
         row.update(clean_test_acc_after=accuracy(model, x_test, y_test),
                    poison_success_after=poison_success(model, poisoned), seconds=0.0,
+                   success_predictions_after=success_predictions(model, poisoned),
                    **_set_accuracies(model, split, "after"))
         return row
     start = time.perf_counter()
@@ -490,5 +504,6 @@ def _run_method(model, name, params, split, x_test, y_test, poisoned, train_conf
     row["seconds"] = time.perf_counter() - start
     row.update(clean_test_acc_after=accuracy(unlearned, x_test, y_test),
                poison_success_after=poison_success(unlearned, poisoned),
+               success_predictions_after=success_predictions(unlearned, poisoned),
                **_set_accuracies(unlearned, split, "after"))
     return row

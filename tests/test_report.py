@@ -215,9 +215,11 @@ def test_influence_table_marks_poisons_from_the_scores(record):
 def test_every_figure_is_a_non_empty_png(record):
     _, report = record
     names = {p.name for p in report.figures}
+    settings = ["digits_one_shift_0.1", "digits_one_shift_0.3", "digits_random_flip_0.1"]
     assert names == {"auroc_vs_rate.png", "accuracy_vs_rate.png", "found_vs_checked_digits_one_shift.png",
                      "found_vs_checked_digits_random_flip.png", "unlearning_digits_one_shift_0.1.png",
-                     "unlearning_digits_one_shift_0.3.png"}
+                     "unlearning_digits_one_shift_0.3.png", *[f"scores_{s}.png" for s in settings],
+                     *[f"samples_{s}.png" for s in settings]}
     for path in report.figures:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, path.name
@@ -230,7 +232,9 @@ def test_html_page_is_self_contained(record):
     assert len(images) == len(report.figures)
     assert {base64.b64decode(i) for i in images} == {p.read_bytes() for p in report.figures}
     assert "src=\"http" not in page and "<link" not in page
-    assert page.count("<table") == 7  # seeds per setting, missing, failed, trials, detectors, unlearning, influence
+    # what was run, resolved config, seeds per setting, missing, failed, trials, detectors, samples shown,
+    # unlearning, influence
+    assert page.count("<table") == 10
     markdown = report.markdown.read_text()
     assert all(f"]({p.name})" in markdown for p in report.figures)
 

@@ -21,8 +21,8 @@ from tasks.models import build_model
 from tasks.poison import PoisonedData, apply_poison, poison_success
 from tasks.registry import ConfigError
 from tasks.train import TrainConfig, accuracy, per_sample_loss, train_model
-from tasks.unlearn import (UNLEARNERS, check_unlearn_config, expand_selections, minibatch_importance,
-                           run_unlearning, select_forget_set, ssd, ssd_dampen)
+from tasks.unlearn import (SUCCESS_EXAMPLES, UNLEARNERS, check_unlearn_config, expand_selections,
+                           minibatch_importance, run_unlearning, select_forget_set, ssd, ssd_dampen)
 
 ATOL = 1e-6  # float32 gradients against float64 closed forms
 TRAIN = TrainConfig(epochs=10, batch_size=64, lr=1e-3, device="cpu")
@@ -368,13 +368,17 @@ def test_run_unlearning_rows_measure_the_selection(backdoor, digits):
     assert json.loads(rows[1]["params"]) == {"epochs": 1, "lr": None}
     for empty in rows[2:]:  # nothing identified: nothing changes, no crash
         assert empty["n_forget"] == 0 and empty["seconds"] == 0.0
-        for key in ("clean_test_acc", "poison_success", "retain_acc"):
+        for key in ("clean_test_acc", "poison_success", "retain_acc", "success_predictions"):
             assert empty[f"{key}_after"] == empty[f"{key}_before"]
+    # the predictions on the first triggered test images, as the report shows them
+    triggered = poisoned.success_x[:SUCCESS_EXAMPLES]
+    assert first["success_predictions_before"] == [int(model(x[None]).argmax()) for x in triggered]
+    assert all(len(r["success_predictions_after"]) == SUCCESS_EXAMPLES for r in rows)
     expected_keys = {
         "selection", "selection_kind", "identified_fraction", "top_fraction", "method", "params", "n_forget",
         "forget_poison_share", "poisons_in_forget", "seconds",
         *(f"{k}_{w}" for k in ("clean_test_acc", "poison_success", "retain_acc", "forget_acc",
-                               "forget_true_acc") for w in ("before", "after")),
+                               "forget_true_acc", "success_predictions") for w in ("before", "after")),
     }
     assert all(set(r) == expected_keys for r in rows)
 
