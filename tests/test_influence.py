@@ -18,6 +18,7 @@ from torch import nn
 
 import tasks.detect.influence as detect_influence
 from tasks import influence as infl
+from tasks.influence import scoring as infl_scoring
 from tasks.data import load_dataset
 from tasks.detect.base import DETECTORS, DetectionContext
 from tasks.detect.influence import choose_test_points, influence_rows
@@ -102,7 +103,7 @@ def test_iterative_self_influence_agrees_with_exact(digits, small_mlp, solver):
     damping = 0.1  # above the most negative Hessian eigenvalue of this non-convex model
     exact = infl.exact_inverse(infl.hessian_matrix(gm, x, y), damping).self_influence(grads).numpy()
     settings = infl.SolverSettings(solver=solver, damping=damping, **ITERATIVE[solver])
-    approx = infl._fit_inverse(gm, x, y, settings, seed=0).self_influence(grads).numpy()
+    approx = infl_scoring._fit_inverse(gm, x, y, settings, seed=0).self_influence(grads).numpy()
     relative_error = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
     print(f"{solver}: Spearman {spearmanr(approx, exact)[0]:.4f}, relative error {relative_error:.2e}")
     assert spearmanr(approx, exact)[0] >= 0.95
@@ -222,10 +223,10 @@ def test_failing_solvers_say_which_knob_to_turn(digits, small_mlp):
     grads = infl.per_sample_grads(gm, x[:5], y[:5])
     too_small = infl.SolverSettings(solver="lissa", damping=0.1, lissa_scale=0.05, lissa_depth=200)
     with pytest.raises(infl.InfluenceSolverError, match="raise lissa_scale"):
-        infl._fit_inverse(gm, x, y, too_small, seed=0).solve(grads)
+        infl_scoring._fit_inverse(gm, x, y, too_small, seed=0).solve(grads)
     too_few = infl.SolverSettings(solver="cg", damping=0.1, cg_maxiter=2, cg_tol=1e-10)
     with pytest.raises(infl.InfluenceSolverError, match="raise cg_maxiter"):
-        infl._fit_inverse(gm, x, y, too_few, seed=0).solve(grads)
+        infl_scoring._fit_inverse(gm, x, y, too_few, seed=0).solve(grads)
 
 
 def test_a_lissa_too_shallow_to_converge_warns_with_the_depth_it_needs(digits, small_mlp):
@@ -235,11 +236,11 @@ def test_a_lissa_too_shallow_to_converge_warns_with_the_depth_it_needs(digits, s
     shallow = infl.SolverSettings(solver="lissa", damping=0.1, lissa_scale=10.0, lissa_depth=20)
     # (1 - 0.1/10)^20 = 82 % of the slowest error left; 10 % needs ln(0.1)/ln(0.99) = 230 steps
     with pytest.warns(infl.LissaNotConverged, match="82% of the error .* raise lissa_depth to at least 230"):
-        infl._fit_inverse(gm, x, y, shallow, seed=0).solve(grads)
+        infl_scoring._fit_inverse(gm, x, y, shallow, seed=0).solve(grads)
     deep = infl.SolverSettings(solver="lissa", damping=0.1, lissa_scale=10.0, lissa_depth=230)
     with warnings.catch_warnings():
         warnings.simplefilter("error", infl.LissaNotConverged)
-        infl._fit_inverse(gm, x, y, deep, seed=0).solve(grads)
+        infl_scoring._fit_inverse(gm, x, y, deep, seed=0).solve(grads)
 
 
 def test_influence_rows_list_top_harmful_and_helpful_by_sign():
