@@ -230,7 +230,8 @@ default="exclusionary_reclassification"
         image's neighbours are its source class. A trigger that dominates the pixel distance
         (a 3×3 patch on 8×8 digits) makes triggered images each other's neighbours, and on
         natural images pixel neighbours rarely share a class; "features" is then the better
-        vote for label flips, but misses learned backdoors (see ``analysis``).
+        vote for label flips, but misses learned backdoors (see ``analysis``). The search is
+        exact (scikit-learn, brute force): time grows as n² times the input size.
     k : int, default=50
         Neighbours in the vote, the default of the ``knn`` detector (Peri et al. 2020): enough
         to out-vote a group of same-label poisons that sit together, fewer than a class holds.
