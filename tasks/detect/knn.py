@@ -166,7 +166,7 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
 @DETECTORS.register(
     "knn",
     {"k": [Interval(Integral, 1)], "flag_rule": [Options(KNN_FLAG_RULES)]},
-    help="Deep k-NN (Peri et al. 2020): label disagrees with the plurality of its k nearest neighbours",
+    help="Deep k-NN (Peri et al. 2020): share of the k nearest neighbours whose label disagrees",
 )
 def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "auto") -> Detection:
     """Deep k-NN on the penultimate features of the trained model.
