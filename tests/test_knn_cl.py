@@ -7,6 +7,7 @@ import inspect
 import pickle
 
 import numpy as np
+from cleanlab.filter import find_label_issues
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -67,6 +68,8 @@ def test_knn_auto_rule_flags_the_cleanlab_count_of_brute_force_vote_shares():
     detection = knn(context_with_features(features, given, 4), seed=0, k=k)
     assert detection.flagged.sum() == expected_n > 0
     assert is_planted[detection.flagged].all()  # the flags are the most disagreeing samples
+    cleanlab_flags = knn(context_with_features(features, given, 4), seed=0, k=k, flag_rule="cleanlab").flagged
+    np.testing.assert_array_equal(cleanlab_flags, find_label_issues(given, shares, filter_by="prune_by_noise_rate"))
 
 
 def brute_force_deep_knn(features, labels, num_classes, k):

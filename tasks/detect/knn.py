@@ -33,12 +33,13 @@ from __future__ import annotations
 from numbers import Integral
 
 import numpy as np
+from cleanlab.filter import find_label_issues
 from sklearn.neighbors import NearestNeighbors
 
 from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
 from tasks.registry import Interval, Options
 
-KNN_FLAG_RULES = ("auto", "plurality")
+KNN_FLAG_RULES = ("auto", "plurality", "cleanlab")
 
 # The tie-break term is at most this share of one neighbour's vote (1/k), so it orders samples
 # with equal disagreement shares and never reorders samples whose shares differ.
@@ -135,9 +136,12 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
     k : int
         Neighbours per sample; lowered to n_samples - 1 when the set is smaller (the value used
         is returned in ``extras["k"]``).
-    flag_rule : {"auto", "plurality"}, default="auto"
+    flag_rule : {"auto", "plurality", "cleanlab"}, default="auto"
         ``"plurality"``: the paper's rule; ``"auto"``: the top n scores, n = confident learning's
-        count of label errors from the neighbours' vote shares (module docstring).
+        count of label errors from the neighbours' vote shares (module docstring); ``"cleanlab"``:
+        cleanlab's own decision on those vote shares (``find_label_issues``, its default
+        ``prune_by_noise_rate``), which ranks by the margin of the out-voting class, as the
+        plurality rule does, rather than by the pooled disagreement share.
 
     Returns
     -------
@@ -155,10 +159,13 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
     neighbour_labels = labels[indices]
     plurality = plurality_labels(neighbour_labels, num_classes)
     scores = disagreement_scores(distances, neighbour_labels != labels[:, None])
+    shares = vote_counts(neighbour_labels, num_classes) / k_used
     if flag_rule == "plurality":
         flagged = plurality != labels
+    elif flag_rule == "cleanlab":
+        flagged = find_label_issues(labels, shares, filter_by="prune_by_noise_rate", n_jobs=1)
     else:
-        flagged = flag_top_n(scores, label_issue_count(labels, vote_counts(neighbour_labels, num_classes) / k_used))
+        flagged = flag_top_n(scores, label_issue_count(labels, shares))
     return Detection(scores=scores, flagged=flagged,
                      extras={"plurality_label": plurality, "k": k_used})
 
@@ -178,9 +185,10 @@ def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "
         Unused: the search is exact and deterministic.
     k : int, default=50
         Neighbours per sample (see the module docstring for the choice).
-    flag_rule : {"auto", "plurality"}, default="auto"
+    flag_rule : {"auto", "plurality", "cleanlab"}, default="auto"
         ``"auto"``: flag as many as confident learning counts label errors in the neighbours'
-        votes; ``"plurality"``: the paper's plurality label != given label.
+        votes; ``"plurality"``: the paper's plurality label != given label; ``"cleanlab"``:
+        cleanlab's ``find_label_issues`` on the vote shares (see :func:`deep_knn`).
 
     Returns
     -------
