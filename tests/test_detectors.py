@@ -56,47 +56,48 @@ def test_preset_features_are_used_instead_of_the_model():
 # FastICA cannot converge on the 9 Gaussian (non-identifiable) components of this data; expected
 @pytest.mark.filterwarnings("ignore:FastICA did not converge")
 @pytest.mark.parametrize("reduce", ["pca", "ica"])
-@pytest.mark.parametrize("rule", ["relative_size", "silhouette"])
-def test_activation_clustering_flags_exactly_the_planted_cluster(reduce, rule):
+@pytest.mark.parametrize("analysis", ["relative_size", "silhouette"])
+def test_activation_clustering_flags_exactly_the_planted_cluster(reduce, analysis):
     features, labels, planted = planted_cluster_data(seed=0)
-    result = activation_clustering(context_with_features(features, labels), seed=0, reduce=reduce, rule=rule)
+    result = activation_clustering(context_with_features(features, labels), seed=0, reduce=reduce, analysis=analysis)
     np.testing.assert_array_equal(result.flagged, planted)  # clean classes 1 and 2 flag nothing
     assert roc_auc_score(planted, result.scores) > 0.95
     # scores are comparable across classes: every planted sample outranks every sample of a clean class
     assert result.scores[planted].min() > result.scores[labels != 0].max()
 
 
-def test_smaller_rule_flags_a_cluster_in_every_class():
+def test_smaller_analysis_flags_a_cluster_in_every_class():
     features, labels, planted = planted_cluster_data(seed=1)
-    result = activation_clustering(context_with_features(features, labels), seed=0, rule="smaller")
+    result = activation_clustering(context_with_features(features, labels), seed=0, analysis="smaller")
     assert np.all(result.flagged[planted])
     for label in range(3):
         n_flagged = result.flagged[labels == label].sum()
         assert 0 < n_flagged <= 100  # the smaller of two clusters of 200 samples
 
 
-def test_cluster_rules_follow_the_thresholds():
+def test_size_analyses_follow_the_thresholds():
     def split(fraction, silhouette):
         return ClassSplit(np.zeros(4, bool), np.zeros(4), fraction, silhouette)
 
     thresholds = {"size_threshold": 0.35, "silhouette_threshold": 0.10}
-    assert is_poison_cluster(split(0.2, 0.05), rule="relative_size", **thresholds)
-    assert not is_poison_cluster(split(0.2, 0.05), rule="silhouette", **thresholds)
-    assert is_poison_cluster(split(0.2, 0.30), rule="silhouette", **thresholds)
-    assert not is_poison_cluster(split(0.4, 0.90), rule="relative_size", **thresholds)
-    assert not is_poison_cluster(split(0.4, 0.90), rule="silhouette", **thresholds)
-    assert is_poison_cluster(split(0.5, 0.0), rule="smaller", **thresholds)
+    assert is_poison_cluster(split(0.2, 0.05), analysis="relative_size", **thresholds)
+    assert not is_poison_cluster(split(0.2, 0.05), analysis="silhouette", **thresholds)
+    assert is_poison_cluster(split(0.2, 0.30), analysis="silhouette", **thresholds)
+    assert not is_poison_cluster(split(0.4, 0.90), analysis="relative_size", **thresholds)
+    assert not is_poison_cluster(split(0.4, 0.90), analysis="silhouette", **thresholds)
+    assert is_poison_cluster(split(0.5, 0.0), analysis="smaller", **thresholds)
 
 
 def test_activation_clustering_scores_match_hand_computed_margins():
     # one class on a line: 8 points near 0 and 2 near 10, so the 2-means centres are 0 and 10,
-    # the small cluster holds 0.2 of the class, and score = 0.6 * (1 + margin) / 2 with
+    # the small cluster holds 0.2 of the class, and score = flagged + 0.6 * (1 + margin) / 2 with
     # margin = (|x - 0| - |x - 10|) / 10
     x = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, -0.25, 0.25, 0.0, 9.0, 11.0])
     features = np.stack([x, np.zeros_like(x)], axis=1)
-    result = activation_clustering(context_with_features(features, np.zeros(10, int)), seed=0, n_components=2)
+    result = activation_clustering(context_with_features(features, np.zeros(10, int)), seed=0, n_components=2,
+                                   analysis="relative_size")
     margin = (np.abs(x) - np.abs(x - 10.0)) / 10.0
-    np.testing.assert_allclose(result.scores, 0.6 * (1 + margin) / 2, rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(result.scores, (x > 5) + 0.6 * (1 + margin) / 2, rtol=RTOL, atol=1e-12)
     np.testing.assert_array_equal(result.flagged, x > 5)
 
 
@@ -108,7 +109,7 @@ def test_activation_clustering_skips_classes_it_cannot_cluster():
     rounding_apart = identical * (1 + 1e-15 * rng.integers(-2, 3, size=identical.shape))
     all_features = np.concatenate([features, tiny, identical, rounding_apart])
     all_labels = np.concatenate([labels, np.full(10, 3), np.full(30, 4), np.full(30, 5)])
-    result = activation_clustering(context_with_features(all_features, all_labels), seed=0)
+    result = activation_clustering(context_with_features(all_features, all_labels), seed=0, analysis="relative_size")
     skipped = all_labels >= 3
     assert np.all(result.scores[skipped] == 0) and not result.flagged[skipped].any()
     np.testing.assert_array_equal(result.flagged[:len(planted)], planted)
@@ -122,7 +123,8 @@ def test_ica_copes_with_fewer_live_units_than_components():
     features[:, :4] = rng.normal(size=(150, 4))
     planted = np.arange(150) < 30
     features[planted, 0] += 8.0
-    result = activation_clustering(context_with_features(features, np.zeros(150, int)), seed=0, reduce="ica")
+    result = activation_clustering(context_with_features(features, np.zeros(150, int)), seed=0, reduce="ica",
+                                   analysis="relative_size")
     assert np.all(np.isfinite(result.scores))
     np.testing.assert_array_equal(result.flagged, planted)
 

@@ -1,10 +1,14 @@
 """Activation clustering (Chen et al. 2018, arXiv 1811.03728; ART ``ActivationDefence``).
 
 For each given label, reduce the penultimate activations of the samples carrying that label
-to a few dimensions (PCA by default, as ART does; FastICA as in the paper), split them with
-2-means, and judge the smaller cluster: poisons carry their source class's features, so in
-a poisoned class they form a separate, small cluster, while a clean class splits into two
-halves of similar size.
+to a few dimensions (PCA by default, as ART does; FastICA as in the paper) and split them with
+2-means. Poisons carry their source class's features (or a trigger), so in a poisoned class
+they form one of the two clusters; a clean class splits into two halves of one content.
+
+Which cluster is poisonous is decided by the paper's *exclusionary reclassification* (the
+default ``analysis``, see :func:`judge_by_reclassification`): a cluster is poisonous when its
+members are mostly classified as another label by a classifier that does not rest on the
+poisoned network. The paper's size and silhouette analyses remain as options.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ from sklearn.decomposition import PCA, FastICA
 from sklearn.metrics import silhouette_score
 
 from tasks.detect.base import DETECTORS, Detection, DetectionContext
+from tasks.detect.knn import nearest_neighbours, plurality_labels
 from tasks.registry import Interval, Options
 
 REDUCERS = ("ica", "pca")
-RULES = ("relative_size", "silhouette", "smaller")
+ANALYSES = ("exclusionary_reclassification", "relative_size", "silhouette", "smaller")
+REPRESENTATIONS = ("input", "features")
 KMEANS_INITS = 10  # k-means restarts per class (fixed, so results depend only on the seed)
 SPREAD_RTOL = 1e-12  # a class whose activations vary less than this (relative) has no spread
 SILHOUETTE_MAX_SAMPLES = 5_000  # silhouette is O(n²): larger classes use a seeded sample
 
-__all__ = ["REDUCERS", "RULES", "ClassSplit", "split_class", "is_poison_cluster", "activation_clustering"]
+__all__ = ["ANALYSES", "REDUCERS", "REPRESENTATIONS", "ClassSplit", "split_class", "is_poison_cluster",
+           "reclassify_by_neighbours", "judge_by_reclassification", "activation_clustering"]
 
 
 @dataclass(frozen=True)
@@ -87,19 +94,69 @@ def split_class(features: np.ndarray, *, n_components: int, reduce: str, seed: i
     return ClassSplit(kmeans.labels_ == small, np.clip(margin, -1.0, 1.0), sizes[small] / n, silhouette)
 
 
-def is_poison_cluster(split: ClassSplit, *, rule: str, size_threshold: float, silhouette_threshold: float) -> bool:
-    """Chen et al.'s cluster analyses, with ART's thresholds as defaults.
+def is_poison_cluster(split: ClassSplit, *, analysis: str, size_threshold: float, silhouette_threshold: float) -> bool:
+    """Chen et al.'s size-based cluster analyses of the smaller cluster, with ART's thresholds.
 
     ``relative_size``: the small cluster holds less than ``size_threshold`` of the class.
     ``silhouette``: that, and the split is clear (mean silhouette > ``silhouette_threshold``).
     ``smaller``: ART's default; the small cluster of every class is poison.
     """
-    if rule == "smaller":
+    if analysis == "smaller":
         return True
     small_enough = split.small_fraction < size_threshold
-    if rule == "relative_size":
+    if analysis == "relative_size":
         return small_enough
     return small_enough and split.silhouette > silhouette_threshold
+
+
+def reclassify_by_neighbours(space: np.ndarray, labels: np.ndarray, num_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classify every sample by the plurality label of its ``k`` nearest *other* samples.
+
+    Returns the predicted labels (n,) and each sample's share of neighbours whose label differs
+    from its own (n,), in [0, 1]. The sample itself never votes, its cluster-mates do.
+    """
+    k_used = min(int(k), len(labels) - 1)
+    _, neighbours = nearest_neighbours(space, k_used)
+    neighbour_labels = labels[neighbours]
+    disagreement = (neighbour_labels != labels[:, None]).mean(axis=1)
+    return plurality_labels(neighbour_labels, num_classes), disagreement
+
+
+def judge_by_reclassification(predicted: np.ndarray, label: int, split: ClassSplit) -> np.ndarray:
+    """Exclusionary reclassification of one class's two clusters: which members to flag.
+
+    A cluster is poisonous when its members are mostly predicted as a label other than
+    ``label`` (at most half predicted as ``label``). When both clusters are judged poisonous,
+    neither is flagged: the clean data holds examples of every class, so a class all of whose
+    content the reclassifier gives to other labels is a class it cannot judge (for example a
+    source class of which the poison relabelled half), not one made only of poisons.
+
+    Parameters
+    ----------
+    predicted : ndarray of shape (n_class,), int
+        The reclassified labels of the class's members.
+    label : int
+    split : ClassSplit
+
+    Returns
+    -------
+    flagged : ndarray of shape (n_class,), bool
+    """
+    clusters = (split.in_small, ~split.in_small)
+    poisonous = [2 * np.count_nonzero(predicted[members] == label) <= members.sum() for members in clusters]
+    flagged = np.zeros(len(predicted), dtype=bool)
+    if not all(poisonous):
+        for members, is_poisonous in zip(clusters, poisonous):
+            flagged[members] = is_poisonous
+    return flagged
+
+
+def reclassification_space(context: DetectionContext, representation: str) -> np.ndarray:
+    """The samples as the reclassifier sees them: flattened inputs or penultimate activations."""
+    if representation == "features":
+        return np.asarray(context.features, dtype=np.float64)
+    images = context.x_train.detach().cpu()
+    return images.reshape(len(images), -1).numpy().astype(np.float32, copy=False)
 
 
 @DETECTORS.register(
@@ -107,21 +164,26 @@ def is_poison_cluster(split: ClassSplit, *, rule: str, size_threshold: float, si
     {
         "n_components": [Interval(Integral, 1)],
         "reduce": [Options(REDUCERS)],
-        "rule": [Options(RULES)],
+        "analysis": [Options(ANALYSES)],
+        "representation": [Options(REPRESENTATIONS)],
+        "k": [Interval(Integral, 1)],
         "size_threshold": [Interval(Real, 0, 0.5)],
         "silhouette_threshold": [Interval(Real, -1, 1)],
     },
-    help="Chen et al. 2018: 2-means on each class's reduced penultimate activations.",
+    help="Chen et al. 2018: 2-means on each class's reduced penultimate activations, "
+         "clusters judged by exclusionary reclassification.",
 )
 def activation_clustering(context: DetectionContext, *, seed: int, n_components: int = 10, reduce: str = "pca",
-                          rule: str = "relative_size", size_threshold: float = 0.35,
+                          analysis: str = "exclusionary_reclassification", representation: str = "input",
+                          k: int = 50, size_threshold: float = 0.35,
                           silhouette_threshold: float = 0.10) -> Detection:
     """Activation clustering of the penultimate activations; higher = more suspicious.
 
     Parameters
     ----------
     context : DetectionContext
-        Uses ``context.features`` and ``context.labels`` (the given labels).
+        Uses ``context.features`` (clustering), ``context.labels`` (the given labels) and,
+        with ``representation="input"``, ``context.x_train``.
     seed : int
         Seeds FastICA / PCA, k-means (``n_init=10``) and the silhouette sample.
     n_components : int, default=10
@@ -133,41 +195,91 @@ def activation_clustering(context: DetectionContext, *, seed: int, n_components:
         more in k-means than nine noise directions, and on ~130-sample classes it often
         does not converge. One-shift flips of 10 % of sklearn digits, AUROC ica / pca:
         MLP 0.73 / 0.94, Keras CNN 0.81 / 0.995 (both take < 1 s).
-    rule : {"relative_size", "silhouette", "smaller"}, default="relative_size"
-        Which small clusters are flagged, see :func:`is_poison_cluster`.
+    analysis : {"exclusionary_reclassification", "relative_size", "silhouette", "smaller"}, \
+default="exclusionary_reclassification"
+        How the clusters of a class are judged. The default is the paper's decisive analysis,
+        exclusionary reclassification (ExRe): leave the cluster's samples out, classify them
+        with what the rest of the data says, and call the cluster poisonous when its members are
+        mostly classified as a label other than their own (:func:`judge_by_reclassification`).
+        The paper retrains the network without the cluster; here the reclassifier is a
+        k-nearest-neighbour vote (:func:`reclassify_by_neighbours`), and two changes make it
+        hold when poisons are a third or half of their class, as follows.
+
+        *What is left out is the sample, not the whole cluster.* When one cluster holds every
+        clean example of its class (one-shift at 33 % puts each digit under two labels; BadNets
+        all-to-one at 10 % makes the target class half poison), training without that cluster
+        leaves the class without its content, so the clean cluster is classified as another
+        label and both clusters look poisonous. Leaving out one member at a time keeps its
+        cluster-mates as evidence, so the vote counts which label holds most of the content.
+
+        *The reclassifier does not rest on the poisoned network.* A learned backdoor maps
+        triggered images onto the target class in the penultimate activations, so a classifier
+        on those activations sends them back to the target even without the poisons: refitting
+        the last layer without the trigger cluster still predicted the target for 97 % of it
+        (sklearn digits, BadNets all-to-one 10 %), and a neighbour vote on them flags nothing.
+        ``representation="input"`` (the default) votes among the training inputs themselves,
+        which no training has shaped; see ``representation``.
+
+        ``relative_size``, ``silhouette`` and ``smaller`` are the paper's / ART's analyses of
+        the smaller cluster (:func:`is_poison_cluster`); they cannot tell which of two clusters
+        is poisonous when the poisons are the larger one.
+    representation : {"input", "features"}, default="input"
+        Where the reclassifying vote is taken: the flattened training inputs (Euclidean), or
+        the penultimate activations. Input space suits data whose pixel distances follow the
+        content (digits, MNIST); there a small trigger moves an image little, so a triggered
+        image's neighbours are its source class. A trigger that dominates the pixel distance
+        (a 3×3 patch on 8×8 digits) makes triggered images each other's neighbours, and on
+        natural images pixel neighbours rarely share a class; "features" is then the better
+        vote for label flips, but misses learned backdoors (see ``analysis``). The search is
+        exact (scikit-learn, brute force): time grows as n² times the input size.
+    k : int, default=50
+        Neighbours in the vote, the default of the ``knn`` detector (Peri et al. 2020): enough
+        to out-vote a group of same-label poisons that sit together, fewer than a class holds.
     size_threshold : float, default=0.35
-        The relative-size threshold of Chen et al. / ART.
+        The relative-size threshold of Chen et al. / ART (``analysis`` "relative_size" and
+        "silhouette").
     silhouette_threshold : float, default=0.10
-        The silhouette threshold of ART (used by ``rule="silhouette"`` only).
+        The silhouette threshold of ART (``analysis="silhouette"`` only).
 
     Returns
     -------
     detection : Detection
-        ``flagged``: the members of the clusters judged poison.
-        ``scores`` (float64 in [0, 1)): for a sample of class c,
-        ``(1 − 2·f_c) · (1 + m_i) / 2``, where f_c is the share of c in its smaller cluster
-        and m_i ∈ [-1, 1] the margin (‖z_i − big centre‖ − ‖z_i − small centre‖) / ‖big
-        centre − small centre‖ in c's reduced space. The second factor is a scale-free soft
-        membership of the small cluster (0.5 on the boundary, 1 at its centre), so
-        within a class the ranking follows the split. The first factor says how suspicious
-        that cluster is: 0 for an even split (the clean case), near 1 for a tiny cluster,
-        so small-cluster members of a poisoned class outrank those of a clean class, and
-        scores are comparable between classes. Scores do not depend on ``rule``. Classes
-        that cannot be clustered (fewer than ``n_components + 1`` samples, or activations
-        identical up to rounding) get score 0 and no flags.
+        ``flagged``: the members of the clusters judged poisonous.
+        ``scores`` (float64 in [0, 2)): ``j_i + s_i``, where j_i is 1 for members of a cluster
+        judged poisonous and 0 otherwise, and s_i ∈ [0, 1) ranks samples within that decision.
+        Every member of a poisonous cluster therefore scores above every other sample.
+        With exclusionary reclassification s_i = e_i · k / (k + 1), e_i being the share of
+        sample i's k neighbours whose label differs from its own. With a size analysis
+        s_i = (1 − 2·f_c) · (1 + m_i) / 2, where f_c is the share of class c in its smaller
+        cluster and m_i ∈ [-1, 1] the margin (‖z_i − big centre‖ − ‖z_i − small centre‖) /
+        ‖big centre − small centre‖ in c's reduced space: a scale-free soft membership of the
+        small cluster (0.5 on the boundary, 1 at its centre) times how suspicious that
+        cluster's size is (0 for an even split, near 1 for a tiny cluster). Classes that
+        cannot be clustered (fewer than ``n_components + 1`` samples, or activations identical
+        up to rounding) are never flagged; they score e_i with exclusionary reclassification
+        and 0 with a size analysis.
     """
     features = np.asarray(context.features, dtype=np.float64)
     labels = np.asarray(context.labels)
-    scores = np.zeros(len(features))
     flagged = np.zeros(len(features), dtype=bool)
+    by_reclassification = analysis == "exclusionary_reclassification"
+    if by_reclassification:
+        predicted, disagreement = reclassify_by_neighbours(
+            reclassification_space(context, representation), labels, context.num_classes, k)
+        scores = disagreement * k / (k + 1)
+    else:
+        scores = np.zeros(len(features))
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         split = split_class(features[members], n_components=n_components, reduce=reduce, seed=seed,
-                            with_silhouette=rule == "silhouette")
+                            with_silhouette=analysis == "silhouette")
         if split is None:
             continue
-        scores[members] = (1 - 2 * split.small_fraction) * (1 + split.margin) / 2
-        if is_poison_cluster(split, rule=rule, size_threshold=size_threshold,
-                             silhouette_threshold=silhouette_threshold):
-            flagged[members[split.in_small]] = True
+        if by_reclassification:
+            flagged[members] = judge_by_reclassification(predicted[members], label, split)
+        else:
+            scores[members] = (1 - 2 * split.small_fraction) * (1 + split.margin) / 2
+            flagged[members[split.in_small]] = is_poison_cluster(
+                split, analysis=analysis, size_threshold=size_threshold, silhouette_threshold=silhouette_threshold)
+    scores[flagged] += 1.0
     return Detection(scores=scores, flagged=flagged)
