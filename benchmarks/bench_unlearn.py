@@ -77,14 +77,15 @@ def run_setup(args, data, method: str, rate: float, seed: int) -> tuple[list[dic
     factory = lambda s: build_model(args.model, data.in_shape, data.num_classes, seed=s)  # noqa: E731
     start = time.perf_counter()
     model = factory(seed)
-    train_model(model, poisoned.x_train, poisoned.labels, config, seed=seed)
+    history = train_model(model, poisoned.x_train, poisoned.labels, config, seed=seed)
     train_seconds = time.perf_counter() - start
     clean = factory(seed)  # the reference: same budget on the unpoisoned training set
     train_model(clean, data.x_train, data.y_train, config, seed=seed)
 
     context = DetectionContext(model=model, x_train=poisoned.x_train, labels=poisoned.labels.numpy(),
                                num_classes=data.num_classes, model_name=args.model, train_config=config,
-                               x_test=data.x_test, y_test=data.y_test.numpy(), seed=seed)
+                               x_test=data.x_test, y_test=data.y_test.numpy(), sample_losses=history.sample_losses,
+                               seed=seed)
     detections = {name: DETECTORS.get(name).fn(context, seed=seed) for name in args.detectors}
     n_train, n_poison = len(poisoned.labels), poisoned.n_poisoned
     # a detector's top q of the training set with q = f * n_poison / n_train is as large as the oracle's f

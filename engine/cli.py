@@ -213,11 +213,13 @@ def print_summary(out: str) -> None:
     detections = detections[detections["trial_id"].isin(ok["trial_id"])]
     if not detections.empty:
         table = _table("Detectors (mean±std over seeds)",
-                       ["setting", "detector", "n", "AUROC", "AUPRC", "F1", "recall@10%", "s"])
+                       ["setting", "detector", "n", "AUROC", "P@n", "AUPRC", "F1", "flagged", "recall@10%", "s"])
         for _, r in summary.detection_summary(detections).iterrows():
             table.add_row(_setting(r), escape(r.detector), str(r.n),
-                          summary.fmt(r.auroc_mean, r.auroc_std), summary.fmt(r.auprc_mean, r.auprc_std),
-                          summary.fmt(r.f1_mean, r.f1_std), summary.fmt(r.recall_at_10_mean, r.recall_at_10_std),
+                          summary.fmt(r.auroc_mean, r.auroc_std),
+                          summary.fmt(r.precision_at_n_mean, r.precision_at_n_std),
+                          summary.fmt(r.auprc_mean, r.auprc_std), summary.fmt(r.f1_mean, r.f1_std),
+                          f"{r.n_flagged_mean:.0f}", summary.fmt(r.recall_at_10_mean, r.recall_at_10_std),
                           f"{r.seconds_mean:.1f}")
         console.print(table)
 

@@ -42,8 +42,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     "detections": pa.schema(KEY_COLUMNS + [
         ("detector", _STR), ("method", _STR), ("params", _STR), ("auroc", _F64), ("auprc", _F64),
-        ("precision", _F64), ("recall", _F64), ("f1", _F64), ("n_flagged", _I64), ("recall_at_5", _F64),
-        ("recall_at_10", _F64), ("recall_at_20", _F64), ("seconds", _F64),
+        ("precision_at_n", _F64), ("precision", _F64), ("recall", _F64), ("f1", _F64), ("n_flagged", _I64),
+        ("recall_at_5", _F64), ("recall_at_10", _F64), ("recall_at_20", _F64), ("seconds", _F64),
     ]),
     "scores": pa.schema([
         ("trial_id", _STR), ("detector", _STR), ("index", _I64), ("label_given", _I64), ("label_true", _I64),

@@ -13,7 +13,7 @@ import pandas as pd
 from engine.sink import CONFIG_COLUMNS, read_table
 
 SETTING = ["data_name", "poison_method", "poison_rate"]
-DETECTION_METRICS = ["auroc", "auprc", "f1", "recall_at_10"]
+DETECTION_METRICS = ["auroc", "precision_at_n", "auprc", "f1", "n_flagged", "recall_at_10"]
 TRIAL_METRICS = ["clean_test_acc", "poison_success", "n_poisoned", "train_seconds"]
 UNLEARNING_METRICS = ["identified_fraction", "clean_test_acc_after", "clean_test_acc_before", "poison_success_before",
                       "poison_success_after", "retain_acc_after", "poisons_in_forget", "seconds"]
@@ -67,7 +67,7 @@ def trial_summary(trials: pd.DataFrame, setting: list[str] = SETTING) -> pd.Data
 
 
 def detection_summary(detections: pd.DataFrame, setting: list[str] = SETTING) -> pd.DataFrame:
-    """Per setting and detector: AUROC, AUPRC, F1 and recall at 10 %."""
+    """Per setting and detector: AUROC, precision at n_poisoned, AUPRC, F1, flags and recall at 10 %."""
     return _mean_std(detections, setting + ["detector"], DETECTION_METRICS + ["seconds"])
 
 

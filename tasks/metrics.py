@@ -13,7 +13,8 @@ Conventions for degenerate inputs (they return NaN, never raise):
   only when both are empty; f1 = 2·TP / (2·TP + FP + FN) otherwise, so it is 0 for a
   detector that flags nothing on a poisoned set. NaN means "undefined", so that averages over
   trials (pandas, DuckDB) skip it instead of counting it as a perfect or a failed score.
-- ``recall_at_*`` and :func:`found_vs_checked` are NaN when there are no poisons.
+- ``recall_at_*``, ``precision_at_n`` and :func:`found_vs_checked` are NaN when there are no
+  poisons.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 # the "share of the training set checked" at which recall_at_<k> is reported, in percent
 RECALL_AT_PERCENTS = (5, 10, 20)
 
-__all__ = ["RECALL_AT_PERCENTS", "detection_metrics", "found_vs_checked", "ranking_order"]
+__all__ = ["RECALL_AT_PERCENTS", "detection_metrics", "found_vs_checked", "precision_at_n", "ranking_order"]
 
 
 def _check_inputs(scores: np.ndarray, is_poison: np.ndarray, flagged: np.ndarray | None = None):
@@ -85,6 +86,20 @@ def found_vs_checked(scores: np.ndarray, is_poison: np.ndarray, fractions) -> np
     return found_after[n_checked] / n_poison
 
 
+def precision_at_n(scores: np.ndarray, is_poison: np.ndarray) -> float:
+    """Share of poisons among the n highest scores, n = the number of poisons.
+
+    At that budget precision equals recall, so it compares detectors' rankings at the one budget
+    a perfect detector would use, whatever each detector's own flag rule. Ties in score are
+    broken by index (:func:`ranking_order`). NaN when there are no poisons.
+    """
+    scores, is_poison, _ = _check_inputs(scores, is_poison)
+    n_poison = int(is_poison.sum())
+    if n_poison == 0:
+        return float("nan")
+    return float(is_poison[ranking_order(scores)[:n_poison]].sum() / n_poison)
+
+
 def detection_metrics(scores: np.ndarray, flagged: np.ndarray, is_poison: np.ndarray) -> dict:
     """Ranking and flagging quality of one detector on one trial.
 
@@ -101,6 +116,7 @@ def detection_metrics(scores: np.ndarray, flagged: np.ndarray, is_poison: np.nda
     -------
     metrics : dict
         ``auroc`` (ROC AUC of the scores; ties count one half), ``auprc`` (average precision),
+        ``precision_at_n`` (:func:`precision_at_n`),
         ``precision``, ``recall``, ``f1`` (of the flags), ``n_flagged`` (int) and
         ``recall_at_5`` / ``recall_at_10`` / ``recall_at_20`` (share of all poisons among the
         top-scored 5 / 10 / 20 % of the training set, see :func:`found_vs_checked`).
@@ -113,6 +129,7 @@ def detection_metrics(scores: np.ndarray, flagged: np.ndarray, is_poison: np.nda
     metrics = {
         "auroc": float(roc_auc_score(is_poison, scores)) if both_kinds else float("nan"),
         "auprc": float(average_precision_score(is_poison, scores)) if both_kinds else float("nan"),
+        "precision_at_n": precision_at_n(scores, is_poison),
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),

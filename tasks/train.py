@@ -57,6 +57,9 @@ class TrainHistory:
     seconds: float = 0.0
     # (learning rate, weights) at the end of each epoch, for TracIn; filled only when asked
     checkpoints: list[tuple[float, dict]] = field(default_factory=list)
+    # sample_losses[e, i]: cross-entropy of sample i in its minibatch of epoch e, before that step
+    # (free: the batch loss is their mean); read by the ``abl_isolation`` detector
+    sample_losses: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,12 +90,13 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Trai
     model.to(device)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(seed)
-    history = TrainHistory()
+    history = TrainHistory(sample_losses=np.zeros((config.epochs, len(x)), dtype=np.float32))
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for epoch in range(config.epochs):
-            loss, accuracy = _train_epoch(model, x, y, optimizer, config.batch_size, generator, device)
+            loss, accuracy = _train_epoch(model, x, y, optimizer, config.batch_size, generator, device,
+                                          history.sample_losses[epoch])
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"training loss is {loss} in epoch {epoch + 1}; lower train.lr")
             history.loss.append(loss)
@@ -107,7 +111,9 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Trai
     return history
 
 
-def _train_epoch(model, x, y, optimizer, batch_size, generator, device) -> tuple[float, float]:
+def _train_epoch(model, x, y, optimizer, batch_size, generator, device, sample_losses) -> tuple[float, float]:
+    """One pass over (x, y) in seeded random order; writes each sample's minibatch loss into
+    ``sample_losses`` (shape (n,)) and returns the epoch's mean loss and accuracy."""
     model.train()
     order = torch.randperm(len(x), generator=generator)
     total_loss, correct = 0.0, 0
@@ -115,7 +121,9 @@ def _train_epoch(model, x, y, optimizer, batch_size, generator, device) -> tuple
         batch = order[start:start + batch_size]
         xb, yb = x[batch].to(device, non_blocking=True), y[batch].to(device, non_blocking=True)
         logits = model(xb)
-        loss = nn.functional.cross_entropy(logits, yb)
+        losses = nn.functional.cross_entropy(logits, yb, reduction="none")
+        loss = losses.mean()
+        sample_losses[batch.numpy()] = losses.detach().float().cpu().numpy()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -87,7 +87,7 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
         model=model, x_train=poisoned.x_train, labels=poisoned.labels.numpy(), num_classes=data.num_classes,
         model_name=model_cfg["name"], model_params=model_cfg.get("params") or {}, train_config=train_config,
         x_test=data.x_test, y_test=data.y_test.numpy(), map_shards=map_shards, checkpoints=history.checkpoints,
-        seed=seed,
+        sample_losses=history.sample_losses, seed=seed,
     )
     detections: dict[str, Detection] = {}
     tables: dict[str, list[dict]] = {"detections": [], "scores": [], "influence": [], "unlearning": []}

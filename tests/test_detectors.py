@@ -20,7 +20,7 @@ from tasks.models import SplitModel, build_model
 from tasks.train import TrainConfig, train_model
 
 RTOL = 1e-9
-OUR_DETECTORS = ("activation_clustering", "spectral_signature", "loss")
+OUR_DETECTORS = ("activation_clustering", "spectral_signature", "loss", "abl_isolation")
 
 
 def context_with_features(features: np.ndarray, labels: np.ndarray) -> DetectionContext:
@@ -162,7 +162,8 @@ def test_spectral_ranks_the_planted_direction_first_and_flags_it():
     planted = np.zeros(n, dtype=bool)
     planted[rng.choice(n, n_planted, replace=False)] = True
     features[planted] += 10.0 * direction
-    result = spectral_signature(context_with_features(features, np.zeros(n, int)), seed=0, eps=0.1)
+    result = spectral_signature(context_with_features(features, np.zeros(n, int)), seed=0, flag_rule="fraction",
+                                eps=0.1)
     top = np.argsort(-result.scores)[:n_planted]
     assert set(top) == set(np.flatnonzero(planted))
     assert result.flagged.sum() == 30 and result.flagged[planted].all()  # 1.5 * 0.1 * 200 = 30
@@ -174,7 +175,8 @@ def test_spectral_flags_round_of_one_and_a_half_eps_per_class(eps, expected):
     # class sizes 37, 100, 7: 1.5*eps*n = 5.55, 15, 1.05 | 2.775, 7.5, 0.525 | 16.65, 45, 3.15
     rng = np.random.default_rng(2)
     labels = np.repeat([0, 1, 2], [37, 100, 7])
-    result = spectral_signature(context_with_features(rng.normal(size=(len(labels), 6)), labels), seed=0, eps=eps)
+    result = spectral_signature(context_with_features(rng.normal(size=(len(labels), 6)), labels), seed=0,
+                                flag_rule="fraction", eps=eps)
     assert {c: int(result.flagged[labels == c].sum()) for c in range(3)} == expected
 
 
@@ -196,7 +198,7 @@ def test_spectral_gives_classes_without_spread_zero_and_no_flags():
     rng = np.random.default_rng(4)
     features = np.concatenate([rng.normal(size=(20, 4)), np.full((6, 4), 0.1), rng.normal(size=(1, 4))])
     labels = np.array([0] * 20 + [1] * 6 + [2])
-    result = spectral_signature(context_with_features(features, labels), seed=0, eps=0.3)
+    result = spectral_signature(context_with_features(features, labels), seed=0, flag_rule="fraction", eps=0.3)
     assert np.all(result.scores[labels > 0] == 0) and not result.flagged[labels > 0].any()
     assert result.flagged[labels == 0].sum() == 9  # round(1.5 * 0.3 * 20)
 
@@ -209,7 +211,7 @@ def test_loss_detector_equals_hand_computed_cross_entropy():
     x = torch.randn(6, 1, 2, 2, dtype=torch.float64)
     labels = np.array([0, 1, 2, 0, 1, 2])
     context = DetectionContext(model=model, x_train=x, labels=labels, num_classes=3)
-    result = loss(context, seed=0, flag_fraction=0.5)
+    result = loss(context, seed=0, flag_rule="fraction", flag_fraction=0.5)
 
     weight = model.head.weight.detach().numpy()
     bias = model.head.bias.detach().numpy()
@@ -238,14 +240,15 @@ def tiny_trained_mlp():
     x = torch.rand(150, 1, 8, 8, generator=generator)
     labels = np.repeat(np.arange(3), 50)
     model = build_model("mlp", (1, 8, 8), 3, {"hidden": 16}, seed=0)
-    train_model(model, x, torch.as_tensor(labels), TrainConfig(epochs=2, batch_size=32, device="cpu"), seed=0)
-    return model, x, labels
+    history = train_model(model, x, torch.as_tensor(labels), TrainConfig(epochs=2, batch_size=32, device="cpu"), seed=0)
+    return model, x, labels, history.sample_losses
 
 
 @pytest.mark.parametrize("name", OUR_DETECTORS)
 def test_detectors_on_a_real_model_are_well_formed_and_deterministic(tiny_trained_mlp, name):
-    model, x, labels = tiny_trained_mlp
-    runs = [DETECTORS.get(name).fn(DetectionContext(model=model, x_train=x, labels=labels, num_classes=3), seed=7)
+    model, x, labels, sample_losses = tiny_trained_mlp
+    runs = [DETECTORS.get(name).fn(DetectionContext(model=model, x_train=x, labels=labels, num_classes=3,
+                                                    sample_losses=sample_losses), seed=7)
             for _ in range(2)]
     for run in runs:
         assert run.scores.shape == (150,) and run.scores.dtype == np.float64

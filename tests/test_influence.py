@@ -279,8 +279,10 @@ def test_detector_ranks_planted_label_flips_first(digits):
                 seed=0)
     context = DetectionContext(model=model, x_train=digits.x_train, labels=labels, num_classes=10,
                                x_test=digits.x_test, y_test=digits.y_test.numpy())
-    detection = DETECTORS.get("influence").fn(context, seed=0, test_points=3, top_k=4, flag_fraction=0.1)
-    again = DETECTORS.get("influence").fn(context, seed=0, test_points=3, top_k=4, flag_fraction=0.1)
+    detection = DETECTORS.get("influence").fn(context, seed=0, test_points=3, top_k=4, flag_rule="fraction",
+                                              flag_fraction=0.1)
+    again = DETECTORS.get("influence").fn(context, seed=0, test_points=3, top_k=4, flag_rule="fraction",
+                                              flag_fraction=0.1)
     scores = detection.scores
     assert scores.dtype == np.float64 and scores.shape == (200,) and np.isfinite(scores).all()
     assert np.array_equal(scores, again.scores) and detection.flagged.sum() == 20

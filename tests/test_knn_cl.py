@@ -7,13 +7,14 @@ import inspect
 import pickle
 
 import numpy as np
+from cleanlab.filter import find_label_issues
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
 import tasks.detect.confident_learning as cl
 from tasks.data import load_dataset
-from tasks.detect.base import DETECTORS, DetectionContext, serial_map
+from tasks.detect.base import DETECTORS, DetectionContext, label_issue_count, serial_map
 from tasks.detect.confident_learning import FILTERS, RANKINGS, assign_folds, confident_learning, cross_val_pred_probs
 from tasks.detect.knn import TIE_BREAK_WEIGHT, deep_knn, knn
 from tasks.train import TrainConfig
@@ -48,10 +49,27 @@ def test_knn_flags_exactly_the_planted_flips_and_ranks_them_first():
     features, given, is_planted = planted_blobs()
     context = context_with_features(features, given, 4)
     assert context.features is features  # the model was never asked
-    detection = knn(context, seed=0, k=10)
+    detection = knn(context, seed=0, k=10, flag_rule="plurality")
     np.testing.assert_array_equal(detection.flagged, is_planted)
     assert detection.scores[is_planted].min() > detection.scores[~is_planted].max()
     assert detection.scores.dtype == np.float64 and detection.flagged.dtype == bool
+
+
+def test_knn_auto_rule_flags_the_cleanlab_count_of_brute_force_vote_shares():
+    """auto = the top-n scores, n = cleanlab's count on the leave-self-out vote shares, here
+    recomputed from a brute-force distance matrix."""
+    features, given, is_planted = planted_blobs()
+    k = 10
+    distances = np.linalg.norm(features[:, None] - features[None], axis=2)
+    np.fill_diagonal(distances, np.inf)
+    neighbours = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    shares = np.stack([(given[neighbours] == c).mean(axis=1) for c in range(4)], axis=1)
+    expected_n = label_issue_count(given, shares)
+    detection = knn(context_with_features(features, given, 4), seed=0, k=k)
+    assert detection.flagged.sum() == expected_n > 0
+    assert is_planted[detection.flagged].all()  # the flags are the most disagreeing samples
+    cleanlab_flags = knn(context_with_features(features, given, 4), seed=0, k=k, flag_rule="cleanlab").flagged
+    np.testing.assert_array_equal(cleanlab_flags, find_label_issues(given, shares, filter_by="prune_by_noise_rate"))
 
 
 def brute_force_deep_knn(features, labels, num_classes, k):
@@ -80,7 +98,7 @@ def test_knn_matches_a_brute_force_search():
     rng = np.random.default_rng(3)
     features = rng.standard_normal((30, 4))
     labels = rng.integers(0, 3, 30)
-    detection = deep_knn(features, labels, 3, k=5)
+    detection = deep_knn(features, labels, 3, k=5, flag_rule="plurality")
     scores, flagged = brute_force_deep_knn(features, labels, 3, 5)
     np.testing.assert_allclose(detection.scores, scores, rtol=0, atol=ATOL)
     np.testing.assert_array_equal(detection.flagged, flagged)
@@ -90,11 +108,11 @@ def test_knn_plurality_tie_goes_to_the_nearest_tied_label():
     # sample 0 at the origin; its two neighbours: label 1 at distance 1, label 2 at distance 2
     features = np.array([[0.0], [1.0], [-2.0], [50.0], [60.0]])
     labels = np.array([2, 1, 2, 0, 0])
-    detection = deep_knn(features, labels, 3, k=2)
+    detection = deep_knn(features, labels, 3, k=2, flag_rule="plurality")
     assert detection.extras["plurality_label"][0] == 1
     assert detection.flagged[0]
     # same layout, but the nearer neighbour carries the sample's own label: the tie keeps it
-    detection = deep_knn(features, np.array([2, 2, 1, 0, 0]), 3, k=2)
+    detection = deep_knn(features, np.array([2, 2, 1, 0, 0]), 3, k=2, flag_rule="plurality")
     assert detection.extras["plurality_label"][0] == 2
     assert not detection.flagged[0]
 
@@ -115,7 +133,7 @@ def test_knn_never_counts_the_sample_itself_and_caps_k():
     # a lone sample of class 0 inside a class-1 cluster: all its neighbours disagree
     features = np.array([[0.0], [0.01], [0.02], [0.03]])
     labels = np.array([0, 1, 1, 1])
-    detection = deep_knn(features, labels, 2, k=10)
+    detection = deep_knn(features, labels, 2, k=10, flag_rule="plurality")
     assert detection.extras["k"] == 3  # capped at n - 1
     assert detection.scores[0] == pytest.approx(1.0 + TIE_BREAK_WEIGHT / 3, abs=ATOL)
     np.testing.assert_array_equal(detection.flagged, [True, False, False, False])

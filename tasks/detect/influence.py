@@ -3,7 +3,11 @@
 Score = self-influence g_i^T H^{-1} g_i of the sample under its *given* label (TracIn: the sum
 over checkpoints of lr ||g_i||^2; grad_norm: ||g_i||^2). Higher = more suspicious: a mislabelled
 sample is one the model can fit only by bending towards it, so removing it would change its own
-loss the most. ``flag_fraction`` of the samples with the highest scores are flagged.
+loss the most. By default (``flag_rule="auto"``) the n highest scores are flagged, n = confident
+learning's estimate of the number of label errors from the trained model's probabilities
+(``base.label_issue_count``): self-influence ranks label noise, so the label-noise estimator sizes
+the decision. ``flag_rule="fraction"`` flags the top ``flag_fraction`` instead. Like ``loss``, the
+score is oriented for label noise: a learned backdoor's samples are fitted easily and score low.
 
 With ``test_points`` > 0 it also returns, in ``extras["influence"]``, the ``top_k`` most harmful and
 most helpful training samples of each chosen test point (see ``influence_rows``).
@@ -19,7 +23,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top
+from tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule
 from tasks.influence import (DEFAULT_DAMPING, DEFAULT_SHARD_SIZE, PARAM_SUBSETS, SOLVERS, SolverSettings,
                              fit_influence, score_influence, select_parameters, uses_head_features)
 from tasks.registry import INT_LIST, NONE, ConfigError, Interval, Options
@@ -31,7 +35,7 @@ CONSTRAINTS = {
     "params": [Options(PARAM_SUBSETS)],
     "k": [Interval(Integral, 1)],
     "damping": [Interval(Real, 0)],
-    "flag_fraction": [Interval(Real, 0, 1)],
+    **FLAG_CONSTRAINTS,
     "test_points": [Interval(Integral, 0), INT_LIST],
     "top_k": [Interval(Integral, 1)],
     "hessian_samples": [Interval(Integral, 1), NONE],
@@ -89,7 +93,7 @@ def tracin_optimizer_error(solver: str, optimizer: str) -> str | None:
 
 @DETECTORS.register("influence", CONSTRAINTS)
 def detect(context: DetectionContext, *, seed: int, solver: str = "exact", params: str = "last_layer", k: int = 2,
-           damping: float = DEFAULT_DAMPING, flag_fraction: float = 0.1, test_points: int | list = 0,
+           damping: float = DEFAULT_DAMPING, flag_rule: str = "auto", flag_fraction: float = 0.1, test_points: int | list = 0,
            top_k: int = 10, hessian_samples: int | None = None, cg_tol: float = 1e-4, cg_maxiter: int = 300,
            lissa_scale: float | str = "auto", lissa_depth: int = 1000, lissa_repeats: int = 1,
            lissa_batch_size: int = 128, arnoldi_iters: int = 100, arnoldi_rank: int = 50) -> Detection:
@@ -103,7 +107,10 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
         Layers differentiated when ``params="last_k_layers"``.
     damping : float, default=0.01
         Added to the Hessian (with ``train.weight_decay``, the L2 term of the objective).
+    flag_rule : {"auto", "fraction"}, default="auto"
+        ``"auto"``: flag as many as confident learning estimates label errors (module docstring).
     flag_fraction : float, default=0.1
+        Share flagged with ``flag_rule="fraction"``.
     test_points : int or list of int, default=0
         How many test points (seeded) or which ones get a train -> test influence table.
     top_k : int, default=10
@@ -116,7 +123,7 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
     Returns
     -------
     detection : Detection
-        ``scores`` float64 (n,), ``flagged`` the top ``flag_fraction``, ``extras["influence"]``.
+        ``scores`` float64 (n,), ``flagged`` by ``flag_rule``, ``extras["influence"]``.
     """
     if message := tracin_optimizer_error(solver, context.train_config.optimizer):
         raise ConfigError(message)
@@ -141,4 +148,5 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
     result = score_influence(payload, context.map_shards, SHARD_SIZE)
     scores = np.asarray(result.self_influence, dtype=np.float64)
     rows = influence_rows(result.test_influence, test_indices, top_k) if result.test_influence is not None else []
-    return Detection(scores=scores, flagged=flag_top(scores, flag_fraction), extras={"influence": rows})
+    flagged = flag_by_rule(scores, flag_rule, flag_fraction, lambda: context.n_label_issues)
+    return Detection(scores=scores, flagged=flagged, extras={"influence": rows})

@@ -17,6 +17,15 @@ attack puts many same-label poisons in one region), which wants k well above 1, 
 one class, which wants k at most a class size. 50 is one of their swept values, below the class
 size of the small set-ups this tool runs (digits: ~135 per class; MNIST or CIFAR-10 subsets:
 hundreds), and cheap. Raise ``k`` towards the per-class count for high poison rates.
+
+Decision. The paper removes every sample whose label is not its neighbours' plurality label
+(``flag_rule="plurality"``). That also removes every clean sample on a class boundary, which at
+low poison rates outnumbers the poisons (MNIST 7,500, one-shift 1 %: 220 flags for 75 poisons,
+benchmarks/RESULTS.md §12). The default ``flag_rule="auto"`` sizes the decision with confident
+learning instead: the neighbours' vote shares are out-of-sample class probabilities (the sample
+never votes for itself), so cleanlab's estimate of the number of label errors from them
+(``base.label_issue_count``, Northcutt et al. 2021) says how many to flag, and the highest
+disagreement scores are flagged.
 """
 
 from __future__ import annotations
@@ -24,10 +33,13 @@ from __future__ import annotations
 from numbers import Integral
 
 import numpy as np
+from cleanlab.filter import find_label_issues
 from sklearn.neighbors import NearestNeighbors
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext
-from tasks.registry import Interval
+from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
+from tasks.registry import Interval, Options
+
+KNN_FLAG_RULES = ("auto", "plurality", "cleanlab")
 
 # The tie-break term is at most this share of one neighbour's vote (1/k), so it orders samples
 # with equal disagreement shares and never reorders samples whose shares differ.
@@ -52,6 +64,15 @@ def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return search.kneighbors(return_distance=True)
 
 
+def vote_counts(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """How many of each sample's neighbours carry each label, int64 of shape (n_samples, num_classes)."""
+    n = len(neighbour_labels)
+    counts = np.zeros((n, num_classes), dtype=np.int64)
+    rows = np.broadcast_to(np.arange(n)[:, None], neighbour_labels.shape)
+    np.add.at(counts, (rows, neighbour_labels), 1)
+    return counts
+
+
 def plurality_labels(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Most common label per row; a tie goes to the tied label of the nearest neighbour.
 
@@ -67,8 +88,7 @@ def plurality_labels(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarr
     """
     n = len(neighbour_labels)
     rows = np.arange(n)[:, None]
-    counts = np.zeros((n, num_classes), dtype=np.int64)
-    np.add.at(counts, (np.broadcast_to(rows, neighbour_labels.shape), neighbour_labels), 1)
+    counts = vote_counts(neighbour_labels, num_classes)
     is_top = counts == counts.max(axis=1, keepdims=True)
     # columns are in distance order, so the first neighbour carrying a top label decides the tie
     first_top = np.argmax(is_top[rows, neighbour_labels], axis=1)
@@ -103,7 +123,8 @@ def disagreement_scores(distances: np.ndarray, disagrees: np.ndarray) -> np.ndar
     return (share + TIE_BREAK_WEIGHT / k * weighted_share).astype(np.float64)
 
 
-def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int) -> Detection:
+def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
+             flag_rule: str = "auto") -> Detection:
     """Deep k-NN scores and flags on given features (the pure part of the ``knn`` detector).
 
     Parameters
@@ -115,12 +136,18 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int)
     k : int
         Neighbours per sample; lowered to n_samples - 1 when the set is smaller (the value used
         is returned in ``extras["k"]``).
+    flag_rule : {"auto", "plurality", "cleanlab"}, default="auto"
+        ``"plurality"``: the paper's rule; ``"auto"``: the top n scores, n = confident learning's
+        count of label errors from the neighbours' vote shares (module docstring); ``"cleanlab"``:
+        cleanlab's own decision on those vote shares (``find_label_issues``, its default
+        ``prune_by_noise_rate``), which ranks by the margin of the out-voting class, as the
+        plurality rule does, rather than by the pooled disagreement share.
 
     Returns
     -------
     detection : Detection
         ``scores`` (float64, higher = more suspicious) from :func:`disagreement_scores`;
-        ``flagged`` where the neighbours' plurality label differs from the given label;
+        ``flagged`` by ``flag_rule``;
         ``extras["plurality_label"]`` and ``extras["k"]``.
     """
     labels = np.asarray(labels, dtype=np.int64)
@@ -132,16 +159,23 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int)
     neighbour_labels = labels[indices]
     plurality = plurality_labels(neighbour_labels, num_classes)
     scores = disagreement_scores(distances, neighbour_labels != labels[:, None])
-    return Detection(scores=scores, flagged=plurality != labels,
+    shares = vote_counts(neighbour_labels, num_classes) / k_used
+    if flag_rule == "plurality":
+        flagged = plurality != labels
+    elif flag_rule == "cleanlab":
+        flagged = find_label_issues(labels, shares, filter_by="prune_by_noise_rate", n_jobs=1)
+    else:
+        flagged = flag_top_n(scores, label_issue_count(labels, shares))
+    return Detection(scores=scores, flagged=flagged,
                      extras={"plurality_label": plurality, "k": k_used})
 
 
 @DETECTORS.register(
     "knn",
-    {"k": [Interval(Integral, 1)]},
-    help="Deep k-NN (Peri et al. 2020): label disagrees with the plurality of its k nearest neighbours",
+    {"k": [Interval(Integral, 1)], "flag_rule": [Options(KNN_FLAG_RULES)]},
+    help="Deep k-NN (Peri et al. 2020): share of the k nearest neighbours whose label disagrees",
 )
-def knn(context: DetectionContext, *, seed: int, k: int = 50) -> Detection:
+def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "auto") -> Detection:
     """Deep k-NN on the penultimate features of the trained model.
 
     Parameters
@@ -151,11 +185,15 @@ def knn(context: DetectionContext, *, seed: int, k: int = 50) -> Detection:
         Unused: the search is exact and deterministic.
     k : int, default=50
         Neighbours per sample (see the module docstring for the choice).
+    flag_rule : {"auto", "plurality", "cleanlab"}, default="auto"
+        ``"auto"``: flag as many as confident learning counts label errors in the neighbours'
+        votes; ``"plurality"``: the paper's plurality label != given label; ``"cleanlab"``:
+        cleanlab's ``find_label_issues`` on the vote shares (see :func:`deep_knn`).
 
     Returns
     -------
     detection : Detection
         Score = share of the k neighbours whose label differs from the given label (plus a
-        closeness tie-break below 1/k); flagged = plurality label != given label.
+        closeness tie-break below 1/k); ``flagged`` by ``flag_rule``.
     """
-    return deep_knn(context.features, context.labels, context.num_classes, k)
+    return deep_knn(context.features, context.labels, context.num_classes, k, flag_rule)

@@ -4,26 +4,28 @@ A mislabelled sample disagrees with the clean samples around it, so a model that
 keeps a high cross-entropy on it against its given label (the converse of the small-loss
 criterion of noisy-label learning, e.g. Co-teaching, Han et al. 2018). It is the simplest detector and the baseline the
 others should beat.
+
+Orientation: the score is oriented for label noise. A *learned* backdoor (BadNets) is the
+opposite case: the trigger makes its samples the easiest of their label, so they get the
+lowest losses and this detector ranks them last (AUROC near 0). The sign is never flipped on
+the evidence of the truth; the detector built for that direction is ``abl_isolation``.
 """
 
 from __future__ import annotations
 
-from numbers import Real
-
 import numpy as np
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top
-from tasks.registry import Interval
+from tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule
 
 __all__ = ["loss"]
 
 
 @DETECTORS.register(
     "loss",
-    {"flag_fraction": [Interval(Real, 0, 1)]},
+    FLAG_CONSTRAINTS,
     help="Per-sample training cross-entropy of the final model against the given label.",
 )
-def loss(context: DetectionContext, *, seed: int, flag_fraction: float = 0.1) -> Detection:
+def loss(context: DetectionContext, *, seed: int, flag_rule: str = "auto", flag_fraction: float = 0.1) -> Detection:
     """Per-sample cross-entropy against the given labels; higher = more suspicious.
 
     Parameters
@@ -33,8 +35,13 @@ def loss(context: DetectionContext, *, seed: int, flag_fraction: float = 0.1) ->
         mode and y_i the given (possibly poisoned) label.
     seed : int
         Unused: the method is deterministic.
+    flag_rule : {"auto", "fraction"}, default="auto"
+        ``"auto"`` flags the n highest losses, n = confident learning's estimate of the number of
+        label errors from the same model's probabilities (``base.label_issue_count``); the
+        score measures label noise, so the label-noise estimator sizes it. ``"fraction"``
+        flags the top ``flag_fraction`` of the training set.
     flag_fraction : float, default=0.1
-        Share of the training set flagged, highest losses first (``flag_top``).
+        Used only with ``flag_rule="fraction"``.
 
     Returns
     -------
@@ -42,4 +49,5 @@ def loss(context: DetectionContext, *, seed: int, flag_fraction: float = 0.1) ->
         ``scores`` float64 of shape (n_samples,), ``flagged`` bool of shape (n_samples,).
     """
     scores = np.asarray(context.losses, dtype=np.float64)
-    return Detection(scores=scores, flagged=flag_top(scores, flag_fraction))
+    flagged = flag_by_rule(scores, flag_rule, flag_fraction, lambda: context.n_label_issues)
+    return Detection(scores=scores, flagged=flagged)
