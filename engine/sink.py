@@ -3,6 +3,8 @@
 ``<out>/<table>/<trial_id>.parquet``. A rerun of a trial replaces its files, so no row is ever
 duplicated; a reader never sees a half-written file (temporary name, then rename). ``out`` may
 be a local path or any URI pyarrow understands (``s3://``, ``gs://``), for cluster runs.
+``<out>/sweep.json`` (:func:`write_plan`) lists the trials the latest run planned, so a report can
+tell which are still missing.
 """
 
 from __future__ import annotations

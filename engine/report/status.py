@@ -16,7 +16,6 @@ class RecordError(ValueError):
     """The directory holds nothing a report could be made from."""
 
 
-
 # ---------------------------------------------------------------------------------------------
 # what is recorded
 
