@@ -3,18 +3,23 @@
 ``<out>/<table>/<trial_id>.parquet``. A rerun of a trial replaces its files, so no row is ever
 duplicated; a reader never sees a half-written file (temporary name, then rename). ``out`` may
 be a local path or any URI pyarrow understands (``s3://``, ``gs://``), for cluster runs.
+``<out>/sweep.json`` (:func:`write_plan`) lists the trials the latest run planned, so a report can
+tell which are still missing.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import uuid
 import warnings
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from tasks.files import atomic_write, atomic_write_bytes
 
 _STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 
@@ -66,6 +71,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
 }
 TABLES = list(SCHEMAS)
+PLAN_FILE = "sweep.json"  # the trials the latest run planned, for the report
 
 
 def filesystem(out: str) -> tuple[pafs.FileSystem, str]:
@@ -95,9 +101,7 @@ def write_trial_table(out: str, table: str, trial_id: str, rows: list[dict]) -> 
     final = f"{root}/{table}/{trial_id}.parquet"
     if isinstance(fs, pafs.LocalFileSystem):
         # a dot-prefixed temporary name is skipped by pyarrow, pandas, polars and DuckDB globs
-        temporary = f"{root}/{table}/.{trial_id}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(to_table(table, rows), temporary, filesystem=fs)
-        fs.move(temporary, final)
+        atomic_write(final, lambda temporary: pq.write_table(to_table(table, rows), str(temporary), filesystem=fs))
     else:  # object stores publish an object only once its upload completes
         pq.write_table(to_table(table, rows), final, filesystem=fs)
 
@@ -168,3 +172,40 @@ def readable_files(out: str, table: str) -> tuple[list[str], list[str]]:
         except (OSError, ValueError, pa.ArrowException):  # pyarrow's error for "not Parquet" varies by damage
             damaged.append(info.path)
     return sorted(good), sorted(damaged)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: which trials the latest run meant to record
+
+
+def write_plan(sweep) -> None:
+    """Write ``<out>/sweep.json``: every trial the sweep plans, so a report can tell what is missing.
+
+    Call it when a run starts; the latest run's plan replaces an earlier one.
+    """
+    from engine.config import config_columns, trial_id
+
+    trials = []
+    for config in sweep.trials:
+        columns = {k: v for k, v in config_columns(config).items() if k != "config_json"}
+        trials.append({"trial_id": trial_id(config), **columns})
+    text = json.dumps({"name": sweep.name, "trials": trials}, indent=1)
+    fs, root = filesystem(sweep.out)
+    fs.create_dir(root, recursive=True)
+    final = f"{root}/{PLAN_FILE}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        atomic_write_bytes(final, text.encode())
+    else:
+        with fs.open_output_stream(final) as stream:
+            stream.write(text.encode())
+
+
+def read_plan(out: str) -> pd.DataFrame | None:
+    """The planned trials (one row each, config columns) or None when no plan was written."""
+    fs, root = filesystem(out)
+    path = f"{root}/{PLAN_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        plan = json.loads(stream.read().decode())
+    return pd.DataFrame(plan["trials"], columns=["trial_id"] + [c for c, _ in CONFIG_COLUMNS if c != "config_json"])

@@ -276,7 +276,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     start = time.perf_counter()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
-    from engine.report import write_plan
+    from engine.sink import write_plan
 
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them

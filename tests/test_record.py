@@ -70,6 +70,7 @@ def test_show_and_report_say_the_table_mixes_versions_and_print_labels_as_writte
 
 def test_a_report_that_fails_half_way_leaves_no_half_written_folder(recorded, tmp_path, monkeypatch):
     import engine.report as report
+    import engine.report.render as render
 
     out, _ = recorded
     target = tmp_path / "report"
@@ -79,7 +80,7 @@ def test_a_report_that_fails_half_way_leaves_no_half_written_folder(recorded, tm
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report, "figure_accuracy_vs_rate", crash)
+    monkeypatch.setattr(render, "figure_accuracy_vs_rate", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         report.write_report(out, target)
     assert sorted(p.name for p in target.iterdir()) == before  # the earlier report, untouched

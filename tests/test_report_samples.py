@@ -16,8 +16,8 @@ import pytest
 
 from engine.config import build_sweep
 from engine.report import write_plan, write_report
-from engine.report_figures import GALLERY_MISSED, GALLERY_TOP
-from engine.report_samples import flag_threshold, gallery_rows, read_scores, rebuild_images, unlearning_examples
+from engine.report.galleries import GALLERY_MISSED, GALLERY_TOP
+from engine.report.samples import flag_threshold, gallery_rows, read_scores, rebuild_images, unlearning_examples
 from engine.sweep import record_trial
 from tasks.unlearn import SUCCESS_EXAMPLES
 from tests.browser import check_page, find_browser

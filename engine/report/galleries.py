@@ -1,5 +1,5 @@
 """Figures of samples: score histograms (poisons vs clean) and galleries of the most suspicious and
-the missed training images, for one trial of a setting (see ``engine.report_samples``).
+the missed training images, for one trial of a setting (see ``engine.report.samples``).
 
 A histogram shows what a table of AUROCs hides: a detector whose poisons sit at the *low* end of its
 scores (AUROC near 0) has a signal with the wrong sign, not no signal. The detector's own flag
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.report import _legend, _new_figure, _save, _suptitle
-from engine.report_samples import flag_threshold
+from engine.report.figures import _legend, _new_figure, _save, _suptitle
+from engine.report.samples import (flag_threshold, gallery_rows, read_scores, read_unlearning, rebuild_images,
+                                   rebuild_success_set, representative_trials, unlearning_examples)
+from engine.report.tables import _setting_title, _slug
 
 HISTOGRAM_BINS = 40
 # scores beyond these quantiles are counted in the outermost bins, so one extreme score
@@ -166,9 +168,6 @@ def sample_figures(out: str, trials: pd.DataFrame, setting: list[str], directory
     """Histograms and galleries of one trial per setting (the lowest seed), for the first
     ``max_settings`` settings. Returns a table of the trials shown (with the image check) and the
     figures as (heading, path)."""
-    from engine.report import _setting_title, _slug
-    from engine.report_samples import gallery_rows, read_scores, rebuild_images, representative_trials
-
     shown, figures = [], []
     for trial in representative_trials(trials, setting).head(max_settings).itertuples(index=False):
         scores = read_scores(out, trial.trial_id)
@@ -224,10 +223,6 @@ def figure_unlearning_examples(runs: pd.DataFrame, success, title: str, path: Pa
 def unlearning_example_figures(out: str, trials: pd.DataFrame, setting: list[str], directory: Path, *,
                                max_settings: int = MAX_SETTINGS) -> list[tuple[str, Path]]:
     """Per setting that unlearns (one trial, the lowest seed): the before/after picture."""
-    from engine.report import _setting_title, _slug
-    from engine.report_samples import (read_unlearning, rebuild_success_set, representative_trials,
-                                       unlearning_examples)
-
     figures = []
     for trial in representative_trials(trials, setting).head(max_settings).itertuples(index=False):
         rows = read_unlearning(out, trial.trial_id)

@@ -1,0 +1,241 @@
+"""The report's summary figures: metric-vs-poison-rate panels, poisons found vs data checked, and
+unlearning repair vs identified fraction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine import summary
+from engine.report.tables import _pct
+
+DPI = 110
+
+
+# ---------------------------------------------------------------------------------------------
+# figures (matplotlib's object API on the Agg canvas: no pyplot, no global state)
+
+
+def _new_figure(n_panels: int, ncols: int = 3, panel=(4.2, 3.3)):
+    from matplotlib.figure import Figure
+
+    ncols = max(1, min(ncols, n_panels))
+    nrows = -(-n_panels // ncols)
+    # at least 7 inches wide, so that a one-panel figure still has room for its title and legend
+    figure = Figure(figsize=(max(panel[0] * ncols, 7.0), panel[1] * nrows + 1.0), layout="constrained")
+    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return figure, axes[:n_panels]
+
+
+def _percent_axis(axis) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value * 100:.3g}%"))
+
+
+def _log_rates(rates) -> bool:
+    """A logarithmic rate axis when the positive rates span more than a decade (symlog if 0 is among them)."""
+    positive = sorted({r for r in rates if r > 0})
+    return len(positive) > 1 and positive[-1] / positive[0] > 10
+
+
+def _dodge(rates: pd.Series, all_rates, i: int, k: int) -> pd.Series:
+    """Shift line i of k sideways a little, so that error bars at one rate do not hide each other."""
+    offset = i - (k - 1) / 2
+    if _log_rates(all_rates):
+        smallest = min(r for r in all_rates if r > 0)
+        return (rates * 10 ** (0.012 * offset)).where(rates > 0, 0.03 * smallest * offset)
+    return rates + 0.006 * _rate_span(all_rates) * offset
+
+
+def _rate_span(rates) -> float:
+    """The width of the rate axis: the range swept, or around a single rate, that rate (1 for 0)."""
+    return (max(rates) - min(rates)) or (max(rates) or 1.0)
+
+
+def _rate_axis(ax, rates) -> None:
+    """Poison rates on x, ticks at the rates swept: log scale when they span more than a decade."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    if _log_rates(rates):
+        if min(rates) > 0:
+            ax.set_xscale("log")
+        else:  # linear near 0, logarithmic beyond the smallest positive rate
+            smallest = min(r for r in rates if r > 0)
+            ax.set_xscale("symlog", linthresh=smallest, linscale=0.5)
+            ax.set_xlim(-0.4 * smallest, 1.3 * max(rates))
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(rates))))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(set(rates)) == 1:  # else autoscaling would zoom in onto the dodge offsets
+        rate = min(rates)
+        ax.set_xlim(rate - 0.5 * _rate_span(rates), rate + 0.5 * _rate_span(rates))
+    _percent_axis(ax.xaxis)
+    ax.set_xlabel("poison rate")
+
+
+def _colors(names) -> dict:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    return {name: palette[i % len(palette)] for i, name in enumerate(sorted(names))}
+
+
+def _panel_groups(frame: pd.DataFrame, setting: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """Panels of the per-rate figures: one per dataset × poison method (× other swept columns)."""
+    by = [c for c in setting if c != "poison_rate"]
+    groups = []
+    for key, group in frame.groupby(by, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        extras = [f"{c}={v}" for c, v in zip(by[2:], key[2:])]
+        title = f"{key[0]} · {key[1]}" + ("\n" + ", ".join(extras) if extras else "")
+        groups.append((title, group))
+    return groups
+
+
+def _suptitle(figure, text: str) -> None:
+    """The figure's title, wrapped to its width (about 9 characters per inch at this size)."""
+    import textwrap
+
+    figure.suptitle(textwrap.fill(text, width=int(figure.get_figwidth() * 9)))
+
+
+def _legend(figure, handles, labels) -> None:
+    if handles:
+        # one row if it fits the width (about 0.09 inch per character plus the marker), else equal columns
+        widths = [0.8 + 0.09 * len(label) for label in labels]
+        fits = sum(widths) <= figure.get_figwidth()
+        ncols = len(labels) if fits else max(1, int(figure.get_figwidth() / max(widths)))
+        figure.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False)
+
+
+def _save(figure, path: Path) -> Path:
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def figure_auroc_vs_rate(table: pd.DataFrame, setting: list[str], path: Path) -> Path:
+    groups = _panel_groups(table, setting)
+    figure, axes = _new_figure(len(groups))
+    colors = _colors(table["detector"].unique())
+    legend = {}
+    for ax, (title, group) in zip(axes, groups):
+        detectors = sorted(group["detector"].unique())
+        for i, detector in enumerate(detectors):
+            rows = group[group["detector"] == detector].sort_values("poison_rate")
+            x = _dodge(rows["poison_rate"], group["poison_rate"], i, len(detectors))
+            legend[detector] = ax.errorbar(x, rows["auroc_mean"], yerr=rows["auroc_std"].fillna(0), marker="o",
+                                           capsize=3, color=colors[detector], label=detector)
+        legend.setdefault("chance (0.5)", ax.axhline(0.5, color="grey", linestyle="--", linewidth=1))
+        _rate_panel(ax, group["poison_rate"], "detection AUROC", title)
+    _suptitle(figure, "Detection AUROC vs poison rate (mean ± std over seeds)")
+    _legend(figure, list(legend.values()), list(legend))
+    return _save(figure, path)
+
+
+def _rate_panel(ax, rates: pd.Series, ylabel: str, title: str) -> None:
+    """The shared frame of a metric-vs-poison-rate panel: [0, 1] values, one tick per rate."""
+    ax.set_ylim(0, 1.04)
+    _rate_axis(ax, rates)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def figure_accuracy_vs_rate(table: pd.DataFrame, setting: list[str], path: Path) -> Path:
+    groups = _panel_groups(table, setting)
+    figure, axes = _new_figure(len(groups))
+    lines = {"clean test accuracy": ("clean_test_acc", "tab:blue", "o"),
+             "poison success": ("poison_success", "tab:red", "s")}
+    legend = {}
+    for ax, (title, group) in zip(axes, groups):
+        group = group.sort_values("poison_rate")
+        for name, (metric, color, marker) in lines.items():
+            legend[name] = ax.errorbar(group["poison_rate"], group[f"{metric}_mean"],
+                                       yerr=group[f"{metric}_std"].fillna(0), marker=marker, capsize=3, color=color)
+        _rate_panel(ax, group["poison_rate"], "share of test set", title)
+        _percent_axis(ax.yaxis)
+    _suptitle(figure, "Clean accuracy and poison success vs poison rate (mean ± std over seeds)")
+    _legend(figure, list(legend.values()), list(legend))
+    return _save(figure, path)
+
+
+def figure_found_vs_checked(curves: pd.DataFrame, setting: list[str], title: str, path: Path) -> Path:
+    """One panel per poison rate (and other swept column) of one dataset × poison method."""
+    # other swept columns first, then the rate: with few rates, each row of panels is one such setting
+    by = [c for c in setting if c not in summary.SETTING] + ["poison_rate"]
+    panels = list(curves.groupby(by, dropna=False))
+    n_rates = curves["poison_rate"].nunique()
+    figure, axes = _new_figure(len(panels), ncols=n_rates if n_rates <= 5 else 4, panel=(4.0, 3.6))
+    colors = _colors(curves["detector"].unique())
+    legend = {}
+    for ax, (key, panel) in zip(axes, panels):
+        key = key if isinstance(key, tuple) else (key,)
+        for detector, rows in panel.groupby("detector"):
+            x, mean, std = rows["fraction_checked"], rows["share_found_mean"], rows["share_found_std"].fillna(0)
+            legend[detector] = ax.plot(x, mean, color=colors[detector], linewidth=1.6)[0]
+            ax.fill_between(x, (mean - std).clip(0, 1), (mean + std).clip(0, 1), color=colors[detector], alpha=0.15)
+        share = panel["poison_share_mean"].mean()
+        legend.setdefault("random", ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)[0])
+        if share > 0:
+            ideal_x = np.array([0.0, share, 1.0])
+            legend.setdefault("ideal", ax.plot(ideal_x, np.minimum(ideal_x / share, 1), color="black",
+                                               linestyle=":", linewidth=1)[0])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        _percent_axis(ax.xaxis)
+        _percent_axis(ax.yaxis)
+        ax.set_xlabel("share of training data checked")
+        ax.set_ylabel("share of poisons found")
+        extras = [f"{c}={v}" for c, v in zip(by[:-1], key[:-1])]
+        seeds = int(panel["n"].max())
+        ax.set_title(f"rate {_pct(key[-1])}, {seeds} seed{'s' if seeds != 1 else ''}"
+                     + ("\n" + ", ".join(extras) if extras else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+    _suptitle(figure, f"Poisons found vs data checked, most suspicious first: {title} (mean ± std over seeds)")
+    _legend(figure, list(legend.values()), list(legend))
+    return _save(figure, path)
+
+
+UNLEARNING_X = {"oracle": "share of poisons forgotten (oracle)", "top": "share of training set forgotten (top-scored)",
+                "flagged": "share of poisons flagged (recall)"}
+SELECTION_TITLES = {"oracle": "oracle (true poisons)", "top": "{selection}: top-scored",
+                    "flagged": "{selection}: flagged"}
+
+
+def figure_unlearning(table: pd.DataFrame, title: str, path: Path) -> Path:
+    """Rows: poison success after and clean accuracy after; columns: selections; one line per method."""
+    order = {kind: i for i, kind in enumerate(UNLEARNING_X)}  # oracle, then top-scored, then flagged
+    columns = sorted(table.groupby(["selection", "selection_kind"]), key=lambda c: (order.get(c[0][1], 9), c[0]))
+    figure, axes = _new_figure(2 * len(columns), ncols=len(columns), panel=(3.8, 3.0))
+    axes = axes.reshape(2, len(columns))
+    colors = _colors(table["method"].unique())
+    legend = {}
+    rows = [("poison_success", "poison success after"), ("clean_test_acc", "clean accuracy after")]
+    for j, ((selection, kind), part) in enumerate(columns):
+        for i, (metric, label) in enumerate(rows):
+            ax = axes[i, j]
+            for method, lines in part.groupby("method"):
+                lines = lines.sort_values("identified_fraction_mean")
+                legend[method] = ax.errorbar(lines["identified_fraction_mean"], lines[f"{metric}_after_mean"],
+                                             yerr=lines[f"{metric}_after_std"].fillna(0), marker="o", capsize=3,
+                                             color=colors[method])
+            legend.setdefault("before unlearning", ax.axhline(part[f"{metric}_before_mean"].mean(), color="grey",
+                                                              linestyle="--", linewidth=1))
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_ylim(0, 1.04)
+            _percent_axis(ax.xaxis)
+            _percent_axis(ax.yaxis)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(SELECTION_TITLES.get(kind, "{selection} ({kind})").format(selection=selection, kind=kind),
+                             fontsize=10)
+            else:
+                ax.set_xlabel(UNLEARNING_X.get(kind, "identified fraction"), fontsize=9)
+    _suptitle(figure, f"Unlearning repair vs identified fraction: {title} (mean ± std over seeds)")
+    _legend(figure, list(legend.values()), list(legend))
+    return _save(figure, path)
