@@ -23,12 +23,13 @@ FRACTIONS_CHECKED = np.round(np.linspace(0.0, 1.0, 101), 10)
 # harmful training samples listed per test point in the influence table, and test points shown on the page
 TOP_HARMFUL = 5
 INFLUENCE_SHOWN = 40
-METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "recall_at_10": "recall@10%",
+METRIC_NAMES = {"auroc": "AUROC", "precision_at_n": "precision@n", "auprc": "AUPRC", "f1": "F1", "n_flagged": "flagged",
+                "recall_at_10": "recall@10%",
                 "clean_test_acc": "clean acc", "poison_success": "poison success", "n_poisoned": "poisoned",
                 "identified_fraction": "identified", "clean_test_acc_before": "clean acc before",
                 "clean_test_acc_after": "clean acc after", "poison_success_before": "success before",
                 "poison_success_after": "success after", "retain_acc_after": "retain acc after"}
-COUNT_METRICS = {"n_poisoned"}
+COUNT_METRICS = {"n_poisoned", "n_flagged"}
 
 
 # ---------------------------------------------------------------------------------------------
