@@ -37,7 +37,7 @@ from tasks.detect import DETECTORS, DetectionContext
 from tasks.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, stamp_trigger
 from tasks.metrics import detection_metrics
 from tasks.models import build_model
-from tasks.poison import pair_flip
+from tasks.poisons.flips import pair_flip
 from tasks.train import TrainConfig, accuracy, predict_logits, train_model
 
 

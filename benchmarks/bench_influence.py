@@ -39,7 +39,7 @@ from tasks.detect.base import DetectionContext, serial_map
 from tasks.detect.influence import detect as influence_detect
 from tasks.influence import SolverSettings, fit_influence, score_influence
 from tasks.models import build_model
-from tasks.poison import apply_poison
+from tasks.poisons import apply_poison
 from tasks.train import TrainConfig, predict_logits, train_model
 
 CHECKED = (0.05, 0.10, 0.20, 0.30)

@@ -23,7 +23,7 @@ from engine.report.galleries import sample_figures
 from engine.sink import write_trial_table
 from engine.summary import load, setting_columns
 from tasks.data import load_dataset
-from tasks.poison import apply_poison
+from tasks.poisons import apply_poison
 
 DETECTORS = ["loss", "spectral_signature", "activation_clustering"]
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.data import load_dataset
 from tasks.detect import DETECTORS, DetectionContext
 from tasks.models import build_model
-from tasks.poison import apply_poison, poison_success
+from tasks.poisons import apply_poison
+from tasks.metrics import poison_success
 from tasks.train import TrainConfig, accuracy, train_model
 from tasks.unlearn import run_unlearning
 

@@ -278,7 +278,7 @@ def list_registered():
     from tasks.data import DATASETS
     from tasks.detect.base import DETECTORS
     from tasks.models import MODELS
-    from tasks.poison import POISONS
+    from tasks.poisons import POISONS
 
     registries = [("data.name", DATASETS), ("poison.method", POISONS), ("model.name", MODELS),
                   ("detectors", DETECTORS)]

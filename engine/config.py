@@ -24,7 +24,7 @@ import tasks.detect  # noqa: F401  (registers the detectors)
 from tasks.data import DATASETS
 from tasks.detect.base import DETECTORS
 from tasks.models import MODELS
-from tasks.poison import POISONS
+from tasks.poisons import POISONS
 from tasks.registry import NONE, STR, ConfigError, Interval, check_value
 from tasks.train import TRAIN_CONSTRAINTS, TrainConfig
 
@@ -473,7 +473,7 @@ def check_data(sweep: Sweep) -> None:
     import numpy as np
 
     from tasks.data import load_dataset, stratified_subset
-    from tasks.poison import check_rate
+    from tasks.poisons import check_rate
 
     errors, loaded = [], {}
     for trial in sweep.trials:

@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from tasks.data import Dataset
 from tasks.models import MODELS, build_model
-from tasks.poison import POISONS, PoisonedData, apply_trigger, n_to_poison
+from tasks.poisons.base import POISONS, PoisonedData, apply_trigger, n_to_poison
 from tasks.registry import BOOL, NONE, ConfigError, Interval, OfType, Options
 from tasks.train import resolve_device
 
@@ -63,7 +63,7 @@ def stamp_trigger(x: torch.Tensor, trigger: str, *, patch_size: int = 3,
                   amplitude: float = SINUSOID_AMPLITUDE) -> torch.Tensor:
     """A triggered copy of images ``x`` of shape (n, C, H, W) in [0, 1].
 
-    ``checkerboard``: the BadNets patch of ``tasks.poison.apply_trigger`` (``patch_size`` square,
+    ``checkerboard``: the BadNets patch of ``tasks.poisons.apply_trigger`` (``patch_size`` square,
     bottom-right). ``sinusoid``: the paper's ``1xs`` stripes, x + amplitude·sin(linspace(0, 16π, W))
     along the width, clipped to [0, 1] (the paper clips to 0..255 likewise).
     """
@@ -445,6 +445,7 @@ def _all_samples(class_counts, **_) -> int:
         "device": [Options(("auto", "cpu", "cuda"))],
     },
     eligible=_all_samples,
+    needs={"artifact_dir"},
 )
 def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9, target: int = 4,
          trigger: str = "sinusoid", patch_size: int = 3, amplitude: float = SINUSOID_AMPLITUDE,

@@ -19,13 +19,21 @@ Conventions for degenerate inputs (they return NaN, never raise):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+import torch
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
+from tasks.train import predict_logits
+
+if TYPE_CHECKING:
+    from tasks.poisons import PoisonedData
 
 # the "share of the training set checked" at which recall_at_<k> is reported, in percent
 RECALL_AT_PERCENTS = (5, 10, 20)
 
-__all__ = ["RECALL_AT_PERCENTS", "detection_metrics", "found_vs_checked", "precision_at_n", "ranking_order"]
+__all__ = ["RECALL_AT_PERCENTS", "detection_metrics", "found_vs_checked", "poison_success", "precision_at_n", "ranking_order"]
 
 
 def _check_inputs(scores: np.ndarray, is_poison: np.ndarray, flagged: np.ndarray | None = None):
@@ -139,3 +147,13 @@ def detection_metrics(scores: np.ndarray, flagged: np.ndarray, is_poison: np.nda
     for percent, value in zip(RECALL_AT_PERCENTS, recalls):
         metrics[f"recall_at_{percent}"] = float(value)
     return metrics
+
+
+def poison_success(model: torch.nn.Module, poisoned: PoisonedData) -> float:
+    """The poison's success on its test inputs (see ``PoisonedData.success_kind``); NaN if there are none."""
+    if len(poisoned.success_x) == 0:
+        return float("nan")
+    hits = predict_logits(model, poisoned.success_x).argmax(1) == poisoned.success_y
+    share = hits.float().mean().item()
+    return share if poisoned.success_kind == "hit" else 1.0 - share
+

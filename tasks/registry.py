@@ -92,13 +92,33 @@ def check_value(key: str, value: Any, allowed: list) -> str | None:
     return f"{key} must be {what}; got {value!r}"
 
 
+# What an entry may need from the trial that runs it; ``run_trial`` reads these, never a name.
+NEEDS = ("checkpoints", "artifact_dir", "sample_losses")
+
+
 @dataclass
 class Entry:
+    """One registered function and what it declares about itself.
+
+    ``needs``: what the trial must hand over ("checkpoints": per-epoch weights, for TracIn;
+    "artifact_dir": a directory shared by the sweep's trials, for cached work such as FLIP's
+    experts; "sample_losses": per-sample training losses), a fixed set or a function of the
+    entry's params. ``tables``: the extra record tables its result carries (a detector's
+    ``Detection.extras[table]`` rows). ``eligible``: for a poison, ``eligible(class_counts, **params)``
+    = how many training samples it may poison, so an impossible rate is caught before any trial.
+    """
+
     name: str
     fn: Callable
     constraints: dict[str, list] = field(default_factory=dict)
     help: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific hooks, e.g. a poison's eligibility
+    needs: frozenset | Callable[[dict], frozenset] = frozenset()
+    tables: tuple[str, ...] = ()
+    eligible: Callable | None = None
+
+    def needs_for(self, params: dict[str, Any]) -> frozenset:
+        """What this entry needs when run with ``params`` (registry defaults filled in)."""
+        return frozenset(self.needs({**self.defaults(), **params}) if callable(self.needs) else self.needs)
 
     def defaults(self) -> dict[str, Any]:
         """The keyword defaults of the function, for the constrained parameters."""
@@ -132,7 +152,9 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, constraints: dict[str, list] | None = None, help: str = "", **extra):
+    def register(self, name: str, constraints: dict[str, list] | None = None, help: str = "", *,
+                 needs: frozenset | set | tuple | Callable[[dict], frozenset] = frozenset(),
+                 tables: tuple[str, ...] = (), eligible: Callable | None = None):
         def decorator(fn: Callable) -> Callable:
             if name in self._entries:
                 raise ValueError(f"a {self.kind} is already registered under the name {name!r}")
@@ -141,8 +163,12 @@ class Registry:
             missing = [k for k in constraints_ if k not in params]
             if missing:
                 raise ValueError(f"{self.kind} {name!r} declares constraints for unknown parameters {missing}")
+            unknown = [] if callable(needs) else sorted(set(needs) - set(NEEDS))
+            if unknown:
+                raise ValueError(f"{self.kind} {name!r} needs {unknown}; known needs: {', '.join(NEEDS)}")
             summary = help or (fn.__doc__ or "").strip().split("\n")[0]
-            self._entries[name] = Entry(name, fn, constraints_, summary, extra)
+            fixed_needs = needs if callable(needs) else frozenset(needs)
+            self._entries[name] = Entry(name, fn, constraints_, summary, fixed_needs, tuple(tables), eligible)
             return fn
 
         return decorator
@@ -160,9 +186,3 @@ class Registry:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
-
-    def snapshot(self) -> dict[str, Entry]:
-        return dict(self._entries)
-
-    def restore(self, snapshot: dict[str, Entry]) -> None:
-        self._entries = dict(snapshot)

@@ -19,7 +19,8 @@ from tasks.data import load_dataset
 from tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
 from tasks.metrics import detection_metrics
 from tasks.models import build_model
-from tasks.poison import apply_poison, poison_success
+from tasks.poisons import apply_poison
+from tasks.metrics import poison_success
 from tasks.train import TrainConfig, accuracy, resolve_device, train_model
 
 # detectors that read the per-epoch checkpoints of training (TracIn)

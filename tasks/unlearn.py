@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from tasks.detect.base import Detection, flag_top
-from tasks.poison import PoisonedData, poison_success
+from tasks.poisons import PoisonedData
+from tasks.metrics import poison_success
 from tasks.registry import NONE, ConfigError, Interval, Options, Registry
 from tasks.train import (TrainConfig, accuracy, copy_model, make_optimizer, per_sample_loss, predict_logits,
                          train_model)

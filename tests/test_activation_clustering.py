@@ -11,7 +11,7 @@ from tasks.data import load_dataset
 from tasks.detect.activation_clustering import ClassSplit, activation_clustering, judge_by_reclassification
 from tasks.detect.base import DetectionContext
 from tasks.models import build_model
-from tasks.poison import apply_poison
+from tasks.poisons import apply_poison
 from tasks.train import TrainConfig, train_model
 
 

@@ -11,7 +11,7 @@ from tasks.detect.abl import early_loss_scores
 from tasks.detect.base import flag_by_rule, label_issue_count, modified_z_scores, robust_outliers
 from tasks.metrics import precision_at_n
 from tasks.models import build_model
-from tasks.poison import apply_poison
+from tasks.poisons import apply_poison
 from tasks.train import TrainConfig, train_model
 
 # ---------------------------------------------------------------- modified z-score rule

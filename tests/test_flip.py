@@ -21,7 +21,8 @@ from tasks.flip import (
     random_flips_to_target, select_flips, sgd_step, stamp_trigger, train_experts,
 )
 from tasks.models import build_model
-from tasks.poison import POISONS, poison_success
+from tasks.poisons import POISONS
+from tasks.metrics import poison_success
 from tasks.registry import ConfigError
 from tasks.train import TrainConfig, accuracy, train_model
 

@@ -18,7 +18,8 @@ import tasks.unlearn as unlearn
 from tasks.data import load_dataset
 from tasks.detect.base import Detection
 from tasks.models import build_model
-from tasks.poison import PoisonedData, apply_poison, poison_success
+from tasks.poisons import PoisonedData, apply_poison
+from tasks.metrics import poison_success
 from tasks.registry import ConfigError
 from tasks.train import TrainConfig, accuracy, per_sample_loss, train_model
 from tasks.unlearn import (SUCCESS_EXAMPLES, UNLEARNERS, check_unlearn_config, expand_selections,

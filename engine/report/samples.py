@@ -96,7 +96,7 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
     Checks the rebuilt given label, true label and poison flag of every row against the record.
     A dataset that cannot be loaded gives an empty result whose ``note`` says why.
     """
-    from tasks.poison import apply_poison
+    from tasks.poisons import apply_poison
 
     config = json.loads(config_json)
     poison_cfg = config["poison"]
@@ -155,7 +155,7 @@ class SuccessSet:
 def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None:
     """The first ``n`` inputs of the trial's success set, or None where they cannot be rebuilt cheaply
     (no data here, or a FLIP trial without its cached expert artifact)."""
-    from tasks.poison import apply_poison
+    from tasks.poisons import apply_poison
 
     config = json.loads(config_json)
     poison_cfg = config["poison"]

@@ -1,0 +1,14 @@
+"""Poisons. Importing this package registers every poison in ``POISONS``.
+
+``base`` holds the registry and what every poison shares; each family is one module
+(``flips``, ``badnets``, ``flip``) that registers itself. Nothing here imports the trial.
+"""
+
+from tasks.poisons import badnets, flips  # noqa: F401  (register the label flips and BadNets)
+from tasks.poisons.base import (
+    POISONS, PoisonedData, apply_poison, apply_trigger, check_rate, choose, n_to_poison,
+)
+
+import tasks.flip  # noqa: F401  (registers FLIP; moves under tasks/poisons once its rewrite lands)
+
+__all__ = ["POISONS", "PoisonedData", "apply_poison", "apply_trigger", "check_rate", "choose", "n_to_poison"]
