@@ -10,6 +10,7 @@ by Tune up to ``resources.max_failures`` times; a trial that raises is recorded 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ray.tune import Callback
+from ray.tune.search import Searcher
 
 from engine.sink import completed_trials, filesystem, remove_temporaries, write_trial
 
@@ -128,8 +130,47 @@ def _set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def tune_trainable(config: dict, *, out: str, version: str, resources: dict) -> dict:
-    """The Ray Tune function trainable: run and record one trial, report a small summary."""
+class PlanSearcher(Searcher):
+    """Hands Tune the sweep's trials one at a time, as ``{"index": i, "trial_id": ...}``.
+
+    Tune then holds a few bytes per trial and creates each trial only when it can start it, so a
+    sweep of any size starts at once; a ``tune.grid_search`` over full configs makes Tune expand
+    (and deep-copy) the whole grid first, which grows with the square of its size. The configs
+    stay in the plan, which each trial process fetches once (:func:`_plan_of`).
+    """
+
+    def __init__(self, trial_ids: list[str]):
+        super().__init__()
+        self._trial_ids = trial_ids
+        self._next = 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._next >= len(self._trial_ids):
+            return Searcher.FINISHED
+        index, self._next = self._next, self._next + 1
+        return {"index": index, "trial_id": self._trial_ids[index]}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # nothing to learn: the plan is fixed
+
+
+_PLANS: dict[str, list[dict]] = {}  # per trial process: plan object id -> the configs, fetched once
+
+
+def _plan_of(holder: list) -> list[dict]:
+    """The plan's configs (``holder`` wraps its Ray object ref, so Tune does not fetch it per trial)."""
+    import ray
+
+    key = holder[0].hex()
+    if key not in _PLANS:
+        _PLANS.clear()  # a reused process may move on to another sweep's plan
+        _PLANS[key] = ray.get(holder[0])
+    return _PLANS[key]
+
+
+def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict) -> dict:
+    """The Ray Tune function trainable: run and record the plan's trial ``config["index"]``, report a
+    small summary."""
     _set_threads(resources["cpu"])
     pool = None
     if resources["influence_actors"] > 0:
@@ -137,7 +178,7 @@ def tune_trainable(config: dict, *, out: str, version: str, resources: dict) -> 
 
         pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
     try:
-        row = record_trial(config["trial"], out, map_shards=pool, version=version,
+        row = record_trial(_plan_of(plan)[config["index"]], out, map_shards=pool, version=version,
                            artifact_dir=_artifact_dir(out))
     finally:
         if pool is not None:
@@ -243,23 +284,44 @@ def autoscaler_capacity(config: dict) -> dict:
     return total
 
 
-class RetryLog(Callback):
-    """Counts the attempts of each trial that Tune restarted because its worker process died."""
+class TrialLog(Callback):
+    """What the driver keeps per trial, and only when it is news: the attempts Tune restarted
+    because a worker process died, and the first line of each recorded failure (the trainable
+    reports it; Tune's own per-trial result files are switched off, see ``TUNE_ENV``)."""
 
     def __init__(self):
         self.retried: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+        self.finished = 0  # fewer than planned when Ctrl-C stopped the sweep
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished += 1
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        from engine.config import trial_id
-
-        tid = trial_id(trial.config["trial"])
+        tid = trial.config["trial_id"]
         self.retried[tid] = self.retried.get(tid, 0) + 1
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("status") == "failed":
+            self.failed[trial.config["trial_id"]] = result.get("error") or "see the trials table"
 
 
 def _short_name(trial) -> str:
-    from engine.config import trial_id
+    return f"{trial.trial_id}-{trial.config['trial_id']}"
 
-    return f"{trial.trial_id}-{trial_id(trial.config['trial'])}"
+
+# Tune's per-trial CSV, JSON and TensorBoard logs: the Parquet record holds every result, and
+# 10,000 trials would write 30,000 more files
+TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+def _without_missing_metrics_warning(record: logging.LogRecord) -> bool:
+    """Drop Tune's end-of-run warning that each trial lacks the result files ``TUNE_ENV`` switched
+    off (one line per trial: 10,000 lines for a big sweep); other warnings pass."""
+    return not record.getMessage().startswith("Failed to fetch metrics for")
 
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
@@ -274,6 +336,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
 
     from engine.config import trial_id
 
+    import ray
+
     start = time.perf_counter()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
@@ -282,24 +346,29 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them
     done = completed_trials(sweep.out)
-    pending = [t for t in sweep.trials if trial_id(t) not in done]
+    ids = [trial_id(t) for t in sweep.trials]
+    pending = [t for t, tid in zip(sweep.trials, ids) if tid not in done]
+    pending_ids = [tid for tid in ids if tid not in done]
     outcome = SweepOutcome(total=len(sweep.trials), skipped=len(sweep.trials) - len(pending))
     if not pending:
         return outcome
     init_ray(address, verbose)
     check_cluster_resources(sweep.resources)
+    for key, value in TUNE_ENV.items():
+        os.environ.setdefault(key, value)
     version = code_version()
     out = sweep.out if "://" in sweep.out else root  # workers chdir elsewhere: absolute paths only
+    plan = [ray.put(pending)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, out=out, version=version, resources=sweep.resources),
+        tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources),
         trial_resources(sweep.resources),
     )
-    retries = RetryLog()
-    callbacks = [retries] + ([progress] if progress is not None else [])
+    log = TrialLog()
+    callbacks = [log] + ([progress] if progress is not None else [])
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(pending)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.resources["max_concurrent"],
+        tune_config=tune.TuneConfig(search_alg=PlanSearcher(pending_ids), num_samples=len(pending_ids),
+                                    max_concurrent_trials=sweep.resources["max_concurrent"],
                                     reuse_actors=reuse_actors,
                                     trial_name_creator=_short_name, trial_dirname_creator=_short_name),
         run_config=tune.RunConfig(
@@ -309,18 +378,21 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
             progress_reporter=None,
         ),
     )
-    results = tuner.fit()
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_log.addFilter(_without_missing_metrics_warning)
+    try:
+        results = tuner.fit()
+    finally:
+        analysis_log.removeFilter(_without_missing_metrics_warning)
+    outcome.failed = dict(log.failed)
     for result in results:
-        config = result.config["trial"]
-        tid = trial_id(config)
         if result.error is not None:
             # its worker died more often than max_failures allows, so it never wrote its row: record it now
+            config, tid = pending[result.config["index"]], result.config["trial_id"]
             error = f"{type(result.error).__name__}: {result.error}"
             record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
             outcome.failed[tid] = error.strip().splitlines()[0]
-        elif (result.metrics or {}).get("status") == "failed":
-            outcome.failed[tid] = result.metrics.get("error") or "see the trials table"
-    outcome.retried = dict(retries.retried)
-    outcome.ran = len(pending)
+    outcome.retried = dict(log.retried)
+    outcome.ran = log.finished
     outcome.seconds = time.perf_counter() - start
     return outcome
