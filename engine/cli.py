@@ -198,6 +198,24 @@ def report(
     console.print(f"open {written.html}", highlight=False)
 
 
+@app.command()
+def compact(out: str = typer.Argument(..., help="A sweep's output directory (or URI); it may still be running.")):
+    """Merge each table's per-trial Parquet files into a few large ones (complete trials only; safe to rerun)."""
+    from engine.record import compact as compact_record
+
+    try:
+        results = compact_record(out)
+    except FileNotFoundError as error:
+        _fail(str(error))
+    for done in results:
+        if done.written:
+            kept = f"; {done.kept} rewritten meanwhile, kept" if done.kept else ""
+            console.print(f"{done.table}: {done.files_merged} trial files ({done.rows} rows) -> "
+                          f"{', '.join(done.written)}; {done.removed} files removed{kept}", highlight=False)
+        else:
+            console.print(f"{done.table}: nothing new to compact", highlight=False)
+
+
 @app.command("list")
 def list_registered():
     """List the datasets, poisons, models, detectors and unlearning methods a config can name."""
