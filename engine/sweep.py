@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from engine import artifacts
+from engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
 from engine.sink import completed_trials, filesystem, remove_temporaries, write_trial
 
 if TYPE_CHECKING:
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 # a busy one (benchmarks/RESULTS.md, section 3)
 
 TUNE_DIR = "_tune"  # Tune's own experiment state, inside the output directory
-ARTIFACT_DIR = "_artifacts"  # work shared between trials (e.g. FLIP's experts)
 
 
 @dataclass
@@ -177,9 +178,15 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
         from engine.shards import ActorPoolMap
 
         pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
+    trial = _plan_of(plan)[config["index"]]
+    artifact_dir, mirrored = _artifact_dir(out), None
+    if artifact_dir is None and artifacts.uses_artifacts(trial):  # an object store: a node-local mirror
+        local, before = artifacts.download(out)
+        artifact_dir, mirrored = str(local), before
     try:
-        row = record_trial(_plan_of(plan)[config["index"]], out, map_shards=pool, version=version,
-                           artifact_dir=_artifact_dir(out))
+        row = record_trial(trial, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
+        if mirrored is not None:
+            artifacts.upload(out, Path(artifact_dir), mirrored)
     finally:
         if pool is not None:
             pool.close()
@@ -189,7 +196,8 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
 
 
 def _artifact_dir(out: str) -> str | None:
-    """Shared trial artifacts (FLIP's experts) live beside the tables; object stores get none (no file locks)."""
+    """Shared trial artifacts (FLIP's experts) live beside the tables; an object store's are mirrored
+    through a node-local cache instead (``engine.artifacts``): None here."""
     return None if "://" in out else f"{filesystem(out)[1]}/{ARTIFACT_DIR}"
 
 

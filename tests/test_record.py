@@ -20,7 +20,8 @@ from tasks.metrics import found_vs_checked
 
 def trial_rows(tid: str, status: str = "ok", n_scores: int = 7, acc: float = 0.5) -> dict:
     keys = {"trial_id": tid, "data_name": "digits", "poison_method": "one_shift", "poison_rate": 0.1, "seed": 0}
-    return {"trials": [{"trial_id": tid, "status": status, "clean_test_acc": acc}],
+    return {"trials": [{**keys, "status": status, "error": "ValueError: boom" if status == "failed" else None,
+                        "clean_test_acc": acc}],
             "detections": [{**keys, "detector": "loss", "auroc": acc}],
             "scores": [{"trial_id": tid, "detector": "loss", "index": i, "score": float(i), "is_poison": i % 3 == 0}
                        for i in range(n_scores)]}
