@@ -300,13 +300,6 @@ class TrialLog(Callback):
     def __init__(self):
         self.retried: dict[str, int] = {}
         self.failed: dict[str, str] = {}
-        self.finished = 0  # fewer than planned when Ctrl-C stopped the sweep
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finished += 1
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.finished += 1
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         tid = trial.config["trial_id"]
@@ -332,6 +325,18 @@ def _without_missing_metrics_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to fetch metrics for")
 
 
+def _recorded_since(out: str, began: dt.datetime, trial_ids: set[str]) -> int:
+    """How many of ``trial_ids`` have a trials row started at or after ``began``: what the record holds,
+    not what Tune counted (a trial stopped by Ctrl-C may have written its rows)."""
+    import pyarrow.compute as pc
+
+    from engine.record import read_table
+
+    rows = read_table(out, "trials", ["trial_id", "started_at"])
+    recent = rows.filter(pc.greater_equal(rows["started_at"], began))["trial_id"].to_pylist()
+    return len(trial_ids.intersection(recent))
+
+
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
               reuse_actors: bool = True) -> SweepOutcome:
     """Run every trial of ``sweep`` not yet recorded as ``ok`` in ``sweep.out``.
@@ -346,7 +351,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
 
     import ray
 
-    start = time.perf_counter()
+    start, began = time.perf_counter(), _now()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
     from engine.report import write_plan
@@ -401,6 +406,6 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
             record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
             outcome.failed[tid] = error.strip().splitlines()[0]
     outcome.retried = dict(log.retried)
-    outcome.ran = log.finished
+    outcome.ran = _recorded_since(sweep.out, began, set(pending_ids))
     outcome.seconds = time.perf_counter() - start
     return outcome
