@@ -74,6 +74,13 @@ def _isin(ids) -> pc.Expression:
     return pc.field("trial_id").isin(pa.array(sorted(ids), pa.string()))
 
 
+def _among(ids) -> pc.Expression:
+    """``trial_id`` in ``ids``, with the range first: a compacted file is sorted by trial_id, so its
+    row groups' statistics let the reader skip every group outside the range."""
+    field = pc.field("trial_id")
+    return (field >= min(ids)) & (field <= max(ids)) & _isin(ids)
+
+
 def _read_files(fs, table: str, files: TableFiles, columns: list[str], trial_ids: set[str] | None) -> pa.Table:
     schema = SCHEMAS[table]
     pieces = []
@@ -86,7 +93,9 @@ def _read_files(fs, table: str, files: TableFiles, columns: list[str], trial_ids
         if taken:
             condition = ~_isin(taken)
         if trial_ids is not None:
-            condition = _isin(trial_ids) if condition is None else condition & _isin(trial_ids)
+            if not trial_ids:
+                continue
+            condition = _among(trial_ids) if condition is None else _among(trial_ids) & condition
         part = ds.dataset(info.path, schema=schema, format="parquet", filesystem=fs)
         pieces.append(part.to_table(columns=columns, filter=condition))
         if info is not files.compacted[-1]:  # an older compacted file must not add these trials again

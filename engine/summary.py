@@ -118,13 +118,15 @@ def found_vs_checked_curves(scores, fractions) -> pd.DataFrame:
     columns = ["trial_id", "detector", "fraction_checked", "share_found", "poison_share"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    frame = frame.sort_values(["trial_id", "detector", "score", "index"], ascending=[True, True, False, True],
-                              kind="stable", ignore_index=True)
-    groups = frame.groupby(["trial_id", "detector"], sort=False)
-    sizes = groups.size().to_numpy()
-    keys = groups.size().index
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    poison = frame["is_poison"].to_numpy(dtype=np.int64)
+    # one sort of integer codes: trial, detector, score (high first), index
+    trial_code, trials = pd.factorize(frame["trial_id"])
+    detector_code, detectors = pd.factorize(frame["detector"])
+    order = np.lexsort((frame["index"].to_numpy(), -frame["score"].to_numpy(), detector_code, trial_code))
+    group = (trial_code * len(detectors) + detector_code)[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    sizes = np.diff(np.r_[starts, len(group)])
+    keys = pd.MultiIndex.from_arrays([trials[trial_code[order][starts]], detectors[detector_code[order][starts]]])
+    poison = frame["is_poison"].to_numpy(dtype=np.int64)[order]
     found_before = np.concatenate([[0], np.cumsum(poison)])  # poisons among all rows before position i
     n_poison = found_before[starts + sizes] - found_before[starts]
     fractions = np.asarray(fractions, dtype=np.float64)
