@@ -1,6 +1,7 @@
 """The Parquet record: one directory per table, one file per trial, written atomically.
 
-``<out>/<table>/<trial_id>.parquet`` (``poisonsweep compact`` later merges them, ``engine.record``). A rerun of a trial replaces its files, so no row is ever
+``<out>/<table>/<trial_id>.parquet`` (``poisonsweep compact`` later merges them, ``engine.record``).
+A rerun of a trial replaces its files, so no row is ever
 duplicated; a reader never sees a half-written file (temporary name, then rename). ``out`` may
 be a local path or any URI pyarrow understands (``s3://``, ``gs://``), for cluster runs.
 """
