@@ -140,16 +140,17 @@ class PlanSearcher(Searcher):
     stay in the plan, which each trial process fetches once (:func:`_plan_of`).
     """
 
-    def __init__(self, trial_ids: list[str]):
+    def __init__(self, trial_ids: list[str], first_index: int = 0):
         super().__init__()
         self._trial_ids = trial_ids
+        self._first = first_index  # the plan's index of trial_ids[0]
         self._next = 0
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._next >= len(self._trial_ids):
             return Searcher.FINISHED
         index, self._next = self._next, self._next + 1
-        return {"index": index, "trial_id": self._trial_ids[index]}
+        return {"index": self._first + index, "trial_id": self._trial_ids[index]}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # nothing to learn: the plan is fixed
@@ -314,6 +315,12 @@ def _short_name(trial) -> str:
     return f"{trial.trial_id}-{trial.config['trial_id']}"
 
 
+# Tune keeps every trial of an experiment in the driver (tens of kB each, measured in
+# benchmarks/RESULTS.md, section 8), so a big sweep runs as consecutive Tune experiments of this
+# many trials: the driver's memory stays bounded, at the cost of restarting the trial processes
+# once per experiment (seconds, against minutes of trials)
+TRIALS_PER_TUNER = int(os.environ.get("POISONSWEEP_TRIALS_PER_TUNER", 2000))
+
 # Tune's per-trial CSV, JSON and TensorBoard logs: the Parquet record holds every result, and
 # 10,000 trials would write 30,000 more files
 TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
@@ -337,6 +344,15 @@ def _recorded_since(out: str, began: dt.datetime, trial_ids: set[str]) -> int:
     return len(trial_ids.intersection(recent))
 
 
+def _fit(tuner):
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_log.addFilter(_without_missing_metrics_warning)
+    try:
+        return tuner.fit()
+    finally:
+        analysis_log.removeFilter(_without_missing_metrics_warning)
+
+
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
               reuse_actors: bool = True) -> SweepOutcome:
     """Run every trial of ``sweep`` not yet recorded as ``ok`` in ``sweep.out``.
@@ -345,11 +361,10 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     torch and the datasets are imported once per process rather than once per trial
     (``benchmarks/RESULTS.md, section 3``).
     """
+    import ray
     from ray import tune
 
     from engine.config import trial_id
-
-    import ray
 
     start, began = time.perf_counter(), _now()
     fs, root = filesystem(sweep.out)
@@ -378,33 +393,39 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     )
     log = TrialLog()
     callbacks = [log] + ([progress] if progress is not None else [])
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=PlanSearcher(pending_ids), num_samples=len(pending_ids),
-                                    max_concurrent_trials=sweep.resources["max_concurrent"],
-                                    reuse_actors=reuse_actors,
-                                    trial_name_creator=_short_name, trial_dirname_creator=_short_name),
-        run_config=tune.RunConfig(
-            name=f"{sweep.name}-{dt.datetime.now():%Y%m%d-%H%M%S}", storage_path=f"{out}/{TUNE_DIR}",
-            failure_config=tune.FailureConfig(max_failures=sweep.resources["max_failures"]),
-            verbose=2 if verbose else 0, callbacks=callbacks,
-            progress_reporter=None,
-        ),
-    )
-    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    analysis_log.addFilter(_without_missing_metrics_warning)
+    name = f"{sweep.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+    def tuner(first: int, chunk: list[str]):
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=PlanSearcher(chunk, first), num_samples=len(chunk),
+                                        max_concurrent_trials=sweep.resources["max_concurrent"],
+                                        reuse_actors=reuse_actors,
+                                        trial_name_creator=_short_name, trial_dirname_creator=_short_name),
+            run_config=tune.RunConfig(
+                name=name if first == 0 else f"{name}-{first}", storage_path=f"{out}/{TUNE_DIR}",
+                failure_config=tune.FailureConfig(max_failures=sweep.resources["max_failures"]),
+                verbose=2 if verbose else 0, callbacks=callbacks,
+                progress_reporter=None,
+            ),
+        )
+
     try:
-        results = tuner.fit()
-    finally:
-        analysis_log.removeFilter(_without_missing_metrics_warning)
+        for first in range(0, len(pending_ids), TRIALS_PER_TUNER):
+            chunk = pending_ids[first:first + TRIALS_PER_TUNER]
+            results = _fit(tuner(first, chunk))  # a finished chunk's trials then leave the driver's memory
+            for result in results:
+                if result.error is not None:
+                    # its worker died more often than max_failures allows, so it never wrote its row: record it now
+                    config, tid = pending[result.config["index"]], result.config["trial_id"]
+                    error = f"{type(result.error).__name__}: {result.error}"
+                    record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
+                    log.failed[tid] = error.strip().splitlines()[0]
+            if results.num_terminated + results.num_errors < len(chunk):  # Ctrl-C: Tune stopped early
+                break
+    except KeyboardInterrupt:  # Ctrl-C between two experiments, outside Tune's own handler: stop there
+        pass
     outcome.failed = dict(log.failed)
-    for result in results:
-        if result.error is not None:
-            # its worker died more often than max_failures allows, so it never wrote its row: record it now
-            config, tid = pending[result.config["index"]], result.config["trial_id"]
-            error = f"{type(result.error).__name__}: {result.error}"
-            record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
-            outcome.failed[tid] = error.strip().splitlines()[0]
     outcome.retried = dict(log.retried)
     outcome.ran = _recorded_since(sweep.out, began, set(pending_ids))
     outcome.seconds = time.perf_counter() - start

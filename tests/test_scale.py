@@ -37,6 +37,7 @@ def test_the_trial_log_keeps_only_retries_and_failures():
 
 
 def test_ctrl_c_stops_a_sweep_of_thousands_cleanly(tmp_path):
+    """Run as Tune experiments of 3 trials each (``TRIALS_PER_TUNER``), so Ctrl-C lands in a later one."""
     n = 5000
     config = tmp_path / "big.yaml"
     config.write_text(yaml.safe_dump({
@@ -45,12 +46,13 @@ def test_ctrl_c_stops_a_sweep_of_thousands_cleanly(tmp_path):
         "train": {"epochs": 1}, "detectors": ["loss"], "sweep": {"seed": list(range(n))},
         "resources": {"max_concurrent": 1}}))
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0",
+           "POISONSWEEP_TRIALS_PER_TUNER": "3"}
     driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(config), "--out", str(out)], env=env,
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
-        while not list((out / "trials").glob("*.parquet")) if (out / "trials").is_dir() else True:
+        while len(list((out / "trials").glob("*.parquet")) if (out / "trials").is_dir() else []) < 5:
             assert driver.poll() is None and time.time() < deadline, "no trial started"
             time.sleep(0.5)
         driver.send_signal(signal.SIGINT)
@@ -60,5 +62,6 @@ def test_ctrl_c_stops_a_sweep_of_thousands_cleanly(tmp_path):
             driver.kill()
     assert driver.returncode == 0, output[-3000:]
     recorded = len(pd.read_parquet(out / "trials"))
-    assert 1 <= recorded < n
+    assert 5 <= recorded < n
+    assert len(list((out / "_tune").iterdir())) >= 2  # it went on from the first experiment to the next
     assert f"{recorded} trials run, 0 already done" in " ".join(output.split()), output[-3000:]
