@@ -171,7 +171,8 @@ def _sorted_batches(fs, table: str, infos: list[pafs.FileInfo]):
     for start in range(0, len(infos), FILES_PER_BATCH):
         paths = [info.path for info in infos[start:start + FILES_PER_BATCH]]
         batch = ds.dataset(paths, schema=SCHEMAS[table], format="parquet", filesystem=fs).to_table()
-        yield batch.sort_by("trial_id")
+        if batch.num_rows:  # no empty row groups (most trials have no unlearning or influence rows)
+            yield batch.sort_by("trial_id")
 
 
 def _delete_if_unchanged(fs, infos: list[pafs.FileInfo]) -> tuple[int, int]:
