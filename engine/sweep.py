@@ -12,9 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -344,6 +346,39 @@ def _recorded_since(out: str, began: dt.datetime, trial_ids: set[str]) -> int:
     return len(trial_ids.intersection(recent))
 
 
+class CtrlC:
+    """Ctrl-C between two Tune experiments stops the sweep there.
+
+    During ``fit`` Tune's own handler takes SIGINT (it stops the experiment cleanly, then hands
+    SIGINT back to the handler it found: this one). Tune does not put the old handler back when an
+    experiment ends normally, so a Ctrl-C between experiments would reach a finished experiment's
+    handler and be lost; ``listen`` reinstalls this one after each experiment.
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+
+    def _press(self, signum, frame):
+        if self.pressed:  # pressed again: stop now, as Python would
+            signal.default_int_handler(signum, frame)
+        self.pressed = True
+
+    def listen(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            signal.signal(signal.SIGINT, self._press)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+        self.listen()
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _fit(tuner):
     analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
     analysis_log.addFilter(_without_missing_metrics_warning)
@@ -410,10 +445,13 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
             ),
         )
 
-    try:
+    with CtrlC() as ctrl_c:
         for first in range(0, len(pending_ids), TRIALS_PER_TUNER):
+            if ctrl_c.pressed:
+                break
             chunk = pending_ids[first:first + TRIALS_PER_TUNER]
             results = _fit(tuner(first, chunk))  # a finished chunk's trials then leave the driver's memory
+            ctrl_c.listen()  # Tune leaves its finished experiment's handler installed
             for result in results:
                 if result.error is not None:
                     # its worker died more often than max_failures allows, so it never wrote its row: record it now
@@ -423,8 +461,6 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
                     log.failed[tid] = error.strip().splitlines()[0]
             if results.num_terminated + results.num_errors < len(chunk):  # Ctrl-C: Tune stopped early
                 break
-    except KeyboardInterrupt:  # Ctrl-C between two experiments, outside Tune's own handler: stop there
-        pass
     outcome.failed = dict(log.failed)
     outcome.retried = dict(log.retried)
     outcome.ran = _recorded_since(sweep.out, began, set(pending_ids))

@@ -11,7 +11,9 @@ import pandas as pd
 import yaml
 from ray.tune.search import Searcher
 
-from engine.sweep import PlanSearcher, TrialLog
+import pytest
+
+from engine.sweep import CtrlC, PlanSearcher, TrialLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +36,20 @@ def test_the_trial_log_keeps_only_retries_and_failures():
     log.on_trial_result(0, [], Trial("b"), {"status": "failed", "error": "ValueError: x"})
     log.on_trial_recover(0, [], Trial("c"))
     assert log.failed == {"b": "ValueError: x"} and log.retried == {"c": 1}
+
+
+def test_ctrl_c_between_two_tune_experiments_is_not_lost():
+    before = signal.getsignal(signal.SIGINT)
+    with CtrlC() as ctrl_c:
+        signal.signal(signal.SIGINT, lambda *_: None)  # a finished experiment's handler, left installed by Tune
+        ctrl_c.listen()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert ctrl_c.pressed
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_stops_a_sweep_of_thousands_cleanly(tmp_path):
