@@ -50,7 +50,7 @@ def run(
 ):
     """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
     from engine.config import check_data, load_sweep
-    from engine.record import RERUN_CHOICES, run_lock
+    from engine.resume import RERUN_CHOICES, run_lock
 
     if rerun not in RERUN_CHOICES:
         _fail(f"--rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
@@ -77,7 +77,7 @@ def run(
 def _run_locked(sweep, address, verbose: bool, reuse_actors: bool, rerun: str) -> None:
     from engine.config import trial_id
     from engine.progress import SweepProgress
-    from engine.record import code_version, quarantine, stale_trials, trials_to_run
+    from engine.resume import code_version, quarantine, stale_trials, trials_to_run
     from engine.sweep import run_sweep
 
     console.print(f"sweep [bold]{escape(sweep.name)}[/]: {len(sweep.trials)} trials -> {escape(sweep.out)}")
@@ -156,7 +156,7 @@ def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI
 def repair(out: str = typer.Argument(..., help="A sweep's output directory (or URI).")):
     """Move every file of the record that is not readable Parquet to DIR/_quarantine/ (the next `run`
     recomputes its trial)."""
-    from engine.record import QUARANTINE_DIR, quarantine
+    from engine.resume import QUARANTINE_DIR, quarantine
 
     moved = quarantine(out)
     for damaged, target in moved:
@@ -169,7 +169,7 @@ def repair(out: str = typer.Argument(..., help="A sweep's output directory (or U
 @contextlib.contextmanager
 def _damage_reported(out: str):
     """Name every damaged file of the record once (readers skip them, each with a warning)."""
-    from engine.record import damaged_files
+    from engine.resume import damaged_files
     from engine.sink import DamagedFile
 
     for path in damaged_files(out):
@@ -197,7 +197,7 @@ def print_summary(out: str) -> None:
         console.print("no trials recorded yet")
         return
     ok = trials[trials["status"] == "ok"]
-    from engine.record import version_note
+    from engine.resume import version_note
 
     if note := version_note(ok["code_version"]):
         console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
@@ -269,6 +269,24 @@ def report(
     console.print(escape(f"{len(written.tables)} table files and {len(written.figures)} figures in "
                          f"{written.directory}"), highlight=False)
     console.print(escape(f"open {written.html}"), highlight=False)
+
+
+@app.command()
+def compact(out: str = typer.Argument(..., help="A sweep's output directory (or URI); it may still be running.")):
+    """Merge each table's per-trial Parquet files into a few large ones (complete trials only; safe to rerun)."""
+    from engine.record import compact as compact_record
+
+    try:
+        results = compact_record(out)
+    except FileNotFoundError as error:
+        _fail(str(error))
+    for done in results:
+        if done.written:
+            kept = f"; {done.kept} rewritten meanwhile, kept" if done.kept else ""
+            console.print(f"{done.table}: {done.files_merged} trial files ({done.rows} rows) -> "
+                          f"{', '.join(done.written)}; {done.removed} files removed{kept}", highlight=False)
+        else:
+            console.print(f"{done.table}: nothing new to compact", highlight=False)
 
 
 @app.command("list")

@@ -475,9 +475,13 @@ def check_data(sweep: Sweep) -> None:
     from tasks.data import load_dataset, stratified_subset
     from tasks.poisons import check_rate
 
-    errors, loaded = [], {}
+    errors, loaded, checked = [], {}, set()
     for trial in sweep.trials:
         data = trial["data"]
+        key = json.dumps([data, trial["poison"]], sort_keys=True, default=str)
+        if key in checked:  # seeds and models repeat these checks: 10,000 trials, a few distinct ones
+            continue
+        checked.add(key)
         source = (data["name"], data["root"])
         if source not in loaded:
             try:

@@ -1,128 +1,254 @@
-"""Trust in a sweep's record: which code wrote each row, which trials are really done, damaged files
-moved aside, and one writer per output directory.
+"""Reading the Parquet record in either of its two forms, and compacting it from one into the other.
 
-* **Code version.** ``code_version()`` is ``<package version>+src.<hash>``: the version from the
-  installed package's metadata and a SHA-256 of the science code that computes every number
-  (the ``.py`` files of ``tasks/``, as imported). It needs no ``.git``, so a wheel on a cluster node
-  reports the same value as the checkout it was built from, and an uncommitted edit (a dirty tree)
-  gives a different hash. The driver computes it once and every trial row records it.
-* **Done.** A trial is done when its ``trials`` row says ``ok``, every table's file of that trial is
-  readable Parquet, and (``rerun="stale"``) its code version is the current one.
-* **Damage.** A file in a table directory that is not readable Parquet (a truncated copy, a stray
-  file) is never fatal: readers skip it with a warning that names it, ``poisonsweep repair DIR`` and
-  every ``run`` move it to ``DIR/_quarantine/``, and ``run`` recomputes its trial.
-* **One writer.** ``run`` holds ``DIR/.run.lock`` (``filelock``) for a local directory; object stores
-  have no lock (see README, "Identity, versions and --rerun").
+A sweep writes one file per table per trial, ``<out>/<table>/<trial_id>.parquet`` (``engine.sink``).
+``compact`` merges the files of the trials that are complete (their ``trials`` row exists) into
+``<out>/<table>/compacted-<generation>-<tag>.parquet``, sorted by ``trial_id``, then deletes the
+files it merged. Both kinds are plain Parquet files in the same directory, so pandas, polars and
+DuckDB read a compacted record as they read a per-trial one.
+
+While ``compact`` runs, both copies of a trial's rows exist for a moment. :func:`read_table` (used
+by ``show``, ``report`` and resume) never counts a trial twice: for each ``trial_id`` it takes the
+rows of one source only, a per-trial file first (it is the newer: a trial rerun after compaction
+writes one), else the newest compacted file that holds the trial. Compaction deletes a per-trial
+file only if it is unchanged since it was read, so a trial rewritten meanwhile keeps its new file.
+Run one ``compact`` at a time per directory (two would both add a file; readers would still see
+each trial once).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import Counter
-from importlib import metadata
-from pathlib import Path
+import re
+import uuid
+import warnings
+from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from engine.sink import TABLES, filesystem, read_table, readable_files
+from engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, readable_files
 
-QUARANTINE_DIR = "_quarantine"
-LOCK_FILE = ".run.lock"
-RERUN_CHOICES = ("failed", "stale", "all")
-
-
-def source_hash() -> str:
-    """SHA-256 (12 hex digits) of the science code: every ``.py`` file under ``tasks/``, by relative path."""
-    import tasks
-
-    root = Path(tasks.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
+COMPACTED = re.compile(r"compacted-(\d+)-[0-9a-f]+\.parquet")
+# rows per row group of a compacted file: large enough for fast scans, small enough that a query for
+# a few trials (sorted by trial_id, so row-group statistics prune) reads little of the scores table
+ROW_GROUP_ROWS = 256 * 1024
+# per-trial files read into memory at once while compacting (bounded memory whatever the sweep's size)
+FILES_PER_BATCH = 2000
+# a reader retries this often when compaction deleted a file between its listing and its read
+READ_ATTEMPTS = 3
 
 
-def code_version() -> str:
-    """``<version>+src.<hash>``: the installed package's version and the hash of the code that ran."""
-    try:
-        version = metadata.version("poisonsweep")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    return f"{version}+src.{source_hash()}"
+@dataclass
+class TableFiles:
+    """The data files of one table: per-trial files by trial id, compacted files newest first."""
+
+    per_trial: dict[str, pafs.FileInfo] = field(default_factory=dict)
+    compacted: list[pafs.FileInfo] = field(default_factory=list)
 
 
-def damaged_files(out: str) -> list[str]:
-    """Every file in a table directory that is not readable Parquet."""
-    damaged = []
-    for table in TABLES:
-        damaged += readable_files(out, table)[1]
-    return damaged
+def _generation(info: pafs.FileInfo) -> int:
+    return int(COMPACTED.fullmatch(info.base_name).group(1))
 
 
-def quarantine(out: str) -> list[tuple[str, str]]:
-    """Move every damaged file to ``<out>/_quarantine/<table>/``; returns (from, to) pairs."""
+def table_files(out: str, table: str) -> TableFiles:
+    """List ``<out>/<table>/`` (hidden files, e.g. writers' temporaries, are not data)."""
     fs, root = filesystem(out)
-    moved = []
-    for path in damaged_files(out):
-        table, name = path.rsplit("/", 2)[-2:]
-        target = f"{root}/{QUARANTINE_DIR}/{table}/{name}"
-        fs.create_dir(f"{root}/{QUARANTINE_DIR}/{table}", recursive=True)
-        fs.move(path, target)
-        moved.append((path, target))
-    return moved
+    directory = f"{root}/{table}"
+    files = TableFiles()
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        return files
+    for info in fs.get_file_info(pafs.FileSelector(directory)):
+        name = info.base_name
+        if info.type != pafs.FileType.File or name.startswith((".", "_")) or not name.endswith(".parquet"):
+            continue
+        if COMPACTED.fullmatch(name):
+            files.compacted.append(info)
+        else:
+            files.per_trial[name[: -len(".parquet")]] = info
+    files.compacted.sort(key=lambda info: (_generation(info), info.base_name), reverse=True)
+    return files
 
 
-def trial_versions(out: str) -> dict[str, tuple[str, str | None]]:
-    """trial_id -> (status, code_version) of every readable trials row."""
-    rows = read_table(out, "trials", ["trial_id", "status", "code_version"]).to_pylist()
-    return {row["trial_id"]: (row["status"], row["code_version"]) for row in rows}
+def _isin(ids) -> pc.Expression:
+    return pc.field("trial_id").isin(pa.array(sorted(ids), pa.string()))
 
 
-def complete_trials(out: str) -> set[str]:
-    """Trials whose row says ``ok`` and whose every table's file is readable."""
-    ok = {tid for tid, (status, _) in trial_versions(out).items() if status == "ok"}
+def _among(ids) -> pc.Expression:
+    """``trial_id`` in ``ids``, with the range first: a compacted file is sorted by trial_id, so its
+    row groups' statistics let the reader skip every group outside the range."""
+    field = pc.field("trial_id")
+    return (field >= min(ids)) & (field <= max(ids)) & _isin(ids)
+
+
+def _read_files(fs, table: str, files: TableFiles, columns: list[str], trial_ids: set[str] | None) -> pa.Table:
+    schema = SCHEMAS[table]
+    pieces = []
+    per_trial = [info.path for tid, info in files.per_trial.items() if trial_ids is None or tid in trial_ids]
+    if per_trial:
+        pieces.append(ds.dataset(per_trial, schema=schema, format="parquet", filesystem=fs).to_table(columns=columns))
+    taken = set(files.per_trial)  # trials whose rows came from a per-trial file (or that were filtered out)
+    for info in files.compacted:
+        condition = None
+        if taken:
+            condition = ~_isin(taken)
+        if trial_ids is not None:
+            if not trial_ids:
+                continue
+            condition = _among(trial_ids) if condition is None else _among(trial_ids) & condition
+        part = ds.dataset(info.path, schema=schema, format="parquet", filesystem=fs)
+        pieces.append(part.to_table(columns=columns, filter=condition))
+        if info is not files.compacted[-1]:  # an older compacted file must not add these trials again
+            taken |= set(pc.unique(part.to_table(columns=["trial_id"]).column(0)).to_pylist())
+    if not pieces:
+        return schema.empty_table().select(columns)
+    return pa.concat_tables(pieces)
+
+
+def read_table(out: str, table: str, columns: list[str] | None = None, trial_ids=None) -> pa.Table:
+    """All trials' rows of one table, each trial's once, whichever form the record is in.
+
+    ``columns``: only these are read (default all); ``trial_ids``: only these trials' rows. An
+    empty table with the schema when nothing was written yet. A file that is not readable Parquet
+    is skipped with a ``DamagedFile`` warning that names it and the command that repairs it.
+    """
+    fs, _ = filesystem(out)
+    columns = list(columns) if columns is not None else SCHEMAS[table].names
+    wanted = set(trial_ids) if trial_ids is not None else None
+    damaged: set[str] = set()
+    for attempt in range(READ_ATTEMPTS):
+        files = _without(table_files(out, table), damaged)
+        try:
+            return _read_files(fs, table, files, columns, wanted)
+        except FileNotFoundError:  # compaction deleted a listed file meanwhile: list again
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+        except (OSError, ValueError, pa.ArrowException):  # damage found only on reading: name it, skip it
+            found = set(readable_files(out, table)[1]) - damaged
+            if not found:
+                raise
+            for path in sorted(found):
+                warnings.warn(DamagedFile(path, out), stacklevel=2)
+            damaged |= found
+    raise AssertionError("unreachable")
+
+
+def _without(files: TableFiles, paths: set[str]) -> TableFiles:
+    if not paths:
+        return files
+    return TableFiles({tid: info for tid, info in files.per_trial.items() if info.path not in paths},
+                      [info for info in files.compacted if info.path not in paths])
+
+
+def recorded_trials(out: str, table: str = "trials") -> set[str]:
+    """The ids of the trials with rows in ``table``."""
+    return set(pc.unique(read_table(out, table, ["trial_id"]).column(0)).to_pylist())
+
+
+# ------------------------------------------------------------------------------------------------ compaction
+
+
+@dataclass
+class Compacted:
+    """What ``compact`` did to one table."""
+
+    table: str
+    files_merged: int = 0
+    rows: int = 0
+    written: list[str] = field(default_factory=list)  # the new compacted files' names
+    removed: int = 0  # per-trial and older compacted files deleted
+    kept: int = 0  # per-trial files rewritten while compacting (left in place; they win)
+
+
+def _write_atomically(fs, final: str, batches, schema: pa.Schema) -> int:
+    """Write ``batches`` (Arrow tables) to ``final``, visible only when complete; returns the rows written."""
+    local = isinstance(fs, pafs.LocalFileSystem)
+    directory, name = final.rsplit("/", 1)
+    # object stores publish an object only once its upload completes; a local file gets a hidden name first
+    target = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp" if local else final
+    rows = 0
+    with fs.open_output_stream(target) as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_table(batch, row_group_size=ROW_GROUP_ROWS)
+            rows += batch.num_rows
+    if local:
+        fs.move(target, final)
+    return rows
+
+
+def _new_name(files: TableFiles) -> str:
+    generation = max((_generation(info) for info in files.compacted), default=0) + 1
+    return f"compacted-{generation:06d}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def _sorted_batches(fs, table: str, infos: list[pafs.FileInfo]):
+    """The per-trial files' rows, sorted by trial_id, ``FILES_PER_BATCH`` files at a time."""
+    infos = sorted(infos, key=lambda info: info.base_name)  # file name = trial id: batches follow in order
+    for start in range(0, len(infos), FILES_PER_BATCH):
+        paths = [info.path for info in infos[start:start + FILES_PER_BATCH]]
+        batch = ds.dataset(paths, schema=SCHEMAS[table], format="parquet", filesystem=fs).to_table()
+        if batch.num_rows:  # no empty row groups (most trials have no unlearning or influence rows)
+            yield batch.sort_by("trial_id")
+
+
+def _delete_if_unchanged(fs, infos: list[pafs.FileInfo]) -> tuple[int, int]:
+    """Delete the files not modified since they were listed; returns (deleted, kept)."""
+    now = {info.path: info for info in fs.get_file_info([info.path for info in infos])}
+    deleted = kept = 0
+    for info in infos:
+        current = now[info.path]
+        if current.type == pafs.FileType.File and (current.mtime, current.size) == (info.mtime, info.size):
+            fs.delete_file(info.path)
+            deleted += 1
+        else:
+            kept += 1
+    return deleted, kept
+
+
+def compact_table(out: str, table: str, complete: set[str], merge_above: int = 8) -> Compacted:
+    """Merge the per-trial files of ``complete`` trials of ``table`` into one new compacted file.
+
+    When the table would then have more than ``merge_above`` compacted files, they are all merged
+    into one (older files are deleted after the merged one is in place).
+    """
     fs, root = filesystem(out)
-    for table in TABLES:
-        if fs.get_file_info(f"{root}/{table}").type == pafs.FileType.Directory:
-            ok &= {Path(path).stem for path in readable_files(out, table)[0]}
-    return ok
+    files = table_files(out, table)
+    done = Compacted(table)
+    chosen = [info for tid, info in files.per_trial.items() if tid in complete]
+    if chosen:
+        final = f"{root}/{table}/{_new_name(files)}"
+        done.rows = _write_atomically(fs, final, _sorted_batches(fs, table, chosen), SCHEMAS[table])
+        done.files_merged, done.written = len(chosen), [final.rsplit("/", 1)[1]]
+        done.removed, done.kept = _delete_if_unchanged(fs, chosen)
+    files = table_files(out, table)
+    if len(files.compacted) > merge_above:
+        _merge_compacted(out, table, files, done)
+    return done
 
 
-def stale_trials(out: str, trial_ids: list[str], version: str) -> Counter:
-    """Code version -> number of the planned ``ok`` trials recorded by another code version."""
-    versions = trial_versions(out)
-    return Counter(versions[tid][1] or "unknown" for tid in trial_ids
-                   if tid in versions and versions[tid][0] == "ok" and versions[tid][1] != version)
+def _merge_compacted(out: str, table: str, files: TableFiles, done: Compacted) -> None:
+    """Rewrite every compacted file of ``table`` as one (each trial's rows from its newest file)."""
+    fs, root = filesystem(out)
+    merged = TableFiles(compacted=files.compacted)  # per-trial files stay where they are
+    rows = _read_files(fs, table, merged, SCHEMAS[table].names, None).sort_by("trial_id")
+    final = f"{root}/{table}/{_new_name(files)}"
+    _write_atomically(fs, final, [rows], SCHEMAS[table])
+    done.written.append(final.rsplit("/", 1)[1])
+    for info in files.compacted:
+        fs.delete_file(info.path)
+        done.removed += 1
 
 
-def trials_to_run(out: str, trial_ids: list[str], rerun: str, version: str) -> list[str]:
-    """The planned trial ids that must run: ``failed`` (the default) runs every trial not done,
-    ``stale`` also those done by another code version, ``all`` every trial."""
-    if rerun not in RERUN_CHOICES:
-        raise ValueError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
-    if rerun == "all":
-        return list(trial_ids)
-    done = complete_trials(out)
-    if rerun == "stale":
-        versions = trial_versions(out)
-        done = {tid for tid in done if versions[tid][1] == version}
-    return [tid for tid in trial_ids if tid not in done]
+def compact(out: str) -> list[Compacted]:
+    """Compact every table of the record in ``out`` (a directory or URI); safe while a sweep writes.
 
-
-def version_note(versions) -> str | None:
-    """A sentence if the ``ok`` rows of a table come from more than one code version, else None."""
-    counts = Counter(v if isinstance(v, str) else "unknown" for v in versions)
-    if len(counts) < 2:
-        return None
-    listed = ", ".join(f"{version}: {n}" for version, n in counts.most_common())
-    return (f"the ok trials mix {len(counts)} code versions ({listed}); numbers from different code are "
-            "averaged together. `poisonsweep run CONFIG --rerun stale` recomputes the older ones.")
-
-
-def run_lock(out: str):
-    """A lock held while ``run`` writes to a local ``out``; None for an object store (no file locks)."""
-    if "://" in out:
-        return None
-    from filelock import FileLock
-
-    return FileLock(f"{filesystem(out)[1]}/{LOCK_FILE}", timeout=0)
+    Only complete trials are taken: those whose ``trials`` row exists when compaction starts (a
+    trial writes that row last). Running it again with nothing new to merge changes nothing.
+    """
+    fs, root = filesystem(out)
+    if fs.get_file_info(f"{root}/trials").type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{out!r} holds no trials table: is it a sweep's output directory?")
+    complete = recorded_trials(out, "trials")
+    # the trials table last: until then every trial merged elsewhere still has its per-trial trials row
+    return [compact_table(out, table, complete) for table in [t for t in TABLES if t != "trials"] + ["trials"]]

@@ -1,6 +1,7 @@
 """The Parquet record: one directory per table, one file per trial, written atomically.
 
-``<out>/<table>/<trial_id>.parquet``. A rerun of a trial replaces its files, so no row is ever
+``<out>/<table>/<trial_id>.parquet`` (``poisonsweep compact`` later merges them, ``engine.record``).
+A rerun of a trial replaces its files, so no row is ever
 duplicated; a reader never sees a half-written file (temporary name, then rename). ``out`` may
 be a local path or any URI pyarrow understands (``s3://``, ``gs://``), for cluster runs.
 ``<out>/sweep.json`` (:func:`write_plan`) lists the trials the latest run planned, so a report can
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -133,17 +132,11 @@ def write_trial(out: str, trial_id: str, tables: dict[str, list[dict]]) -> None:
 
 
 def read_table(out: str, table: str, columns: list[str] | None = None) -> pa.Table:
-    """All trials' rows of one table (an empty table with the schema if none were written yet)."""
-    fs, root = filesystem(out)
-    directory = f"{root}/{table}"
-    if fs.get_file_info(directory).type != pafs.FileType.Directory:
-        empty = SCHEMAS[table].empty_table()
-        return empty.select(columns) if columns else empty
-    files, damaged = readable_files(out, table)
-    for path in damaged:
-        warnings.warn(DamagedFile(path, out), stacklevel=2)
-    dataset = ds.dataset(files, schema=SCHEMAS[table], format="parquet", filesystem=fs)
-    return dataset.to_table(columns=columns)
+    """All trials' rows of one table, each trial's once, per-trial or compacted (``engine.record``);
+    an empty table with the schema if none were written yet."""
+    from engine.record import read_table as read_record  # engine.record builds on this module
+
+    return read_record(out, table, columns)
 
 
 class DamagedFile(UserWarning):

@@ -100,3 +100,51 @@ def fmt(mean: float, std: float) -> str:
     if pd.isna(mean):
         return "–"
     return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f}±{std:.3f}"
+
+
+# trials whose scores are read into memory at once (the scores table is one row per sample × detector × trial)
+TRIALS_PER_BATCH = 2000
+
+
+def batches(items: list, size: int = TRIALS_PER_BATCH) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def found_vs_checked_curves(scores, fractions) -> pd.DataFrame:
+    """``tasks.metrics.found_vs_checked`` for every trial × detector of a ``scores`` table at once.
+
+    Each group's samples are ranked by score, most suspicious first, ties by ``index`` (as
+    ``found_vs_checked`` ranks them); the share of the group's poisons among its first
+    ``round(fraction * n)`` samples is read off one cumulative sum over the whole table.
+    Returns rows of trial_id, detector, fraction_checked, share_found (NaN without poisons) and
+    poison_share.
+    """
+    import numpy as np
+
+    frame = scores.to_pandas() if not isinstance(scores, pd.DataFrame) else scores
+    columns = ["trial_id", "detector", "fraction_checked", "share_found", "poison_share"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    # one sort of integer codes: trial, detector, score (high first), index
+    trial_code, trials = pd.factorize(frame["trial_id"])
+    detector_code, detectors = pd.factorize(frame["detector"])
+    order = np.lexsort((frame["index"].to_numpy(), -frame["score"].to_numpy(), detector_code, trial_code))
+    group = (trial_code * len(detectors) + detector_code)[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    sizes = np.diff(np.r_[starts, len(group)])
+    keys = pd.MultiIndex.from_arrays([trials[trial_code[order][starts]], detectors[detector_code[order][starts]]])
+    poison = frame["is_poison"].to_numpy(dtype=np.int64)[order]
+    found_before = np.concatenate([[0], np.cumsum(poison)])  # poisons among all rows before position i
+    n_poison = found_before[starts + sizes] - found_before[starts]
+    fractions = np.asarray(fractions, dtype=np.float64)
+    checked = np.rint(np.outer(sizes, fractions)).astype(np.int64)  # half to even, like Python's round
+    found = found_before[starts[:, None] + checked] - found_before[starts][:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(n_poison[:, None] > 0, found / n_poison[:, None], np.nan)
+    return pd.DataFrame({
+        "trial_id": np.repeat(keys.get_level_values(0), len(fractions)),
+        "detector": np.repeat(keys.get_level_values(1), len(fractions)),
+        "fraction_checked": np.tile(fractions, len(sizes)),
+        "share_found": share.ravel(),
+        "poison_share": np.repeat(n_poison / sizes, len(fractions)),
+    })[columns]

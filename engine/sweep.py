@@ -5,6 +5,10 @@ the same command after a crash (even a SIGKILLed driver) finishes the rest witho
 row. Each trial writes one Parquet file per table, named by its ``trial_id`` and renamed into place
 (``engine.sink``), so a rerun replaces, never appends. A trial whose worker process dies is retried
 by Tune up to ``resources.max_failures`` times; a trial that raises is recorded as ``failed``.
+
+Tune gets the plan one trial at a time (:class:`PlanSearcher`), in experiments of at most
+``TRIALS_PER_TUNER`` trials, so neither the time to the first trial nor the driver's memory grows
+with the size of the sweep (``benchmarks/RESULTS.md``, section 8).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,8 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ray.tune import Callback
+from ray.tune.search import Searcher
 
-from engine.record import code_version, trials_to_run
+from engine import artifacts
+from engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
+from engine.resume import code_version, trials_to_run
 from engine.sink import filesystem, remove_temporaries, write_trial
 
 if TYPE_CHECKING:
@@ -34,7 +43,6 @@ if TYPE_CHECKING:
 # a busy one (benchmarks/RESULTS.md, section 3)
 
 TUNE_DIR = "_tune"  # Tune's own experiment state, inside the output directory
-ARTIFACT_DIR = "_artifacts"  # work shared between trials (e.g. FLIP's experts)
 
 
 @dataclass
@@ -115,17 +123,63 @@ def _set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def tune_trainable(config: dict, *, out: str, version: str, resources: dict) -> dict:
-    """The Ray Tune function trainable: run and record one trial, report a small summary."""
+class PlanSearcher(Searcher):
+    """Hands Tune the sweep's trials one at a time, as ``{"index": i, "trial_id": ...}``.
+
+    Tune then holds a few bytes per trial and creates each trial only when it can start it, so a
+    sweep of any size starts at once; a ``tune.grid_search`` over full configs makes Tune expand
+    (and deep-copy) the whole grid first, which grows with the square of its size. The configs
+    stay in the plan, which each trial process fetches once (:func:`_plan_of`).
+    """
+
+    def __init__(self, trial_ids: list[str], first_index: int = 0):
+        super().__init__()
+        self._trial_ids = trial_ids
+        self._first = first_index  # the plan's index of trial_ids[0]
+        self._next = 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._next >= len(self._trial_ids):
+            return Searcher.FINISHED
+        index, self._next = self._next, self._next + 1
+        return {"index": self._first + index, "trial_id": self._trial_ids[index]}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # nothing to learn: the plan is fixed
+
+
+_PLANS: dict[str, list[dict]] = {}  # per trial process: plan object id -> the configs, fetched once
+
+
+def _plan_of(holder: list) -> list[dict]:
+    """The plan's configs (``holder`` wraps its Ray object ref, so Tune does not fetch it per trial)."""
+    import ray
+
+    key = holder[0].hex()
+    if key not in _PLANS:
+        _PLANS.clear()  # a reused process may move on to another sweep's plan
+        _PLANS[key] = ray.get(holder[0])
+    return _PLANS[key]
+
+
+def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict) -> dict:
+    """The Ray Tune function trainable: run and record the plan's trial ``config["index"]``, report a
+    small summary."""
     _set_threads(resources["cpu"])
     pool = None
     if resources["influence_actors"] > 0:
         from engine.shards import ActorPoolMap
 
         pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
+    trial = _plan_of(plan)[config["index"]]
+    artifact_dir, mirrored = _artifact_dir(out), None
+    if artifact_dir is None and artifacts.uses_artifacts(trial):  # an object store: a node-local mirror
+        local, before = artifacts.download(out)
+        artifact_dir, mirrored = str(local), before
     try:
-        row = record_trial(config["trial"], out, map_shards=pool, version=version,
-                           artifact_dir=_artifact_dir(out))
+        row = record_trial(trial, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
+        if mirrored is not None:
+            artifacts.upload(out, Path(artifact_dir), mirrored)
     finally:
         if pool is not None:
             pool.close()
@@ -135,7 +189,8 @@ def tune_trainable(config: dict, *, out: str, version: str, resources: dict) -> 
 
 
 def _artifact_dir(out: str) -> str | None:
-    """Shared trial artifacts (FLIP's experts) live beside the tables; object stores get none (no file locks)."""
+    """Shared trial artifacts (FLIP's experts) live beside the tables; an object store's are mirrored
+    through a node-local cache instead (``engine.artifacts``): None here."""
     return None if "://" in out else f"{filesystem(out)[1]}/{ARTIFACT_DIR}"
 
 
@@ -234,23 +289,100 @@ def autoscaler_capacity(config: dict) -> dict:
     return total
 
 
-class RetryLog(Callback):
-    """Counts the attempts of each trial that Tune restarted because its worker process died."""
+class TrialLog(Callback):
+    """What the driver keeps per trial, and only when it is news: the attempts Tune restarted
+    because a worker process died, and the first line of each recorded failure (the trainable
+    reports it; Tune's own per-trial result files are switched off, see ``TUNE_ENV``)."""
 
     def __init__(self):
         self.retried: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        from engine.config import trial_id
-
-        tid = trial_id(trial.config["trial"])
+        tid = trial.config["trial_id"]
         self.retried[tid] = self.retried.get(tid, 0) + 1
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("status") == "failed":
+            self.failed[trial.config["trial_id"]] = result.get("error") or "see the trials table"
 
 
 def _short_name(trial) -> str:
-    from engine.config import trial_id
+    return f"{trial.trial_id}-{trial.config['trial_id']}"
 
-    return f"{trial.trial_id}-{trial_id(trial.config['trial'])}"
+
+# Tune keeps every trial of an experiment in the driver (tens of kB each, measured in
+# benchmarks/RESULTS.md, section 8), so a big sweep runs as consecutive Tune experiments of this
+# many trials: the driver's memory stays bounded, at the cost of restarting the trial processes
+# once per experiment (seconds, against minutes of trials)
+TRIALS_PER_TUNER = int(os.environ.get("POISONSWEEP_TRIALS_PER_TUNER", 2000))
+
+# Tune's per-trial CSV, JSON and TensorBoard logs: the Parquet record holds every result, and
+# 10,000 trials would write 30,000 more files
+TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+def _without_missing_metrics_warning(record: logging.LogRecord) -> bool:
+    """Drop Tune's end-of-run warning that each trial lacks the result files ``TUNE_ENV`` switched
+    off (one line per trial: 10,000 lines for a big sweep); other warnings pass."""
+    return not record.getMessage().startswith("Failed to fetch metrics for")
+
+
+def _recorded_since(out: str, began: dt.datetime, trial_ids: set[str]) -> int:
+    """How many of ``trial_ids`` have a trials row started at or after ``began``: what the record holds,
+    not what Tune counted (a trial stopped by Ctrl-C may have written its rows)."""
+    import pyarrow.compute as pc
+
+    from engine.record import read_table
+
+    rows = read_table(out, "trials", ["trial_id", "started_at"])
+    recent = rows.filter(pc.greater_equal(rows["started_at"], began))["trial_id"].to_pylist()
+    return len(trial_ids.intersection(recent))
+
+
+class CtrlC:
+    """Ctrl-C between two Tune experiments stops the sweep there.
+
+    During ``fit`` Tune's own handler takes SIGINT (it stops the experiment cleanly, then hands
+    SIGINT back to the handler it found: this one). Tune does not put the old handler back when an
+    experiment ends normally, so a Ctrl-C between experiments would reach a finished experiment's
+    handler and be lost; ``listen`` reinstalls this one after each experiment.
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+
+    def _press(self, signum, frame):
+        if self.pressed:  # pressed again: stop now, as Python would
+            signal.default_int_handler(signum, frame)
+        self.pressed = True
+
+    def listen(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            signal.signal(signal.SIGINT, self._press)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+        self.listen()
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _fit(tuner):
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_log.addFilter(_without_missing_metrics_warning)
+    restore_hint = _HideRestoreHint()  # Tune's "Tuner.restore(...)" is not how a sweep resumes
+    logging.getLogger("ray.tune.tune").addFilter(restore_hint)
+    try:
+        return tuner.fit()
+    finally:
+        analysis_log.removeFilter(_without_missing_metrics_warning)
+        logging.getLogger("ray.tune.tune").removeFilter(restore_hint)
 
 
 class _HideRestoreHint(logging.Filter):
@@ -269,11 +401,12 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     torch and the datasets are imported once per process rather than once per trial
     (``benchmarks/RESULTS.md, section 3``).
     """
+    import ray
     from ray import tune
 
     from engine.config import trial_id
 
-    start = time.perf_counter()
+    start, began = time.perf_counter(), _now()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
     from engine.sink import write_plan
@@ -281,55 +414,61 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them
     version = code_version()
-    wanted = set(trials_to_run(sweep.out, [trial_id(t) for t in sweep.trials], rerun, version))
-    pending = [t for t in sweep.trials if trial_id(t) in wanted]
+    ids = [trial_id(t) for t in sweep.trials]
+    wanted = set(trials_to_run(sweep.out, ids, rerun, version))
+    pending = [t for t, tid in zip(sweep.trials, ids) if tid in wanted]
+    pending_ids = [tid for tid in ids if tid in wanted]
     outcome = SweepOutcome(total=len(sweep.trials), skipped=len(sweep.trials) - len(pending))
     if not pending:
         return outcome
     init_ray(address, verbose)
     check_cluster_resources(sweep.resources)
+    for key, value in TUNE_ENV.items():
+        os.environ.setdefault(key, value)
     out = sweep.out if "://" in sweep.out else root  # workers chdir elsewhere: absolute paths only
+    plan = [ray.put(pending)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, out=out, version=version, resources=sweep.resources),
+        tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources),
         trial_resources(sweep.resources),
     )
-    retries = RetryLog()
-    callbacks = [retries] + ([progress] if progress is not None else [])
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(pending)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.resources["max_concurrent"],
-                                    reuse_actors=reuse_actors,
-                                    trial_name_creator=_short_name, trial_dirname_creator=_short_name),
-        run_config=tune.RunConfig(
-            name=f"{sweep.name}-{dt.datetime.now():%Y%m%d-%H%M%S}", storage_path=f"{out}/{TUNE_DIR}",
-            failure_config=tune.FailureConfig(max_failures=sweep.resources["max_failures"]),
-            verbose=2 if verbose else 0, callbacks=callbacks,
-            progress_reporter=None,
-        ),
-    )
-    restore_hint = _HideRestoreHint()
-    logging.getLogger("ray.tune.tune").addFilter(restore_hint)
-    try:
-        results = tuner.fit()
-    finally:
-        logging.getLogger("ray.tune.tune").removeFilter(restore_hint)
-    finished = 0
-    for result in results:
-        if not result.config or (result.error is None and not result.metrics):
-            continue  # Ctrl-C stopped it before it finished: the next run runs it
-        finished += 1
-        config = result.config["trial"]
-        tid = trial_id(config)
-        if result.error is not None:
-            # its worker died more often than max_failures allows, so it never wrote its row: record it now
-            error = f"{type(result.error).__name__}: {result.error}"
-            record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
-            outcome.failed[tid] = error.strip().splitlines()[0]
-        elif (result.metrics or {}).get("status") == "failed":
-            outcome.failed[tid] = result.metrics.get("error") or "see the trials table"
-    outcome.retried = dict(retries.retried)
-    outcome.ran = finished
-    outcome.interrupted = len(pending) - finished
+    log = TrialLog()
+    callbacks = [log] + ([progress] if progress is not None else [])
+    name = f"{sweep.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+    def tuner(first: int, chunk: list[str]):
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=PlanSearcher(chunk, first), num_samples=len(chunk),
+                                        max_concurrent_trials=sweep.resources["max_concurrent"],
+                                        reuse_actors=reuse_actors,
+                                        trial_name_creator=_short_name, trial_dirname_creator=_short_name),
+            run_config=tune.RunConfig(
+                name=name if first == 0 else f"{name}-{first}", storage_path=f"{out}/{TUNE_DIR}",
+                failure_config=tune.FailureConfig(max_failures=sweep.resources["max_failures"]),
+                verbose=2 if verbose else 0, callbacks=callbacks,
+                progress_reporter=None,
+            ),
+        )
+
+    with CtrlC() as ctrl_c:
+        for first in range(0, len(pending_ids), TRIALS_PER_TUNER):
+            if ctrl_c.pressed:
+                break
+            chunk = pending_ids[first:first + TRIALS_PER_TUNER]
+            results = _fit(tuner(first, chunk))  # a finished chunk's trials then leave the driver's memory
+            ctrl_c.listen()  # Tune leaves its finished experiment's handler installed
+            for result in results:
+                if result.error is not None:
+                    # its worker died more often than max_failures allows, so it never wrote its row: record it now
+                    config, tid = pending[result.config["index"]], result.config["trial_id"]
+                    error = f"{type(result.error).__name__}: {result.error}"
+                    record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
+                    log.failed[tid] = error.strip().splitlines()[0]
+            if results.num_terminated + results.num_errors < len(chunk):  # Ctrl-C: Tune stopped early
+                break
+    outcome.failed = dict(log.failed)
+    outcome.retried = dict(log.retried)
+    outcome.ran = _recorded_since(sweep.out, began, set(pending_ids))
+    outcome.interrupted = len(pending_ids) - outcome.ran
     outcome.seconds = time.perf_counter() - start
     return outcome

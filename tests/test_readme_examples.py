@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.record import compact
 from engine.sink import write_trial
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +60,10 @@ def _trial(rng, tid: str, rate: float, seed: int, status: str = "ok") -> tuple[d
     return {"trials": [trial_row], "detections": detections, "scores": scores}, {**trial_row, "by_detector": truth}
 
 
-@pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    """``<cwd>/results/quickstart`` with 2 rates x 2 seeds ok, one failed trial and one half-written one."""
+@pytest.fixture(scope="module", params=["per-trial files", "compacted"])
+def record(tmp_path_factory, request):
+    """``<cwd>/results/quickstart`` with 2 rates x 2 seeds ok, one failed trial and one half-written one;
+    as a sweep writes it, and after ``poisonsweep compact`` (the half-written trial stays uncompacted)."""
     cwd = tmp_path_factory.mktemp("analysis")
     out = str(cwd / "results" / "quickstart")
     rng = np.random.default_rng(0)
@@ -78,6 +80,9 @@ def record(tmp_path_factory):
     partial, _ = _trial(rng, "partial", 0.1, 3)
     write_trial(out, "partial", partial)
     (Path(out) / "trials" / "partial.parquet").unlink()
+    if request.param == "compacted":
+        compact(out)
+        assert len(list((Path(out) / "scores").glob("*.parquet"))) == 2  # the compacted file + the partial trial's
     return cwd, truths
 
 

@@ -1,124 +1,173 @@
-"""A record you can trust (issue 14): code versions compared, damaged files named and repaired, one
-writer per output directory, and config text that is never read as markup or mathematics. No Ray:
-trials are recorded in this process with ``record_trial``."""
+"""The record in both forms: per-trial files and compacted ones. Compaction keeps every row exactly
+once, for poisonsweep's own reader and for plain pandas; a reader never counts a trial twice, even
+halfway through a compaction or after a trial is rerun; the vectorised found-vs-checked curves
+equal ``tasks.metrics.found_vs_checked`` trial by trial."""
 
+import threading
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from engine import record, sink
+import engine.record as record
 from engine.cli import app
-from engine.config import build_sweep, trial_id
-from engine.sweep import record_trial
-
-CONFIG = {"name": "rec", "data": {"name": "digits", "n_train": 60, "n_test": 30},
-          "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp", "params": {"hidden": 8, "depth": 1}},
-          "train": {"epochs": 1}, "detectors": [{"name": "loss", "label": "[/oops] $\\nocommand{x}$"}],
-          "sweep": {"seed": [0, 1]}}
+from engine.sink import TABLES, completed_trials, write_trial, write_trial_table
+from engine.summary import found_vs_checked_curves
+from tasks.metrics import found_vs_checked
 
 
-def cli(*args):
-    result = CliRunner().invoke(app, [*map(str, args)], env={"COLUMNS": "400"})
-    return result.exit_code, " ".join(result.output.split())
+def trial_rows(tid: str, status: str = "ok", n_scores: int = 7, acc: float = 0.5) -> dict:
+    keys = {"trial_id": tid, "data_name": "digits", "poison_method": "one_shift", "poison_rate": 0.1, "seed": 0}
+    return {"trials": [{**keys, "status": status, "error": "ValueError: boom" if status == "failed" else None,
+                        "clean_test_acc": acc}],
+            "detections": [{**keys, "detector": "loss", "auroc": acc}],
+            "scores": [{"trial_id": tid, "detector": "loss", "index": i, "score": float(i), "is_poison": i % 3 == 0}
+                       for i in range(n_scores)]}
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    """Two ok trials, one written by an older code version."""
-    out = str(tmp_path_factory.mktemp("record") / "out")
-    sweep = build_sweep(CONFIG)
-    for trial, version in zip(sweep.trials, ["0.1.0+src.old", record.code_version()]):
-        record_trial(trial, out, version=version)
-    return out, sweep
+def files(out, table: str) -> list[str]:
+    return sorted(p.name for p in (out / table).glob("*.parquet"))
 
 
-def test_code_version_is_the_package_version_and_a_hash_of_the_science_code(tmp_path, monkeypatch):
-    version = record.code_version()
-    assert "+src." in version and len(version.rsplit(".", 1)[-1]) == 12
-    import tasks
-
-    copy = tmp_path / "tasks"  # the same files elsewhere (a wheel's site-packages): the same hash
-    import shutil
-
-    shutil.copytree(tasks.__path__[0], copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(tasks, "__file__", str(copy / "__init__.py"))
-    assert record.code_version() == version
-    (copy / "poison.py").write_text((copy / "poison.py").read_text() + "\n# an uncommitted edit\n")
-    assert record.code_version() != version  # a dirty tree is a different version
+@pytest.fixture
+def out(tmp_path):
+    for i in range(6):
+        write_trial(str(tmp_path), f"t{i}", trial_rows(f"t{i}", status="failed" if i == 5 else "ok", acc=i / 10))
+    # a trial still being written: its detections and scores exist, its trials row not yet
+    partial = trial_rows("partial")
+    for table in ("detections", "scores"):
+        write_trial_table(str(tmp_path), table, "partial", partial[table])
+    return tmp_path
 
 
-def test_stale_trials_are_named_and_rerun_only_when_asked(recorded):
-    out, sweep = recorded
-    ids, version = [trial_id(t) for t in sweep.trials], record.code_version()
-    assert record.stale_trials(out, ids, version) == {"0.1.0+src.old": 1}
-    assert record.trials_to_run(out, ids, "failed", version) == []
-    assert record.trials_to_run(out, ids, "stale", version) == ids[:1]
-    assert record.trials_to_run(out, ids, "all", version) == ids
+def snapshot(out) -> dict:
+    return {table: record.read_table(str(out), table).to_pandas().sort_values(["trial_id"] + (
+        ["index"] if table == "scores" else []), ignore_index=True) for table in TABLES}
 
 
-def test_show_and_report_say_the_table_mixes_versions_and_print_labels_as_written(recorded, tmp_path):
-    out, _ = recorded
-    code, output = cli("show", out)
-    assert code == 0, output
-    assert "the ok trials mix 2 code versions" in output and "0.1.0+src.old: 1" in output
-    assert "[/oops] $\\nocommand{x}$" in output  # shown as text, not taken as rich markup
-    code, output = cli("report", out, "--out", tmp_path / "report")
-    assert code == 0, output  # matplotlib does not parse the label as mathematics
-    assert "mix 2 code versions" in (tmp_path / "report" / "report.md").read_text()
-    assert (tmp_path / "report" / "auroc_vs_rate.png").stat().st_size > 0
+def test_compaction_keeps_every_complete_trials_rows_once_and_leaves_the_rest(out):
+    before = snapshot(out)
+    results = {r.table: r for r in record.compact(str(out))}
+    assert results["trials"].files_merged == 6 and results["scores"].rows == 6 * 7
+    for table in TABLES:
+        assert len(files(out, table)) == 1 + (table in ("detections", "scores"))  # + the partial trial's file
+        after = record.read_table(str(out), table).to_pandas()
+        pd.testing.assert_frame_equal(after.sort_values(list(before[table].columns[:1]) + (
+            ["index"] if table == "scores" else []), ignore_index=True), before[table])
+    assert "partial.parquet" in files(out, "scores")
+    # plain pandas reads the compacted directory as before: every row once
+    assert len(pd.read_parquet(out / "scores")) == 7 * 7 and len(pd.read_parquet(out / "trials")) == 6
+    assert completed_trials(str(out)) == {f"t{i}" for i in range(5)}
 
 
-def test_a_report_that_fails_half_way_leaves_no_half_written_folder(recorded, tmp_path, monkeypatch):
-    import engine.report as report
-    import engine.report.render as render
-
-    out, _ = recorded
-    target = tmp_path / "report"
-    report.write_report(out, target)
-    before = sorted(p.name for p in target.iterdir())
-
-    def crash(*args, **kwargs):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(render, "figure_accuracy_vs_rate", crash)
-    with pytest.raises(RuntimeError, match="disk full"):
-        report.write_report(out, target)
-    assert sorted(p.name for p in target.iterdir()) == before  # the earlier report, untouched
-    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging folder left behind
+def test_a_compacted_file_is_sorted_by_trial_id_and_a_second_compaction_changes_nothing(out):
+    record.compact(str(out))
+    names = {table: files(out, table) for table in TABLES}
+    (compacted,) = [n for n in names["trials"] if n.startswith("compacted-")]
+    ids = pq.read_table(out / "trials" / compacted).column("trial_id").to_pylist()
+    assert ids == sorted(ids) == [f"t{i}" for i in range(6)]
+    again = record.compact(str(out))
+    assert all(not r.written and r.removed == 0 for r in again)
+    assert {table: files(out, table) for table in TABLES} == names
 
 
-def test_error_messages_show_config_text_as_written(tmp_path):
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({**CONFIG, "data": {"name": "[red]digits"}}))
-    code, output = cli("run", path, "--out", tmp_path / "out")
-    assert code == 2 and "got '[red]digits'" in output
+def test_halfway_through_a_compaction_a_reader_sees_each_trial_once(out, monkeypatch):
+    # the compacted files are in place, the per-trial files not yet deleted (a compaction killed there)
+    monkeypatch.setattr(record, "_delete_if_unchanged", lambda fs, infos: (0, 0))
+    record.compact(str(out))
+    assert len(files(out, "trials")) == 7  # 6 per-trial files + the compacted one
+    assert sorted(record.read_table(str(out), "trials")["trial_id"].to_pylist()) == [f"t{i}" for i in range(6)]
+    assert record.read_table(str(out), "scores").num_rows == 7 * 7
+    monkeypatch.undo()
+    record.compact(str(out))  # the next compaction finishes the job
+    assert len(files(out, "trials")) == 2 and record.read_table(str(out), "trials").num_rows == 6
 
 
-def test_a_damaged_file_is_named_repaired_and_its_trial_rerun(recorded, tmp_path):
-    import shutil
-
-    out = str(tmp_path / "copy")
-    shutil.copytree(recorded[0], out)
-    ids = [trial_id(t) for t in recorded[1].trials]
-    scores = tmp_path / "copy" / "scores" / f"{ids[1]}.parquet"
-    scores.write_bytes(scores.read_bytes()[:100])  # a truncated copy of an ok trial's other table
-    (tmp_path / "copy" / "detections" / "notes.txt").write_text("a stray file")
-    with pytest.warns(sink.DamagedFile, match="scores/.*is not readable Parquet.*poisonsweep repair"):
-        assert sink.read_table(out, "scores").num_rows == 60  # the other trial's rows
-    assert record.trials_to_run(out, ids, "failed", record.code_version()) == ids[1:]
-    code, output = cli("show", out)
-    assert code == 0 and f"warning: {scores} is not readable Parquet" in output and "notes.txt" in output
-    code, output = cli("repair", out)
-    assert code == 0 and "2 damaged file(s) moved to _quarantine/" in output
-    assert (tmp_path / "copy" / "_quarantine" / "scores" / scores.name).exists()
-    assert record.damaged_files(out) == []
+def test_a_trial_rerun_after_compaction_is_read_from_its_new_rows(out):
+    record.compact(str(out))
+    write_trial(str(out), "t5", trial_rows("t5", status="ok", n_scores=3, acc=0.9))  # the failed trial, rerun
+    for _ in range(2):  # once with the new per-trial files, once after they were compacted too
+        trials = record.read_table(str(out), "trials").to_pandas().set_index("trial_id")
+        assert len(trials) == 6 and trials.loc["t5", "status"] == "ok" and trials.loc["t5", "clean_test_acc"] == 0.9
+        scores = record.read_table(str(out), "scores", trial_ids={"t5"})
+        assert scores.num_rows == 3
+        record.compact(str(out))
+    assert len(files(out, "trials")) == 2  # generations 1 and 2; the newer one holds t5
 
 
-def test_a_second_run_on_the_same_output_is_refused(tmp_path):
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
-    out = tmp_path / "out"
-    out.mkdir()
-    with record.run_lock(str(out)):  # a first run holds the lock
-        code, output = cli("run", path, "--out", out)
-    assert code == 2 and "another `poisonsweep run` is writing to" in output and ".run.lock" in output
+def test_many_compacted_files_are_merged_into_one(tmp_path):
+    for i in range(4):
+        write_trial(str(tmp_path), f"t{i}", trial_rows(f"t{i}"))
+        record.compact_table(str(tmp_path), "scores", {f"t{i}"}, merge_above=2)
+    assert len(files(tmp_path, "scores")) == 2  # 3 files were merged into 1, then 1 more was added
+    assert record.read_table(str(tmp_path), "scores").num_rows == 4 * 7
+
+
+def test_a_file_rewritten_while_it_was_compacted_is_kept(out):
+    listed = list(record.table_files(str(out), "trials").per_trial.values())
+    write_trial_table(str(out), "trials", "t1", [{"trial_id": "t1", "status": "ok", "clean_test_acc": 0.99}])
+    fs, _ = record.filesystem(str(out))
+    assert record._delete_if_unchanged(fs, listed) == (5, 1)
+    assert files(out, "trials") == ["t1.parquet"]
+
+
+def test_compaction_while_trials_are_written_loses_and_repeats_nothing(tmp_path):
+    out = str(tmp_path)
+    write_trial(out, "first", trial_rows("first"))
+    stop, written = threading.Event(), ["first"]
+
+    def sweep():
+        while not stop.is_set() or len(written) < 5:
+            tid = f"w{len(written):04d}"
+            write_trial(out, tid, trial_rows(tid))
+            written.append(tid)
+
+    writer = threading.Thread(target=sweep)
+    writer.start()
+    try:
+        seen = []
+        for _ in range(5):
+            record.compact(out)
+            ids = record.read_table(out, "trials", ["trial_id"])["trial_id"].to_pylist()
+            assert len(ids) == len(set(ids))
+            seen.append(len(ids))
+    finally:
+        stop.set()
+        writer.join()
+    record.compact(out)
+    scores = record.read_table(out, "scores", ["trial_id", "index"]).to_pandas()
+    assert sorted(set(scores.trial_id)) == sorted(written) and len(scores) == 7 * len(written)
+    assert not scores.duplicated().any()
+
+
+def test_the_compact_command(out):
+    result = CliRunner().invoke(app, ["compact", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "trials: 6 trial files (6 rows) -> compacted-000001-" in result.output
+    assert "scores: 6 trial files (42 rows)" in result.output
+    result = CliRunner().invoke(app, ["compact", str(out / "nothing")])
+    assert result.exit_code == 2 and "holds no trials table" in result.output
+
+
+def test_found_vs_checked_curves_equal_the_per_trial_function():
+    rng = np.random.default_rng(0)
+    frames = []
+    for trial, n in (("a", 50), ("b", 37), ("c", 10)):
+        for detector in ("loss", "knn"):
+            scores = rng.integers(0, 5, n).astype(float)  # many ties: broken by index
+            poison = rng.random(n) < (0.0 if trial == "c" else 0.3)
+            index = rng.permutation(n)
+            frames.append(pd.DataFrame({"trial_id": trial, "detector": detector, "index": index,
+                                        "score": scores, "is_poison": poison}))
+    table = pd.concat(frames).sample(frac=1, random_state=0)  # rows in no particular order
+    fractions = np.round(np.linspace(0, 1, 101), 10)
+    curves = found_vs_checked_curves(table, fractions)
+    for (trial, detector), rows in table.groupby(["trial_id", "detector"]):
+        rows = rows.sort_values("index")
+        expected = found_vs_checked(rows.score.to_numpy(), rows.is_poison.to_numpy(), fractions)
+        got = curves[(curves.trial_id == trial) & (curves.detector == detector)]
+        np.testing.assert_array_equal(got.fraction_checked, fractions)
+        np.testing.assert_allclose(got.share_found, expected, equal_nan=True)
+        assert got.poison_share.iloc[0] == pytest.approx(rows.is_poison.mean())

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from engine.sink import filesystem, trial_path
+from engine.record import read_table as read_record
+from engine.sink import filesystem
 
 SCORE_COLUMNS = ["detector", "index", "label_given", "label_true", "is_poison", "score", "flagged"]
 # poisons whose images cost minutes to rebuild (FLIP trains expert models) but which change no image:
@@ -38,12 +38,9 @@ def representative_trials(trials: pd.DataFrame, setting: list[str]) -> pd.DataFr
 
 
 def _read_trial_file(out: str, table: str, trial_id: str, columns: list[str] | None = None) -> pd.DataFrame | None:
-    """One trial's rows of ``table`` (only ``columns``), or None when its file is absent."""
-    fs, _ = filesystem(out)
-    path = trial_path(out, table, trial_id)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    return pq.read_table(path, columns=columns, filesystem=fs).to_pandas()
+    """One trial's rows of ``table`` (only ``columns``), per-trial or compacted, or None when it has none."""
+    rows = read_record(out, table, columns, trial_ids={trial_id})
+    return rows.to_pandas() if rows.num_rows else None
 
 
 def read_scores(out: str, trial_id: str) -> pd.DataFrame | None:

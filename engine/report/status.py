@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from engine import summary
-from engine.record import version_note
+from engine.resume import version_note
 from engine.sink import PLAN_FILE, read_table
 
 

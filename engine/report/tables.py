@@ -11,12 +11,9 @@ import re
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from engine import summary
-from engine.sink import filesystem, trial_path
+from engine.record import read_table as read_record
 
 # shares of the training set checked, for the found-vs-checked curves (steps of 1 %)
 FRACTIONS_CHECKED = np.round(np.linspace(0.0, 1.0, 101), 10)
@@ -53,34 +50,14 @@ def unlearning_table(trials: pd.DataFrame, unlearning: pd.DataFrame, setting: li
     return summary.unlearning_summary(unlearning, setting)
 
 
-def _read_trial_scores(out: str, trial_id: str, columns: list[str]) -> pd.DataFrame | None:
-    """One trial's ``scores`` rows (only ``columns``), or None when its file is absent."""
-    fs, _ = filesystem(out)
-    path = trial_path(out, "scores", trial_id)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    try:
-        return pq.read_table(path, columns=columns, filesystem=fs).to_pandas()
-    except (OSError, ValueError, pa.ArrowException):  # damaged: read_table's warning already names it
-        return None
-
-
 def found_vs_checked_table(out: str, trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
     """Share of poisons found vs share of data checked (Koh & Liang 2017, Fig. 6), per setting × detector:
-    mean and std over seeds at each of ``FRACTIONS_CHECKED``. Reads one trial's scores at a time."""
-    from tasks.metrics import found_vs_checked
-
-    curves = []
-    for trial in trials[trials["status"] == "ok"].itertuples():
-        scores = _read_trial_scores(out, trial.trial_id, ["detector", "index", "score", "is_poison"])
-        if scores is None or scores.empty:
-            continue
-        for detector, rows in scores.groupby("detector"):
-            rows = rows.sort_values("index")  # found_vs_checked breaks ties by position: keep index order
-            found = found_vs_checked(rows["score"].to_numpy(), rows["is_poison"].to_numpy(), FRACTIONS_CHECKED)
-            curves.append(pd.DataFrame({"trial_id": trial.trial_id, "detector": detector,
-                                        "fraction_checked": FRACTIONS_CHECKED, "share_found": found,
-                                        "poison_share": rows["is_poison"].mean()}))
+    mean and std over seeds at each of ``FRACTIONS_CHECKED``. Reads the ok trials' scores a batch at a time."""
+    ok_ids = sorted(trials.loc[trials["status"] == "ok", "trial_id"])  # batches of neighbouring ids: few row groups
+    curves = [summary.found_vs_checked_curves(
+        read_record(out, "scores", ["trial_id", "detector", "index", "score", "is_poison"], trial_ids=batch),
+        FRACTIONS_CHECKED) for batch in summary.batches(ok_ids)]
+    curves = [c for c in curves if not c.empty]
     columns = setting + ["detector", "fraction_checked", "share_found_mean", "share_found_std", "n",
                          "poison_share_mean"]
     if not curves:
@@ -99,18 +76,14 @@ def influence_table(out: str, trials: pd.DataFrame, influence: pd.DataFrame, set
     ok = trials[trials["status"] == "ok"]
     harmful = influence[(influence["kind"] == "harmful") & (influence["rank"] <= top)
                         & influence["trial_id"].isin(ok["trial_id"])]
-    parts = []
-    for trial_id, rows in harmful.groupby("trial_id"):
-        labels = _read_trial_scores(out, trial_id, ["detector", "index", "is_poison", "label_given", "label_true"])
-        if labels is not None:
-            labels = labels.rename(columns={"index": "train_index"})
-            rows = rows.merge(labels, on=["detector", "train_index"], how="left")
-        parts.append(rows)
     columns = setting + ["seed", "trial_id", "detector", "test_index", "rank", "train_index", "influence",
                          "is_poison", "label_given", "label_true"]
-    if not parts:
+    if harmful.empty:
         return pd.DataFrame(columns=columns)
-    frame = summary.with_setting(pd.concat(parts, ignore_index=True), ok, setting + ["seed"])
+    labels = read_record(out, "scores", ["trial_id", "detector", "index", "is_poison", "label_given", "label_true"],
+                         trial_ids=set(harmful["trial_id"])).to_pandas().rename(columns={"index": "train_index"})
+    frame = harmful.merge(labels, on=["trial_id", "detector", "train_index"], how="left")
+    frame = summary.with_setting(frame, ok, setting + ["seed"])
     return frame.reindex(columns=columns).sort_values(setting + ["seed", "detector", "test_index", "rank"])
 
 

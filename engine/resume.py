@@ -1,0 +1,127 @@
+"""What a rerun of a sweep does, and why the record can be trusted: which code wrote each row,
+which trials are really done, damaged files moved aside, and one writer per output directory.
+
+* **Code version.** ``code_version()`` is ``<package version>+src.<hash>``: the version from the
+  installed package's metadata and a SHA-256 of the science code that computes every number
+  (the ``.py`` files of ``tasks/``, as imported). It needs no ``.git``, so a wheel on a cluster node
+  reports the same value as the checkout it was built from, and an uncommitted edit (a dirty tree)
+  gives a different hash. The driver computes it once and every trial row records it.
+* **Done.** A trial is done when its ``trials`` row says ``ok``, every table's file of that trial is
+  readable Parquet, and (``rerun="stale"``) its code version is the current one.
+* **Damage.** A file in a table directory that is not readable Parquet (a truncated copy, a stray
+  file) is never fatal: readers skip it with a warning that names it, ``poisonsweep repair DIR`` and
+  every ``run`` move it to ``DIR/_quarantine/``, and ``run`` recomputes its trial.
+* **One writer.** ``run`` holds ``DIR/.run.lock`` (``filelock``) for a local directory; object stores
+  have no lock (see README, "Identity, versions and --rerun").
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+
+from engine.sink import TABLES, filesystem, read_table, readable_files
+
+QUARANTINE_DIR = "_quarantine"
+LOCK_FILE = ".run.lock"
+RERUN_CHOICES = ("failed", "stale", "all")
+
+
+def source_hash() -> str:
+    """SHA-256 (12 hex digits) of the science code: every ``.py`` file under ``tasks/``, by relative path."""
+    import tasks
+
+    root = Path(tasks.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def code_version() -> str:
+    """``<version>+src.<hash>``: the installed package's version and the hash of the code that ran."""
+    try:
+        version = metadata.version("poisonsweep")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"{version}+src.{source_hash()}"
+
+
+def damaged_files(out: str) -> list[str]:
+    """Every file in a table directory that is not readable Parquet."""
+    damaged = []
+    for table in TABLES:
+        damaged += readable_files(out, table)[1]
+    return damaged
+
+
+def quarantine(out: str) -> list[tuple[str, str]]:
+    """Move every damaged file to ``<out>/_quarantine/<table>/``; returns (from, to) pairs."""
+    fs, root = filesystem(out)
+    moved = []
+    for path in damaged_files(out):
+        table, name = path.rsplit("/", 2)[-2:]
+        target = f"{root}/{QUARANTINE_DIR}/{table}/{name}"
+        fs.create_dir(f"{root}/{QUARANTINE_DIR}/{table}", recursive=True)
+        fs.move(path, target)
+        moved.append((path, target))
+    return moved
+
+
+def trial_versions(out: str) -> dict[str, tuple[str, str | None]]:
+    """trial_id -> (status, code_version) of every readable trials row."""
+    rows = read_table(out, "trials", ["trial_id", "status", "code_version"]).to_pylist()
+    return {row["trial_id"]: (row["status"], row["code_version"]) for row in rows}
+
+
+def complete_trials(out: str) -> set[str]:
+    """Trials whose row says ``ok`` and none of whose per-trial files is damaged.
+
+    Every table gets a file per trial (empty tables too) and the ``trials`` row is written last,
+    so an ``ok`` row means the trial's other files were written; a damaged one sends it back.
+    Compacted files hold complete trials only (``engine.record.compact``).
+    """
+    ok = {tid for tid, (status, _) in trial_versions(out).items() if status == "ok"}
+    return ok - {PurePosixPath(path).stem for path in damaged_files(out)}
+
+
+def stale_trials(out: str, trial_ids: list[str], version: str) -> Counter:
+    """Code version -> number of the planned ``ok`` trials recorded by another code version."""
+    versions = trial_versions(out)
+    return Counter(versions[tid][1] or "unknown" for tid in trial_ids
+                   if tid in versions and versions[tid][0] == "ok" and versions[tid][1] != version)
+
+
+def trials_to_run(out: str, trial_ids: list[str], rerun: str, version: str) -> list[str]:
+    """The planned trial ids that must run: ``failed`` (the default) runs every trial not done,
+    ``stale`` also those done by another code version, ``all`` every trial."""
+    if rerun not in RERUN_CHOICES:
+        raise ValueError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
+    if rerun == "all":
+        return list(trial_ids)
+    done = complete_trials(out)
+    if rerun == "stale":
+        versions = trial_versions(out)
+        done = {tid for tid in done if versions[tid][1] == version}
+    return [tid for tid in trial_ids if tid not in done]
+
+
+def version_note(versions) -> str | None:
+    """A sentence if the ``ok`` rows of a table come from more than one code version, else None."""
+    counts = Counter(v if isinstance(v, str) else "unknown" for v in versions)
+    if len(counts) < 2:
+        return None
+    listed = ", ".join(f"{version}: {n}" for version, n in counts.most_common())
+    return (f"the ok trials mix {len(counts)} code versions ({listed}); numbers from different code are "
+            "averaged together. `poisonsweep run CONFIG --rerun stale` recomputes the older ones.")
+
+
+def run_lock(out: str):
+    """A lock held while ``run`` writes to a local ``out``; None for an object store (no file locks)."""
+    if "://" in out:
+        return None
+    from filelock import FileLock
+
+    return FileLock(f"{filesystem(out)[1]}/{LOCK_FILE}", timeout=0)
