@@ -20,7 +20,7 @@ from tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
 from tasks.metrics import detection_metrics
 from tasks.models import build_model
 from tasks.poison import apply_poison, poison_success
-from tasks.train import TrainConfig, accuracy, resolve_device, train_model
+from tasks.train import TrainConfig, TrainHistory, accuracy, resolve_device, train_model
 
 # detectors that read the per-epoch checkpoints of training (TracIn)
 CHECKPOINT_DETECTORS = {"influence": lambda params: params.get("solver") == "tracin"}
@@ -41,6 +41,35 @@ def _needs_checkpoints(detectors: list[dict]) -> bool:
     return any(CHECKPOINT_DETECTORS.get(d["name"], lambda _: False)(d.get("params", {})) for d in detectors)
 
 
+@dataclass
+class PreparedTrial:
+    """A trial up to training: its data poisoned, its model built with its seed's initial weights."""
+
+    config: dict
+    data: object  # tasks.data.Dataset
+    poisoned: object  # tasks.poison.PoisonedData
+    train_config: TrainConfig
+    model: torch.nn.Module | None  # built by prepare_trial, trained in place
+    timings: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+    pack_size: int = 1  # how many models trained together with this one (1: trained alone)
+    pack_note: str | None = None  # why a trial asked to be packed was trained alone
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self.clock
+        self.clock = now
+
+    def model_factory(self, model_seed: int) -> torch.nn.Module:
+        model_cfg = self.config["model"]
+        return build_model(model_cfg["name"], self.data.in_shape, self.data.num_classes, model_cfg.get("params"),
+                           seed=model_seed)
+
+    @property
+    def keeps_checkpoints(self) -> bool:
+        return _needs_checkpoints(self.config["detectors"])
+
+
 def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
               log: Callable[[str], None] = lambda message: None) -> TrialResult:
     """Run one fully resolved trial config (see ``engine.config``) and return its rows.
@@ -48,40 +77,40 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
     The rows carry no ``trial_id``; the caller adds it. Raises on any failure: the engine
     records the trial as failed with the error text.
     """
-    seed = config["seed"]
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    trial = prepare_trial(config, artifact_dir=artifact_dir, log=log)
+    history = train_model(trial.model, trial.poisoned.x_train, trial.poisoned.labels, trial.train_config,
+                          seed=config["seed"], keep_checkpoints=trial.keeps_checkpoints,
+                          on_epoch=lambda e, loss, acc: log(f"epoch {e + 1}: loss {loss:.4f} acc {acc:.3f}"))
+    trial.lap("train_seconds")
+    return finish_trial(trial, history, map_shards=map_shards, log=log)
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
 
+def prepare_trial(config: dict, *, artifact_dir: str | None = None,
+                  log: Callable[[str], None] = lambda message: None) -> PreparedTrial:
+    """Load and poison the trial's data and build its untrained model."""
+    started = time.perf_counter()
     data_cfg, poison_cfg = config["data"], config["poison"]
     data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
                         n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
-    lap("load_seconds")
-    poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=seed,
+    load_seconds = time.perf_counter() - started
+    poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
                             params=poison_cfg.get("params"), artifact_dir=artifact_dir)
-    lap("poison_seconds")
     log(f"poisoned {poisoned.n_poisoned} of {len(poisoned.labels)} training samples")
+    trial = PreparedTrial(config, data, poisoned, TrainConfig(**config["train"]), model=None,
+                          timings={"load_seconds": load_seconds}, clock=started + load_seconds)
+    trial.lap("poison_seconds")
+    trial.model = trial.model_factory(config["seed"])
+    return trial
 
-    model_cfg = config["model"]
-    train_config = TrainConfig(**config["train"])
-    device = resolve_device(train_config.device)
 
-    def model_factory(model_seed: int) -> torch.nn.Module:
-        return build_model(model_cfg["name"], data.in_shape, data.num_classes, model_cfg.get("params"), seed=model_seed)
-
-    model = model_factory(seed)
-    history = train_model(model, poisoned.x_train, poisoned.labels, train_config, seed=seed,
-                          keep_checkpoints=_needs_checkpoints(config["detectors"]),
-                          on_epoch=lambda e, loss, acc: log(f"epoch {e + 1}: loss {loss:.4f} acc {acc:.3f}"))
-    lap("train_seconds")
+def finish_trial(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable = serial_map,
+                 log: Callable[[str], None] = lambda message: None) -> TrialResult:
+    """Evaluate the trained model, run the detectors and the unlearning, and return the rows."""
+    config, data, poisoned, model = trial.config, trial.data, trial.poisoned, trial.model
+    seed, model_cfg, train_config = config["seed"], config["model"], trial.train_config
     clean_acc = accuracy(model, data.x_test, data.y_test)
     success = poison_success(model, poisoned)
-    lap("eval_seconds")
+    trial.lap("eval_seconds")
 
     context = DetectionContext(
         model=model, x_train=poisoned.x_train, labels=poisoned.labels.numpy(), num_classes=data.num_classes,
@@ -104,22 +133,23 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
         })
         tables["scores"].extend(_score_rows(label, detection, poisoned))
         tables["influence"].extend(dict(row, detector=label) for row in detection.extras.get("influence", []))
-    lap("detect_seconds")
+    trial.lap("detect_seconds")
 
     if config.get("unlearn"):
         from tasks.unlearn import run_unlearning
 
         tables["unlearning"] = run_unlearning(
             model, poisoned, data.x_test, data.y_test, detections, config["unlearn"], train_config,
-            model_factory, seed,
+            trial.model_factory, seed,
         )
-    lap("unlearn_seconds")
+    trial.lap("unlearn_seconds")
 
     tables["trials"] = [{
         "n_train": len(poisoned.labels), "n_test": len(data.y_test), "num_classes": data.num_classes,
         "n_poisoned": poisoned.n_poisoned, "clean_test_acc": clean_acc, "poison_success": success,
         "train_loss": history.loss[-1], "train_acc": history.accuracy[-1],
-        "poison_info": _dumps(_jsonable(poisoned.info)), "device": str(device), **timings,
+        "poison_info": _dumps(_jsonable(poisoned.info)), "device": str(resolve_device(train_config.device)),
+        **trial.timings, "pack_size": trial.pack_size, "pack_note": trial.pack_note,
     }]
     return TrialResult(tables)
 
