@@ -25,6 +25,7 @@ the batched kernels (see ``tests/test_packed.py`` for the measured agreement).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from typing import Callable
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from tasks.data import load_dataset
 from tasks.detect.base import serial_map
 from tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device
 from tasks.trial import PreparedTrial, TrialResult, finish_trial, prepare_trial
@@ -50,9 +52,13 @@ def run_pack(configs: list[dict], *, map_shards: Callable = serial_map, artifact
     """
     results: list[TrialResult | Exception | None] = [None] * len(configs)
     prepared: dict[int, PreparedTrial] = {}
+    datasets = _shared_datasets(configs)
     for i, config in enumerate(configs):
         try:
-            prepared[i] = prepare_trial(config, artifact_dir=artifact_dir, log=log)
+            data, load_share = datasets.get(json.dumps(config["data"], sort_keys=True), (None, None))
+            prepared[i] = prepare_trial(config, artifact_dir=artifact_dir, data=data, log=log)
+            if load_share is not None:
+                prepared[i].timings["load_seconds"] = load_share
         except Exception as error:  # the engine records it as this trial's failure
             results[i] = error
     for members in _packs(prepared).values():
@@ -70,10 +76,26 @@ def run_pack(configs: list[dict], *, map_shards: Callable = serial_map, artifact
     return results
 
 
+def _shared_datasets(configs: list[dict]) -> dict[str, tuple[object, float]]:
+    """Each data config that several trials name, loaded once: (dataset, each trial's share of the load).
+
+    A data config that fails to load is left out: each of its trials then fails on its own load.
+    """
+    keys = [json.dumps(config["data"], sort_keys=True) for config in configs]
+    shared = {}
+    for key in {k for k in keys if keys.count(k) > 1}:
+        data_cfg, start = json.loads(key), time.perf_counter()
+        try:
+            data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
+                                n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+        except Exception:
+            continue
+        shared[key] = (data, (time.perf_counter() - start) / keys.count(key))
+    return shared
+
+
 def _packs(prepared: dict[int, PreparedTrial]) -> dict[str, list[int]]:
     """Trial indices grouped by what must be equal to train together: model, schedule, data shape."""
-    import json
-
     groups: dict[str, list[int]] = {}
     for i, trial in prepared.items():
         key = json.dumps([trial.config["model"], trial.config["train"], list(trial.poisoned.x_train.shape),

@@ -85,13 +85,15 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
     return finish_trial(trial, history, map_shards=map_shards, log=log)
 
 
-def prepare_trial(config: dict, *, artifact_dir: str | None = None,
+def prepare_trial(config: dict, *, artifact_dir: str | None = None, data=None,
                   log: Callable[[str], None] = lambda message: None) -> PreparedTrial:
-    """Load and poison the trial's data and build its untrained model."""
+    """Load (unless ``data`` is the trial's dataset, already loaded) and poison the trial's data, and
+    build its untrained model. Poisons copy what they change, so trials may share one ``data``."""
     started = time.perf_counter()
     data_cfg, poison_cfg = config["data"], config["poison"]
-    data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
-                        n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+    if data is None:
+        data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
+                            n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
     load_seconds = time.perf_counter() - started
     poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
                             params=poison_cfg.get("params"), artifact_dir=artifact_dir)
