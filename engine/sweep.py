@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -73,25 +74,37 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
     so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
     ``trials`` row.
     """
-    from engine.config import config_columns, key_columns, trial_id
     from tasks.detect.base import serial_map
     from tasks.trial import run_trial
 
-    tid = trial_id(config)
     started = _now()
+    outcome = attempt_error
+    if attempt_error is None:
+        try:
+            outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
+        except Exception as error:  # recorded, not lost: the summary shows it
+            outcome = error
+    return write_record(config, out, outcome, started=started, version=version, where=where)
+
+
+def write_record(config: dict, out: str, outcome, *, started: dt.datetime, version: str = "",
+                 where: dict | None = None) -> dict:
+    """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
+    of an error. Returns the ``trials`` row."""
+    from engine.config import config_columns, key_columns, trial_id
+
+    tid = trial_id(config)
     base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
             "code_version": version, "started_at": started}
     tables: dict[str, list[dict]] = {}
-    if attempt_error is None:
-        try:
-            result = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
-            tables = result.tables
-            row = {**base, **tables["trials"][0], "status": "ok", "error": None}
-        except Exception as error:  # recorded, not lost: the summary shows it
-            row = {**base, "status": "failed", "error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
-            tables = {}
+    if isinstance(outcome, str):
+        row = {**base, "status": "failed", "error": outcome}
+    elif isinstance(outcome, BaseException):
+        trace = "".join(traceback.format_exception(outcome))
+        row = {**base, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}\n{trace}"}
     else:
-        row = {**base, "status": "failed", "error": attempt_error}
+        tables = outcome.tables
+        row = {**base, **tables["trials"][0], "status": "ok", "error": None}
     row["finished_at"] = _now()
     row["total_seconds"] = (row["finished_at"] - started).total_seconds()
     keys = {"trial_id": tid, **key_columns(config)}
@@ -131,20 +144,27 @@ def _set_threads(cpus: float) -> None:
 def tune_trainable(config: dict, *, out: str, version: str, resources: dict) -> dict:
     """The Ray Tune function trainable: run and record one trial, report a small summary."""
     _set_threads(resources["cpu"])
+    with shard_pool(resources) as pool:
+        row = record_trial(config["trial"], out, map_shards=pool, version=version,
+                           artifact_dir=_artifact_dir(out))
+    error = (row.get("error") or "").strip().splitlines()
+    return {"trial_id": row["trial_id"], "status": row["status"], "clean_test_acc": row.get("clean_test_acc"),
+            "error": error[0] if error else ""}
+
+
+@contextmanager
+def shard_pool(resources: dict):
+    """The trial's influence actors (``engine.shards.ActorPoolMap``), or None when it has none."""
     pool = None
     if resources["influence_actors"] > 0:
         from engine.shards import ActorPoolMap
 
         pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
     try:
-        row = record_trial(config["trial"], out, map_shards=pool, version=version,
-                           artifact_dir=_artifact_dir(out))
+        yield pool
     finally:
         if pool is not None:
             pool.close()
-    error = (row.get("error") or "").strip().splitlines()
-    return {"trial_id": row["trial_id"], "status": row["status"], "clean_test_acc": row.get("clean_test_acc"),
-            "error": error[0] if error else ""}
 
 
 def _artifact_dir(out: str) -> str | None:
@@ -252,14 +272,30 @@ class RetryLog(Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         from engine.config import trial_id
 
-        tid = trial_id(trial.config["trial"])
-        self.retried[tid] = self.retried.get(tid, 0) + 1
+        from engine.packs import members
+
+        for config in members(trial.config):
+            tid = trial_id(config)
+            self.retried[tid] = self.retried.get(tid, 0) + 1
 
 
 def _short_name(trial) -> str:
     from engine.config import trial_id
+    from engine.packs import members
 
-    return f"{trial.trial_id}-{trial_id(trial.config['trial'])}"
+    configs = members(trial.config)
+    return f"{trial.trial_id}-{trial_id(configs[0])}" + (f"+{len(configs) - 1}" if len(configs) > 1 else "")
+
+
+def _trainable_and_space(pending: list[dict], resources: dict):
+    """One Tune trial per pending trial, or, with ``resources.pack`` > 1, one per pack of them."""
+    from ray import tune
+
+    if resources["pack"] > 1:
+        from engine.packs import plan_packs, tune_pack_trainable
+
+        return tune_pack_trainable, {"pack": tune.grid_search(plan_packs(pending, resources["pack"]))}
+    return tune_trainable, {"trial": tune.grid_search(pending)}
 
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
@@ -290,15 +326,16 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     check_cluster_resources(sweep.resources)
     version = code_version()
     out = sweep.out if "://" in sweep.out else root  # workers chdir elsewhere: absolute paths only
+    function, param_space = _trainable_and_space(pending, sweep.resources)
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, out=out, version=version, resources=sweep.resources),
+        tune.with_parameters(function, out=out, version=version, resources=sweep.resources),
         trial_resources(sweep.resources),
     )
     retries = RetryLog()
     callbacks = [retries] + ([progress] if progress is not None else [])
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(pending)},
+        param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep.resources["max_concurrent"],
                                     reuse_actors=reuse_actors,
                                     trial_name_creator=_short_name, trial_dirname_creator=_short_name),
@@ -310,16 +347,19 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
         ),
     )
     results = tuner.fit()
+    from engine.packs import members
+
     for result in results:
-        config = result.config["trial"]
-        tid = trial_id(config)
         if result.error is not None:
-            # its worker died more often than max_failures allows, so it never wrote its row: record it now
+            # its worker died more often than max_failures allows, so it never wrote its rows: record them now
             error = f"{type(result.error).__name__}: {result.error}"
-            record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
-            outcome.failed[tid] = error.strip().splitlines()[0]
+            for config in members(result.config):
+                record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
+                outcome.failed[trial_id(config)] = error.strip().splitlines()[0]
         elif (result.metrics or {}).get("status") == "failed":
-            outcome.failed[tid] = result.metrics.get("error") or "see the trials table"
+            outcome.failed[trial_id(result.config["trial"])] = result.metrics.get("error") or "see the trials table"
+        else:
+            outcome.failed.update((result.metrics or {}).get("failures") or {})  # a pack's failed members
     outcome.retried = dict(retries.retried)
     outcome.ran = len(pending)
     outcome.seconds = time.perf_counter() - start

@@ -142,3 +142,64 @@ def test_a_pack_gives_each_trial_its_solo_rows():
                 if key != "seconds":
                     assert got[key] == (pytest.approx(value, rel=RTOL, abs=ATOL, nan_ok=True)
                                         if isinstance(value, float) else value), key
+
+
+# ----------------------------------------------------------------------------------- the engine
+
+PACK_SWEEP = {
+    "name": "packs",
+    "data": {"name": "digits", "n_train": 160, "n_test": 60},
+    "poison": {"method": "one_shift", "rate": 0.1},
+    "model": {"name": "keras_cnn", "params": {"width": 4, "hidden": 16}},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
+    "detectors": ["spectral_signature", "loss"],
+    # lr 1e30 diverges: a pack whose every member fails, recorded member by member
+    "sweep": {"seed": [0, 1], "poison.rate": [0.1, 0.3], "train.lr": [0.01, 1.0e30]},
+    "resources": {"cpu": 1, "max_failures": 0, "pack": 4},
+}
+
+
+def test_plan_packs_groups_by_data_model_and_schedule():
+    from engine.packs import plan_packs
+
+    sweep = build_sweep({**PACK_SWEEP, "sweep": {**PACK_SWEEP["sweep"], "seed": [0, 1, 2, 3, 4]}})
+    packs = plan_packs(sweep.trials, 4)
+    assert sorted(len(p) for p in packs) == [3, 3, 3, 3, 4, 4]  # 10 per learning rate: 4 + 3 + 3
+    for pack in packs:
+        assert len({t["train"]["lr"] for t in pack}) == 1
+    assert sorted(id(t) for p in packs for t in p) == sorted(id(t) for t in sweep.trials)
+
+
+def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from engine.sweep import record_trial
+    from test_end_to_end import poisonsweep
+
+    config = tmp_path / "packs.yaml"
+    config.write_text(yaml.safe_dump(PACK_SWEEP))
+    run = poisonsweep("run", str(config), "--out", str(tmp_path / "packed"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8 trials run" in run.stdout and "4 failed" in run.stdout
+    for trial in build_sweep(PACK_SWEEP).trials:  # what pack: 1 writes for each trial, without Ray
+        record_trial(trial, str(tmp_path / "solo"))
+    for table in ("trials", "detections", "scores"):
+        packed = pd.read_parquet(tmp_path / "packed" / table)
+        solo = pd.read_parquet(tmp_path / "solo" / table)
+        assert list(packed.columns) == list(solo.columns) and len(packed) == len(solo)
+        keys = ["trial_id"] + [c for c in ("detector", "index") if c in solo]
+        packed, solo = packed.sort_values(keys, ignore_index=True), solo.sort_values(keys, ignore_index=True)
+        assert list(packed.trial_id) == list(solo.trial_id)
+        numbers = [c for c in solo.select_dtypes("number") if not c.endswith("seconds") and c != "pack_size"]
+        pd.testing.assert_frame_equal(packed[numbers], solo[numbers], rtol=RTOL, atol=ATOL)
+    trials = pd.read_parquet(tmp_path / "packed" / "trials")
+    ok = trials[trials.status == "ok"]
+    assert len(ok) == 4 and set(ok.pack_size) == {4} and ok.pack_note.isna().all()
+    assert trials[trials.status == "failed"].error.str.contains("TrainingDiverged").all()
+    # a rerun with a third seed packs only what is not yet ok: 2 new trials at lr 0.01 (one pack of 2),
+    # the 4 failed and 2 new at lr 1e30 (two packs of 3)
+    again = poisonsweep("run", str(config), "--out", str(tmp_path / "packed"), "--set", "sweep.seed=[0, 1, 2]")
+    assert again.returncode == 0 and "8 trials run, 4 already done" in again.stdout, again.stdout + again.stderr
+    trials = pd.read_parquet(tmp_path / "packed" / "trials")
+    assert len(trials) == 12 and set(trials.query("status == 'ok' and seed == 2").pack_size) == {2}
