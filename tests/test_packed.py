@@ -154,7 +154,7 @@ PACK_SWEEP = {
     "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
     "detectors": ["spectral_signature", "loss"],
     # lr 1e30 diverges: a pack whose every member fails, recorded member by member
-    "sweep": {"seed": [0, 1], "poison.rate": [0.1, 0.3], "train.lr": [0.01, 1.0e30]},
+    "sweep": {"seed": [0, 1], "train.lr": [0.01, 1.0e30]},
     "resources": {"cpu": 1, "max_failures": 0, "pack": 4},
 }
 
@@ -162,7 +162,8 @@ PACK_SWEEP = {
 def test_plan_packs_groups_by_data_model_and_schedule():
     from engine.packs import plan_packs
 
-    sweep = build_sweep({**PACK_SWEEP, "sweep": {**PACK_SWEEP["sweep"], "seed": [0, 1, 2, 3, 4]}})
+    grid = {**PACK_SWEEP["sweep"], "seed": [0, 1, 2, 3, 4], "poison.rate": [0.1, 0.3]}
+    sweep = build_sweep({**PACK_SWEEP, "sweep": grid})
     packs = plan_packs(sweep.trials, 4)
     assert sorted(len(p) for p in packs) == [3, 3, 3, 3, 4, 4]  # 10 per learning rate: 4 + 3 + 3
     for pack in packs:
@@ -174,6 +175,7 @@ def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
     import pandas as pd
     import yaml
 
+    from engine.packs import ALONE
     from engine.sweep import record_trial
     from test_end_to_end import poisonsweep
 
@@ -181,7 +183,7 @@ def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
     config.write_text(yaml.safe_dump(PACK_SWEEP))
     run = poisonsweep("run", str(config), "--out", str(tmp_path / "packed"))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "8 trials run" in run.stdout and "4 failed" in run.stdout
+    assert "4 trials run" in run.stdout and "2 failed" in run.stdout
     for trial in build_sweep(PACK_SWEEP).trials:  # what pack: 1 writes for each trial, without Ray
         record_trial(trial, str(tmp_path / "solo"))
     for table in ("trials", "detections", "scores"):
@@ -195,11 +197,12 @@ def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
         pd.testing.assert_frame_equal(packed[numbers], solo[numbers], rtol=RTOL, atol=ATOL)
     trials = pd.read_parquet(tmp_path / "packed" / "trials")
     ok = trials[trials.status == "ok"]
-    assert len(ok) == 4 and set(ok.pack_size) == {4} and ok.pack_note.isna().all()
+    assert len(ok) == 2 and set(ok.pack_size) == {2} and ok.pack_note.isna().all()
     assert trials[trials.status == "failed"].error.str.contains("TrainingDiverged").all()
-    # a rerun with a third seed packs only what is not yet ok: 2 new trials at lr 0.01 (one pack of 2),
-    # the 4 failed and 2 new at lr 1e30 (two packs of 3)
+    # a rerun with a third seed packs only what is not yet ok: at lr 0.01 the new trial alone, at
+    # lr 1e30 the 2 failed ones and the new one
     again = poisonsweep("run", str(config), "--out", str(tmp_path / "packed"), "--set", "sweep.seed=[0, 1, 2]")
-    assert again.returncode == 0 and "8 trials run, 4 already done" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "4 trials run, 2 already done" in again.stdout, again.stdout + again.stderr
     trials = pd.read_parquet(tmp_path / "packed" / "trials")
-    assert len(trials) == 12 and set(trials.query("status == 'ok' and seed == 2").pack_size) == {2}
+    new = trials.query("status == 'ok' and seed == 2")
+    assert len(trials) == 6 and list(new.pack_size) == [1] and list(new.pack_note) == [ALONE]
