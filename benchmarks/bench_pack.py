@@ -11,7 +11,9 @@ Usage (CPU, the numbers of benchmarks/RESULTS.md section 8):
     OMP_NUM_THREADS=1 python benchmarks/bench_pack.py --ks 2 4 8 --solo 2
 GPU (a later session with a GPU; see benchmarks/gpu_pack.sh for the engine-level comparison):
     python benchmarks/bench_pack.py --device cuda --ks 4 8 16 32 64 --solo 4
-Prints one Markdown table; ``--json PATH`` also writes the rows.
+Prints one Markdown table; ``--json PATH`` also writes the rows. ``--drift --n-train 2000`` instead
+compares a packed model's weights and predictions with its solo twin's, next to a solo model trained
+with 2 threads instead of 1 (RESULTS.md section 8).
 """
 
 from __future__ import annotations
@@ -62,6 +64,35 @@ def measure(k: int, configs: list[dict], packed: bool) -> dict:
             "train_share": train / wall, "accuracy": [r["clean_test_acc"] for r in rows]}
 
 
+def drift(n_train: int, epochs: int) -> None:
+    """How far packing moves a model, next to how far torch's thread count moves it (float reordering both)."""
+    import torch
+
+    from tasks.data import load_dataset
+    from tasks.models import build_model
+    from tasks.packed import train_packed
+    from tasks.train import TrainConfig, predict_logits, train_model
+
+    data = load_dataset("mnist", n_train=n_train, n_test=2000, seed=0)
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, device="cpu")
+
+    def solo(threads: int):
+        torch.set_num_threads(threads)
+        model = build_model("keras_cnn", data.in_shape, 10, seed=0)
+        train_model(model, data.x_train, data.y_train, config, seed=0)
+        torch.set_num_threads(1)
+        return model
+
+    one, two = solo(1), solo(2)
+    packed = [build_model("keras_cnn", data.in_shape, 10, seed=s) for s in (0, 1)]
+    train_packed(packed, [data.x_train] * 2, [data.y_train] * 2, config, seeds=[0, 1])
+    for name, a, b in (("solo, 1 thread vs solo, 2 threads", one, two), ("solo, 1 thread vs packed", one, packed[0]),
+                       ("solo seed 0 vs packed seed 1", one, packed[1])):
+        weights = max((a.state_dict()[k] - b.state_dict()[k]).abs().max().item() for k in a.state_dict())
+        same = (predict_logits(a, data.x_test).argmax(1) == predict_logits(b, data.x_test).argmax(1)).float().mean()
+        print(f"| {name} | {weights:.1e} | {100 * same.item():.1f} % |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
@@ -73,7 +104,10 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--drift", action="store_true", help="only compare packed and solo weights (--n-train, --epochs)")
     args = parser.parse_args()
+    if args.drift:
+        return drift(args.n_train, args.epochs)
 
     import torch
 
