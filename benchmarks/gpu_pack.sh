@@ -14,9 +14,10 @@
 #     finish - first start); $OUT/pack_<mode>_trials.csv hold the tables (clean accuracy per trial, to
 #     check that packing changes no result beyond the spread over seeds: on CUDA the dropout masks of
 #     a packed model are drawn from its own generator, not by the fused solo kernel).
-# Knobs (environment): PY (python3), N_TRIALS (32), KS ("4 8 16 32 64"), EPOCHS (3), N_TRAIN (7500).
-# CPU dry run: PY=$PWD/.venv/bin/python SITE=skip DATA=~/.cache/poisonsweep DEVICE=cpu GPU_SHARE=0 \
-#   N_TRIALS=4 KS=2 N_TRAIN=300 EPOCHS=1 OUT=/tmp/gpu_pack bash benchmarks/gpu_pack.sh
+# Knobs (environment): PY (python3), N_TRIALS (32), KS ("4 8 16 32 64"), EPOCHS (3), N_TRAIN (7500),
+# TRIAL_CPU (3, CPUs per fractional-GPU trial or pack), PACK_CPU (12, CPUs of the one whole-GPU pack).
+# CPU dry run: PY=$PWD/.venv/bin/python SITE=skip DATA=/tmp/gpu_pack_data DEVICE=cpu GPU_SHARE=0 TRIAL_CPU=1 \
+#   PACK_CPU=2 N_TRIALS=2 KS=2 N_TRAIN=200 EPOCHS=1 OUT=/tmp/gpu_pack bash benchmarks/gpu_pack.sh
 set -x
 set -o pipefail
 
@@ -30,6 +31,8 @@ N_TRIALS=${N_TRIALS:-32}
 KS=${KS:-4 8 16 32 64}
 EPOCHS=${EPOCHS:-3}
 N_TRAIN=${N_TRAIN:-7500}
+TRIAL_CPU=${TRIAL_CPU:-3}
+PACK_CPU=${PACK_CPU:-12}
 WORK=$(mktemp -d /tmp/gpupack.XXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE=1 COLUMNS=160
@@ -54,11 +57,11 @@ command -v nvidia-smi >/dev/null && nvidia-smi
 SEEDS=$("$PY" -c "print(list(range(max(1, $N_TRIALS // 2))))")
 # configs/mnist_oneshift.yaml (keras_cnn, Adam, batch 64, rates 0.01 and 0.33) with the cheap detectors
 SWEEP=(configs/mnist_oneshift.yaml --set "sweep.seed=$SEEDS" --set data.n_train="$N_TRAIN" --set data.n_test=2000
-       --set train.epochs="$EPOCHS" --set train.device="$DEVICE" --set resources.cpu=3 --set resources.gpu="$GPU_SHARE"
+       --set train.epochs="$EPOCHS" --set train.device="$DEVICE" --set resources.cpu="$TRIAL_CPU" --set resources.gpu="$GPU_SHARE"
        --set "detectors=[activation_clustering, spectral_signature, loss]" --data-root "$DATA")
 FULL_GPU=$([ "$GPU_SHARE" = 0 ] && echo 0 || echo 1)
 for mode in "solo:--set resources.pack=1" "pack8:--set resources.pack=8" \
-            "one:--set resources.pack=$N_TRIALS --set resources.gpu=$FULL_GPU --set resources.cpu=12"; do
+            "one:--set resources.pack=$N_TRIALS --set resources.gpu=$FULL_GPU --set resources.cpu=$PACK_CPU"; do
     name=${mode%%:*}
     # shellcheck disable=SC2086
     "$PY" -m engine.cli run "${SWEEP[@]}" --out "$WORK/$name" ${mode#*:} || exit 1

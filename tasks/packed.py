@@ -36,7 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tasks.data import load_dataset
 from tasks.detect.base import serial_map
-from tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device
+from tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device, train_model
 from tasks.trial import PreparedTrial, TrialResult, finish_trial, prepare_trial
 
 # modules that draw random numbers in training and that packing does not reproduce per model
@@ -101,17 +101,15 @@ def _packs(prepared: dict[int, PreparedTrial]) -> dict[str, list[int]]:
         key = json.dumps([trial.config["model"], trial.config["train"], list(trial.poisoned.x_train.shape),
                           len(trial.poisoned.labels)], sort_keys=True)
         groups.setdefault(key, []).append(i)
-    if len(groups) > 1:
-        for members in groups.values():
-            for i in members:
-                prepared[i].pack_note = "packed only with trials of the same model, training schedule and data shape"
+    for members in groups.values():
+        if len(members) == 1 and len(prepared) > 1:
+            prepared[members[0]].pack_note = ("no other trial of its pack shares its model, training schedule and "
+                                              "training-set shape")
     return groups
 
 
 def _train_members(trials: list[PreparedTrial], log: Callable[[str], None]) -> list[TrainHistory | Exception]:
     """Train the trials' models together when there are several and they can be packed, else one by one."""
-    from tasks.train import train_model
-
     reason = why_not_packable(trials[0].model) if len(trials) > 1 else None
     if len(trials) > 1 and reason is None:
         seeds = [t.config["seed"] for t in trials]

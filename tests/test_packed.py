@@ -144,6 +144,19 @@ def test_a_pack_gives_each_trial_its_solo_rows():
                                         if isinstance(value, float) else value), key
 
 
+def test_trials_that_cannot_train_together_train_alone_and_say_why(monkeypatch):
+    base = {"data": {"name": "digits", "n_train": 100, "n_test": 40}, "poison": {"method": "one_shift", "rate": 0.1},
+            "model": {"name": "mlp", "params": {"hidden": 8, "depth": 1}}, "train": {"epochs": 1},
+            "detectors": ["loss"]}
+    configs = build_sweep({**base, "sweep": {"seed": [0, 1], "model.params.hidden": [8, 12]}}).trials[:3]
+    rows = [r.tables["trials"][0] for r in run_pack(configs)]  # (seed, hidden): (0, 8), (0, 12), (1, 8)
+    assert [r["pack_size"] for r in rows] == [2, 1, 2]
+    assert rows[0]["pack_note"] is None and "training schedule" in rows[1]["pack_note"]
+    monkeypatch.setattr("tasks.packed.why_not_packable", lambda model: "a made-up reason")
+    rows = [r.tables["trials"][0] for r in run_pack([configs[0], configs[2]])]
+    assert [r["pack_size"] for r in rows] == [1, 1] and rows[0]["pack_note"] == "not packable: a made-up reason"
+
+
 # ----------------------------------------------------------------------------------- the engine
 
 PACK_SWEEP = {
