@@ -40,11 +40,13 @@ TRIAL_DEFAULTS: dict[str, Any] = {
 RESOURCE_DEFAULTS: dict[str, Any] = {
     "cpu": 1, "gpu": 0, "max_concurrent": None, "max_failures": 1,
     "influence_actors": 0, "actor_cpu": 1, "actor_gpu": 0,
+    "pack": 1,  # trials trained together in one Ray trial (engine/packs.py); 1: each alone
 }
 RESOURCE_CONSTRAINTS = {
     "cpu": [Interval(Real, 0, None, "neither")], "gpu": [Interval(Real, 0)],
     "max_concurrent": [NONE, Interval(Integral, 1)], "max_failures": [Interval(Integral, -1)],
     "influence_actors": [Interval(Integral, 0)], "actor_cpu": [Interval(Real, 0)], "actor_gpu": [Interval(Real, 0)],
+    "pack": [Interval(Integral, 1)],
 }
 TOP_LEVEL_KEYS = {"name", "description", "out", "sweep", "resources"} | set(TRIAL_DEFAULTS)
 SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root"}, "poison": {"method", "rate", "params"},

@@ -15,7 +15,7 @@ class SweepProgress(Callback):
         self.running: set[str] = set()
         self.failed = 0
         self.finished = 0
-        self._statuses: dict[str, str] = {}
+        self._results: dict[str, dict] = {}  # Tune trial id -> its last result
         self.bar = Progress(
             TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
             TextColumn("running {task.fields[running]}  failed {task.fields[failed]}"),
@@ -45,16 +45,18 @@ class SweepProgress(Callback):
         self._refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._statuses[trial.trial_id] = result.get("status", "ok")
+        self._results[trial.trial_id] = result
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        result = self._results.pop(trial.trial_id, {})  # nothing kept per finished trial
         self.running.discard(trial.trial_id)
-        self.finished += 1
-        self.failed += self._statuses.get(trial.trial_id) == "failed"
+        self.finished += result.get("members", 1)  # a pack (resources.pack) holds several trials
+        self.failed += len(result.get("failures") or {})
         self._refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        self.finished += 1
-        self.failed += 1
+        self._results.pop(trial.trial_id, None)
+        self.finished += len(trial.config["trial_ids"])  # one trial, or every member of a pack
+        self.failed += len(trial.config["trial_ids"])
         self._refresh()

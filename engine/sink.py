@@ -41,6 +41,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("train_acc", _F64), ("poison_info", _STR), ("load_seconds", _F64), ("poison_seconds", _F64),
         ("train_seconds", _F64), ("eval_seconds", _F64), ("detect_seconds", _F64), ("unlearn_seconds", _F64),
         ("total_seconds", _F64), ("node", _STR), ("node_ip", _STR), ("ray_node_id", _STR), ("device", _STR),
+        ("pack_size", _I64), ("pack_note", _STR),  # resources.pack: models trained together, why alone
         ("code_version", _STR),
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ]),

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,25 +69,37 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
     so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
     ``trials`` row.
     """
-    from engine.config import config_columns, key_columns, trial_id
     from tasks.detect.base import serial_map
     from tasks.trial import run_trial
 
-    tid = trial_id(config)
     started = _now()
+    outcome = attempt_error
+    if attempt_error is None:
+        try:
+            outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
+        except Exception as error:  # recorded, not lost: the summary shows it
+            outcome = error
+    return write_record(config, out, outcome, started=started, version=version, where=where)
+
+
+def write_record(config: dict, out: str, outcome, *, started: dt.datetime, version: str = "",
+                 where: dict | None = None) -> dict:
+    """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
+    of an error. Returns the ``trials`` row."""
+    from engine.config import config_columns, key_columns, trial_id
+
+    tid = trial_id(config)
     base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
             "code_version": version, "started_at": started}
     tables: dict[str, list[dict]] = {}
-    if attempt_error is None:
-        try:
-            result = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
-            tables = result.tables
-            row = {**base, **tables["trials"][0], "status": "ok", "error": None}
-        except Exception as error:  # recorded, not lost: the summary shows it
-            row = {**base, "status": "failed", "error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
-            tables = {}
+    if isinstance(outcome, str):
+        row = {**base, "status": "failed", "error": outcome}
+    elif isinstance(outcome, BaseException):
+        trace = "".join(traceback.format_exception(outcome))
+        row = {**base, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}\n{trace}"}
     else:
-        row = {**base, "status": "failed", "error": attempt_error}
+        tables = outcome.tables
+        row = {**base, **tables["trials"][0], "status": "ok", "error": None}
     row["finished_at"] = _now()
     row["total_seconds"] = (row["finished_at"] - started).total_seconds()
     keys = {"trial_id": tid, **key_columns(config)}
@@ -124,7 +137,7 @@ def _set_threads(cpus: float) -> None:
 
 
 class PlanSearcher(Searcher):
-    """Hands Tune the sweep's trials one at a time, as ``{"index": i, "trial_id": ...}``.
+    """Hands Tune the sweep's trials one unit at a time, as ``{"index": i, "trial_id": ..., "trial_ids": [...]}``.
 
     Tune then holds a few bytes per trial and creates each trial only when it can start it, so a
     sweep of any size starts at once; a ``tune.grid_search`` over full configs makes Tune expand
@@ -132,17 +145,18 @@ class PlanSearcher(Searcher):
     stay in the plan, which each trial process fetches once (:func:`_plan_of`).
     """
 
-    def __init__(self, trial_ids: list[str], first_index: int = 0):
+    def __init__(self, unit_ids: list[list[str]], first_index: int = 0):
         super().__init__()
-        self._trial_ids = trial_ids
-        self._first = first_index  # the plan's index of trial_ids[0]
+        self._unit_ids = unit_ids  # the trial ids of each unit: one trial, or a pack (resources.pack)
+        self._first = first_index  # the plan's index of unit_ids[0]
         self._next = 0
 
     def suggest(self, trial_id: str) -> dict | None:
-        if self._next >= len(self._trial_ids):
+        if self._next >= len(self._unit_ids):
             return Searcher.FINISHED
         index, self._next = self._next, self._next + 1
-        return {"index": self._first + index, "trial_id": self._trial_ids[index]}
+        ids = self._unit_ids[index]
+        return {"index": self._first + index, "trial_id": ids[0], "trial_ids": ids}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # nothing to learn: the plan is fixed
@@ -163,29 +177,48 @@ def _plan_of(holder: list) -> list[dict]:
 
 
 def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict) -> dict:
-    """The Ray Tune function trainable: run and record the plan's trial ``config["index"]``, report a
-    small summary."""
+    """The Ray Tune function trainable: run and record the plan's unit ``config["index"]`` (one trial,
+    or a pack of them with ``resources.pack`` > 1), report a small summary."""
     _set_threads(resources["cpu"])
+    unit = _plan_of(plan)[config["index"]]
+    with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
+        if resources["pack"] > 1:
+            from engine.packs import record_pack
+
+            rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
+        else:
+            rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir)]
+    failures = {row["trial_id"]: ((row.get("error") or "").strip().splitlines() or ["see the trials table"])[0]
+                for row in rows if row["status"] != "ok"}
+    return {"trial_id": rows[0]["trial_id"], "members": len(rows), "failures": failures}
+
+
+@contextmanager
+def shard_pool(resources: dict):
+    """The trial's influence actors (``engine.shards.ActorPoolMap``), or None when it has none."""
     pool = None
     if resources["influence_actors"] > 0:
         from engine.shards import ActorPoolMap
 
         pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
-    trial = _plan_of(plan)[config["index"]]
-    artifact_dir, mirrored = _artifact_dir(out), None
-    if artifact_dir is None and artifacts.uses_artifacts(trial):  # an object store: a node-local mirror
-        local, before = artifacts.download(out)
-        artifact_dir, mirrored = str(local), before
     try:
-        row = record_trial(trial, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
-        if mirrored is not None:
-            artifacts.upload(out, Path(artifact_dir), mirrored)
+        yield pool
     finally:
         if pool is not None:
             pool.close()
-    error = (row.get("error") or "").strip().splitlines()
-    return {"trial_id": row["trial_id"], "status": row["status"], "clean_test_acc": row.get("clean_test_acc"),
-            "error": error[0] if error else ""}
+
+
+@contextmanager
+def trial_artifacts(out: str, configs: list[dict]):
+    """The directory for work shared between trials (FLIP's experts): under a local ``out``, or a
+    node-local mirror of ``<out>/_artifacts`` on an object store, uploaded again afterwards."""
+    artifact_dir, mirrored = _artifact_dir(out), None
+    if artifact_dir is None and any(artifacts.uses_artifacts(c) for c in configs):
+        local, mirrored = artifacts.download(out)
+        artifact_dir = str(local)
+    yield artifact_dir
+    if mirrored is not None:
+        artifacts.upload(out, Path(artifact_dir), mirrored)
 
 
 def _artifact_dir(out: str) -> str | None:
@@ -299,16 +332,16 @@ class TrialLog(Callback):
         self.failed: dict[str, str] = {}
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        tid = trial.config["trial_id"]
-        self.retried[tid] = self.retried.get(tid, 0) + 1
+        for tid in trial.config["trial_ids"]:  # one, or every member of a pack
+            self.retried[tid] = self.retried.get(tid, 0) + 1
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("status") == "failed":
-            self.failed[trial.config["trial_id"]] = result.get("error") or "see the trials table"
+        self.failed.update(result.get("failures") or {})
 
 
 def _short_name(trial) -> str:
-    return f"{trial.trial_id}-{trial.config['trial_id']}"
+    ids = trial.config["trial_ids"]
+    return f"{trial.trial_id}-{ids[0]}" + (f"+{len(ids) - 1}" if len(ids) > 1 else "")
 
 
 # Tune keeps every trial of an experiment in the driver (tens of kB each, measured in
@@ -392,6 +425,16 @@ class _HideRestoreHint(logging.Filter):
         return "Tuner.restore" not in record.getMessage()
 
 
+def plan_units(pending: list[dict], pack: int) -> list[list[dict]]:
+    """What each Tune trial runs: one pending trial, or with ``pack`` > 1 a pack of pending trials that
+    share data, model and training schedule (``engine.packs.plan_packs``)."""
+    if pack > 1:
+        from engine.packs import plan_packs
+
+        return plan_packs(pending, pack)
+    return [[config] for config in pending]
+
+
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
               reuse_actors: bool = True, rerun: str = "failed") -> SweepOutcome:
     """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``engine.record.trials_to_run``:
@@ -426,7 +469,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
     out = sweep.out if "://" in sweep.out else root  # workers chdir elsewhere: absolute paths only
-    plan = [ray.put(pending)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
+    units = plan_units(pending, sweep.resources["pack"])
+    unit_ids = [[trial_id(c) for c in unit] for unit in units]
+    plan = [ray.put(units)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources),
         trial_resources(sweep.resources),
@@ -435,7 +480,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     callbacks = [log] + ([progress] if progress is not None else [])
     name = f"{sweep.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
-    def tuner(first: int, chunk: list[str]):
+    def tuner(first: int, chunk: list[list[str]]):
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=PlanSearcher(chunk, first), num_samples=len(chunk),
@@ -451,19 +496,19 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
         )
 
     with CtrlC() as ctrl_c:
-        for first in range(0, len(pending_ids), TRIALS_PER_TUNER):
+        for first in range(0, len(unit_ids), TRIALS_PER_TUNER):
             if ctrl_c.pressed:
                 break
-            chunk = pending_ids[first:first + TRIALS_PER_TUNER]
+            chunk = unit_ids[first:first + TRIALS_PER_TUNER]
             results = _fit(tuner(first, chunk))  # a finished chunk's trials then leave the driver's memory
             ctrl_c.listen()  # Tune leaves its finished experiment's handler installed
             for result in results:
                 if result.error is not None:
                     # its worker died more often than max_failures allows, so it never wrote its row: record it now
-                    config, tid = pending[result.config["index"]], result.config["trial_id"]
                     error = f"{type(result.error).__name__}: {result.error}"
-                    record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
-                    log.failed[tid] = error.strip().splitlines()[0]
+                    for config in units[result.config["index"]]:
+                        record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
+                        log.failed[trial_id(config)] = error.strip().splitlines()[0]
             if results.num_terminated + results.num_errors < len(chunk):  # Ctrl-C: Tune stopped early
                 break
     outcome.failed = dict(log.failed)

@@ -17,14 +17,11 @@ import torch
 import tasks.detect  # noqa: F401  (registers the detectors)
 from tasks.data import load_dataset
 from tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
-from tasks.metrics import detection_metrics
+from tasks.metrics import detection_metrics, poison_success
 from tasks.models import build_model
-from tasks.poisons import apply_poison
-from tasks.metrics import poison_success
-from tasks.train import TrainConfig, accuracy, resolve_device, train_model
+from tasks.poisons import POISONS, apply_poison
+from tasks.train import TrainConfig, TrainHistory, accuracy, resolve_device, train_model
 
-# detectors that read the per-epoch checkpoints of training (TracIn)
-CHECKPOINT_DETECTORS = {"influence": lambda params: params.get("solver") == "tracin"}
 
 
 @dataclass
@@ -38,8 +35,42 @@ def _dumps(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _needs_checkpoints(detectors: list[dict]) -> bool:
-    return any(CHECKPOINT_DETECTORS.get(d["name"], lambda _: False)(d.get("params", {})) for d in detectors)
+def trial_needs(config: dict) -> frozenset:
+    """What the trial's poison and detectors declare they need (``tasks.registry.Entry.needs``)."""
+    poison = config["poison"]
+    needs = set(POISONS.get(poison["method"]).needs_for(poison.get("params") or {}))
+    for detector in config["detectors"]:
+        needs |= DETECTORS.get(detector["name"]).needs_for(detector.get("params", {}))
+    return frozenset(needs)
+
+
+@dataclass
+class PreparedTrial:
+    """A trial up to training: its data poisoned, its model built with its seed's initial weights."""
+
+    config: dict
+    data: object  # tasks.data.Dataset
+    poisoned: object  # tasks.poisons.PoisonedData
+    train_config: TrainConfig
+    model: torch.nn.Module | None  # built by prepare_trial, trained in place
+    timings: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+    pack_size: int = 1  # how many models trained together with this one (1: trained alone)
+    pack_note: str | None = None  # why a trial asked to be packed was trained alone
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self.clock
+        self.clock = now
+
+    def model_factory(self, model_seed: int) -> torch.nn.Module:
+        model_cfg = self.config["model"]
+        return build_model(model_cfg["name"], self.data.in_shape, self.data.num_classes, model_cfg.get("params"),
+                           seed=model_seed)
+
+    @property
+    def keeps_checkpoints(self) -> bool:
+        return "checkpoints" in trial_needs(self.config)
 
 
 def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
@@ -49,40 +80,42 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
     The rows carry no ``trial_id``; the caller adds it. Raises on any failure: the engine
     records the trial as failed with the error text.
     """
-    seed = config["seed"]
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
-
-    data_cfg, poison_cfg = config["data"], config["poison"]
-    data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
-                        n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
-    lap("load_seconds")
-    poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=seed,
-                            params=poison_cfg.get("params"), artifact_dir=artifact_dir)
-    lap("poison_seconds")
-    log(f"poisoned {poisoned.n_poisoned} of {len(poisoned.labels)} training samples")
-
-    model_cfg = config["model"]
-    train_config = TrainConfig(**config["train"])
-    device = resolve_device(train_config.device)
-
-    def model_factory(model_seed: int) -> torch.nn.Module:
-        return build_model(model_cfg["name"], data.in_shape, data.num_classes, model_cfg.get("params"), seed=model_seed)
-
-    model = model_factory(seed)
-    history = train_model(model, poisoned.x_train, poisoned.labels, train_config, seed=seed,
-                          keep_checkpoints=_needs_checkpoints(config["detectors"]),
+    trial = prepare_trial(config, artifact_dir=artifact_dir, log=log)
+    history = train_model(trial.model, trial.poisoned.x_train, trial.poisoned.labels, trial.train_config,
+                          seed=config["seed"], keep_checkpoints=trial.keeps_checkpoints,
                           on_epoch=lambda e, loss, acc: log(f"epoch {e + 1}: loss {loss:.4f} acc {acc:.3f}"))
-    lap("train_seconds")
+    trial.lap("train_seconds")
+    return finish_trial(trial, history, map_shards=map_shards, log=log)
+
+
+def prepare_trial(config: dict, *, artifact_dir: str | None = None, data=None,
+                  log: Callable[[str], None] = lambda message: None) -> PreparedTrial:
+    """Load (unless ``data`` is the trial's dataset, already loaded) and poison the trial's data, and
+    build its untrained model. Poisons copy what they change, so trials may share one ``data``."""
+    started = time.perf_counter()
+    data_cfg, poison_cfg = config["data"], config["poison"]
+    if data is None:
+        data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
+                            n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+    load_seconds = time.perf_counter() - started
+    poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
+                            params=poison_cfg.get("params"), artifact_dir=artifact_dir)
+    log(f"poisoned {poisoned.n_poisoned} of {len(poisoned.labels)} training samples")
+    trial = PreparedTrial(config, data, poisoned, TrainConfig(**config["train"]), model=None,
+                          timings={"load_seconds": load_seconds}, clock=started + load_seconds)
+    trial.lap("poison_seconds")
+    trial.model = trial.model_factory(config["seed"])
+    return trial
+
+
+def finish_trial(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable = serial_map,
+                 log: Callable[[str], None] = lambda message: None) -> TrialResult:
+    """Evaluate the trained model, run the detectors and the unlearning, and return the rows."""
+    config, data, poisoned, model = trial.config, trial.data, trial.poisoned, trial.model
+    seed, model_cfg, train_config = config["seed"], config["model"], trial.train_config
     clean_acc = accuracy(model, data.x_test, data.y_test)
     success = poison_success(model, poisoned)
-    lap("eval_seconds")
+    trial.lap("eval_seconds")
 
     context = DetectionContext(
         model=model, x_train=poisoned.x_train, labels=poisoned.labels.numpy(), num_classes=data.num_classes,
@@ -91,11 +124,12 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
         sample_losses=history.sample_losses, seed=seed,
     )
     detections: dict[str, Detection] = {}
-    tables: dict[str, list[dict]] = {"detections": [], "scores": [], "influence": [], "unlearning": []}
+    tables: dict[str, list[dict]] = {"detections": [], "scores": [], "unlearning": []}
     for detector in config["detectors"]:
         label = detector.get("label") or detector["name"]
         start = time.perf_counter()
-        detection = DETECTORS.get(detector["name"]).fn(context, seed=seed, **detector.get("params", {}))
+        entry = DETECTORS.get(detector["name"])
+        detection = entry.fn(context, seed=seed, **detector.get("params", {}))
         seconds = time.perf_counter() - start
         detections[label] = detection
         log(f"{label}: {seconds:.1f}s")
@@ -104,23 +138,25 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
             **detection_metrics(detection.scores, detection.flagged, poisoned.is_poison), "seconds": seconds,
         })
         tables["scores"].extend(_score_rows(label, detection, poisoned))
-        tables["influence"].extend(dict(row, detector=label) for row in detection.extras.get("influence", []))
-    lap("detect_seconds")
+        for table in entry.tables:  # the extra tables the detector declares, e.g. influence
+            tables.setdefault(table, []).extend(dict(row, detector=label) for row in detection.extras.get(table, []))
+    trial.lap("detect_seconds")
 
     if config.get("unlearn"):
         from tasks.unlearn import run_unlearning
 
         tables["unlearning"] = run_unlearning(
             model, poisoned, data.x_test, data.y_test, detections, config["unlearn"], train_config,
-            model_factory, seed,
+            trial.model_factory, seed,
         )
-    lap("unlearn_seconds")
+    trial.lap("unlearn_seconds")
 
     tables["trials"] = [{
         "n_train": len(poisoned.labels), "n_test": len(data.y_test), "num_classes": data.num_classes,
         "n_poisoned": poisoned.n_poisoned, "clean_test_acc": clean_acc, "poison_success": success,
         "train_loss": history.loss[-1], "train_acc": history.accuracy[-1],
-        "poison_info": _dumps(_jsonable(poisoned.info)), "device": str(device), **timings,
+        "poison_info": _dumps(_jsonable(poisoned.info)), "device": str(resolve_device(train_config.device)),
+        **trial.timings, "pack_size": trial.pack_size, "pack_note": trial.pack_note,
     }]
     return TrialResult(tables)
 

@@ -60,6 +60,7 @@ def early_loss_scores(sample_losses: np.ndarray, epoch: int) -> np.ndarray:
     "abl_isolation",
     {"epoch": [Interval(Integral, 1)], **FLAG_CONSTRAINTS},
     help="Anti-Backdoor Learning isolation (Li et al. 2021): lowest training loss early on; flags 1 %",
+    needs={"sample_losses"},
 )
 def abl_isolation(context: DetectionContext, *, seed: int, epoch: int = 2, flag_rule: str = "fraction",
                   flag_fraction: float = ISOLATION_RATE) -> Detection:

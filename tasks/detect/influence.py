@@ -91,7 +91,8 @@ def tracin_optimizer_error(solver: str, optimizer: str) -> str | None:
     return None
 
 
-@DETECTORS.register("influence", CONSTRAINTS)
+@DETECTORS.register("influence", CONSTRAINTS, tables=("influence",),
+                    needs=lambda params: {"checkpoints"} if params["solver"] == "tracin" else set())
 def detect(context: DetectionContext, *, seed: int, solver: str = "exact", params: str = "last_layer", k: int = 2,
            damping: float = DEFAULT_DAMPING, flag_rule: str = "auto", flag_fraction: float = 0.1, test_points: int | list = 0,
            top_k: int = 10, hessian_samples: int | None = None, cg_tol: float = 1e-4, cg_maxiter: int = 300,

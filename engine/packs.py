@@ -1,0 +1,57 @@
+"""Packed trials (``resources.pack: k``): up to k pending trials that share dataset, model and training
+schedule run as ONE Ray trial, whose models train together (``tasks.packed.run_pack``).
+
+Each member is still its own trial: its own ``trial_id``, its own rows written by
+``engine.sweep.write_record`` exactly as a solo run writes them (plus ``pack_size`` and
+``pack_note``), its own resume state (a pack is planned from the pending trials only, so a rerun
+packs just the ones still missing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from engine.sweep import _now, write_record
+
+# what members of one pack must share: the training set's shape and the model and its schedule
+PACK_KEYS = ("data", "model", "train")
+ALONE = "no other pending trial shares its data, model and training schedule"
+
+
+def pack_key(config: dict) -> str:
+    return json.dumps({key: config[key] for key in PACK_KEYS}, sort_keys=True)
+
+
+def plan_packs(trials: list[dict], size: int) -> list[list[dict]]:
+    """Group ``trials`` (in order) by ``pack_key`` and cut each group into packs of at most ``size``
+    members, as even as possible (9 trials, size 8: 5 + 4, not 8 + 1)."""
+    groups: dict[str, list[dict]] = {}
+    for trial in trials:
+        groups.setdefault(pack_key(trial), []).append(trial)
+    packs = []
+    for group in groups.values():
+        count = math.ceil(len(group) / size)
+        cuts = [round(i * len(group) / count) for i in range(count + 1)]
+        packs += [group[start:stop] for start, stop in zip(cuts, cuts[1:])]
+    return packs
+
+
+def record_pack(configs: list[dict], out: str, *, map_shards=None, version: str = "",
+                artifact_dir: str | None = None) -> list[dict]:
+    """Run ``configs`` as one pack and write each member's rows under its own ``trial_id``; returns
+    the members' ``trials`` rows. A member that fails is recorded as failed; the others go on."""
+    from tasks.detect.base import serial_map
+    from tasks.packed import run_pack
+
+    started = _now()
+    try:
+        outcomes = run_pack(configs, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
+    except Exception as error:  # a failure of the pack itself: every member records it
+        outcomes = [error] * len(configs)
+    rows = []
+    for config, outcome in zip(configs, outcomes):
+        if len(configs) == 1 and not isinstance(outcome, BaseException):
+            outcome.tables["trials"][0]["pack_note"] = ALONE
+        rows.append(write_record(config, out, outcome, started=started, version=version))
+    return rows
