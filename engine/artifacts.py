@@ -19,7 +19,6 @@ downloads it needs).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import uuid
 from pathlib import Path
@@ -39,9 +38,10 @@ def cache_dir(out: str) -> Path:
 
 def uses_artifacts(config: dict) -> bool:
     """Whether the trial's poison caches shared work."""
-    from tasks.poison import POISONS
+    from tasks.poisons import POISONS
 
-    return "artifact_dir" in inspect.signature(POISONS.get(config["poison"]["method"]).fn).parameters
+    poison = config["poison"]
+    return "artifact_dir" in POISONS.get(poison["method"]).needs_for(poison.get("params") or {})
 
 
 def _remote_files(fs, directory: str) -> dict[str, pafs.FileInfo]:

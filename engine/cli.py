@@ -49,93 +49,28 @@ def run(
                               "version), 'all'."),
 ):
     """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
-    from engine.config import check_data, load_sweep
-    from engine.resume import RERUN_CHOICES, run_lock
-
-    if rerun not in RERUN_CHOICES:
-        _fail(f"--rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
-    try:
-        sweep = load_sweep(config, set_, out=out, data_root=data_root)
-        check_data(sweep)
-        _check_writable(sweep.out)
-    except ConfigError as error:
-        _fail(str(error))
-    from filelock import Timeout
-
-    lock = run_lock(sweep.out)
-    try:
-        if lock is None:
-            _run_locked(sweep, address, verbose, reuse_actors, rerun)
-        else:
-            with lock:
-                _run_locked(sweep, address, verbose, reuse_actors, rerun)
-    except Timeout:
-        _fail(f"another `poisonsweep run` is writing to {sweep.out} (it holds {lock.lock_file}); wait for it to "
-              "finish, or choose another --out")
-
-
-def _run_locked(sweep, address, verbose: bool, reuse_actors: bool, rerun: str) -> None:
-    from engine.config import trial_id
+    from engine import api
     from engine.progress import SweepProgress
-    from engine.resume import code_version, quarantine, stale_trials, trials_to_run
-    from engine.sweep import run_sweep
 
-    console.print(f"sweep [bold]{escape(sweep.name)}[/]: {len(sweep.trials)} trials -> {escape(sweep.out)}")
-    for damaged, moved in quarantine(sweep.out):
-        console.print(escape(f"moved {damaged} (not readable Parquet) to {moved}; its trial runs again"),
-                      highlight=False)
-    ids, version = [trial_id(t) for t in sweep.trials], code_version()
-    stale = stale_trials(sweep.out, ids, version)
-    if stale:
-        listed = ", ".join(f"{v}: {n}" for v, n in stale.most_common())
-        verb = "they run again (--rerun " + rerun + ")" if rerun != "failed" else "kept; --rerun stale reruns them"
-        console.print(escape(f"{sum(stale.values())} ok trial(s) were recorded by other code versions ({listed}; "
-                             f"this is {version}): {verb}"), highlight=False)
-    try:  # a resumed sweep's bar counts only what is left to run
-        with SweepProgress(len(trials_to_run(sweep.out, ids, rerun, version)), console) as progress:
-            outcome = run_sweep(sweep, address=address, verbose=verbose, progress=progress,
-                                reuse_actors=reuse_actors, rerun=rerun)
-    except RuntimeError as error:
+    try:
+        outcome = api.run(config, out=out, overrides=set_, address=address, data_root=data_root, rerun=rerun,
+                          verbose=verbose, reuse_actors=reuse_actors,
+                          echo=lambda note: console.print(escape(note), highlight=False),
+                          progress=lambda total: SweepProgress(total, console),
+                          announce=lambda sweep: console.print(
+                              f"sweep [bold]{escape(sweep.name)}[/]: {len(sweep.trials)} trials -> {escape(sweep.out)}"))
+    except (ConfigError, RuntimeError) as error:
         _fail(str(error))
     retried = sum(outcome.retried.values())
     console.print(f"{outcome.ran} trials run, {outcome.skipped} already done"
                   + (f", {len(outcome.failed)} failed" if outcome.failed else "")
                   + (f", {retried} attempt(s) retried after a worker died" if retried else "")
                   + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
-    print_summary(sweep.out)
+    print_summary(outcome.out)
     if outcome.interrupted:
         console.print(f"[bold yellow]interrupted:[/] {outcome.interrupted} trial(s) not finished. Run the same "
                       "command again to resume: finished trials are kept and skipped.", highlight=False)
         raise typer.Exit(code=130)
-
-
-def _check_writable(out: str) -> None:
-    """Write and delete a probe file in ``out`` (a directory or a URI), so that a read-only path or
-    missing cloud credentials fail now, not after the first trial."""
-    from pyarrow import ArrowException
-
-    from engine.sink import filesystem
-
-    if "://" not in out:
-        path = Path(filesystem(out)[1])
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-check"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise ConfigError(f"output directory {str(path)!r} cannot be written: {error.strerror or error}; "
-                              "choose another with --out") from None
-        return
-    try:
-        fs, root = filesystem(out)
-        fs.create_dir(root, recursive=True)
-        with fs.open_output_stream(f"{root}/.write-check"):
-            pass
-        fs.delete_file(f"{root}/.write-check")
-    except (OSError, ArrowException, ValueError) as error:
-        raise ConfigError(f"output URI {out!r} cannot be written: {error}; check the URI and the credentials "
-                          "(e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None
 
 
 @app.command()

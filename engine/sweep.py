@@ -55,6 +55,7 @@ class SweepOutcome:
     retried: dict[str, int] = field(default_factory=dict)  # trial_id -> attempts lost to a dead worker
     seconds: float = 0.0
     interrupted: int = 0  # trials left unfinished by Ctrl-C
+    out: str = ""  # where the record is
 
 
 def _now() -> dt.datetime:

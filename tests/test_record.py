@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import engine.record as record
 from engine.cli import app
-from engine.sink import TABLES, completed_trials, write_trial, write_trial_table
+from engine.resume import complete_trials
+from engine.sink import TABLES, write_trial, write_trial_table
 from engine.summary import found_vs_checked_curves
 from tasks.metrics import found_vs_checked
 
@@ -59,7 +60,7 @@ def test_compaction_keeps_every_complete_trials_rows_once_and_leaves_the_rest(ou
     assert "partial.parquet" in files(out, "scores")
     # plain pandas reads the compacted directory as before: every row once
     assert len(pd.read_parquet(out / "scores")) == 7 * 7 and len(pd.read_parquet(out / "trials")) == 6
-    assert completed_trials(str(out)) == {f"t{i}" for i in range(5)}
+    assert complete_trials(str(out)) == {f"t{i}" for i in range(5)}
 
 
 def test_a_compacted_file_is_sorted_by_trial_id_and_a_second_compaction_changes_nothing(out):

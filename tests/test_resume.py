@@ -43,7 +43,7 @@ def test_code_version_is_the_package_version_and_a_hash_of_the_science_code(tmp_
     shutil.copytree(tasks.__path__[0], copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(tasks, "__file__", str(copy / "__init__.py"))
     assert resume.code_version() == version
-    (copy / "poison.py").write_text((copy / "poison.py").read_text() + "\n# an uncommitted edit\n")
+    (copy / "trial.py").write_text((copy / "trial.py").read_text() + "\n# an uncommitted edit\n")
     assert resume.code_version() != version  # a dirty tree is a different version
 
 

@@ -22,7 +22,8 @@ boto3 = pytest.importorskip("boto3")
 from engine import artifacts  # noqa: E402
 from engine.cli import app  # noqa: E402
 from engine.record import compact, read_table, table_files  # noqa: E402
-from engine.sink import completed_trials, write_trial  # noqa: E402
+from engine.resume import complete_trials  # noqa: E402
+from engine.sink import write_trial  # noqa: E402
 from test_record import trial_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +64,12 @@ def test_the_record_compacts_and_reads_back_from_s3(s3_env, tmp_path):
     out = f"s3://{BUCKET}/record"
     for i in range(4):
         write_trial(out, f"t{i}", trial_rows(f"t{i}", status="failed" if i == 3 else "ok"))
-    assert completed_trials(out) == {"t0", "t1", "t2"}
+    assert complete_trials(out) == {"t0", "t1", "t2"}
     compact(out)
     files = table_files(out, "scores")
     assert not files.per_trial and len(files.compacted) == 1
     assert read_table(out, "scores").num_rows == 4 * 7
-    assert completed_trials(out) == {"t0", "t1", "t2"}
+    assert complete_trials(out) == {"t0", "t1", "t2"}
     shown = CliRunner().invoke(app, ["show", out], env={"COLUMNS": "300"})
     assert shown.exit_code == 0 and "1 failed trial(s)" in shown.output, shown.output
     reported = CliRunner().invoke(app, ["report", out, "--out", str(tmp_path / "report")])

@@ -1,0 +1,160 @@
+"""The public Python API, re-exported as ``poisonsweep.run``, ``load``, ``report`` and ``run_trial``.
+
+Everything the CLI does, as functions that take values and return values (the CLI only parses
+arguments and prints). Every config problem raises ``ConfigError`` (its message lists each problem
+with its key, the bad value and what is allowed) before Ray starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable
+
+import pyarrow as pa
+
+from tasks.registry import ConfigError
+
+__all__ = ["OutputBusy", "load", "load_config", "report", "run", "run_trial"]
+
+
+class OutputBusy(ConfigError):
+    """Another ``run`` holds the output directory's lock."""
+
+
+def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
+                data_root: str | None = None):
+    """A validated ``engine.config.Sweep`` from a YAML path or a dict in the same shape, with
+    ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied."""
+    from engine.config import apply_overrides, build_sweep, load_sweep
+
+    if not isinstance(config, dict):
+        return load_sweep(config, list(overrides), out=out, data_root=data_root)
+    raw = apply_overrides(dict(config), list(overrides))
+    if data_root is not None and isinstance(raw.get("data"), dict):
+        raw["data"] = {**raw["data"], "root": data_root}
+    return build_sweep(raw, default_name=str(raw.get("name") or "sweep"), out=out, source="config")
+
+
+def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterable[str] = (),
+        address: str | None = None, data_root: str | None = None, rerun: str = "failed", verbose: bool = False,
+        reuse_actors: bool = True, echo: Callable[[str], None] = print,
+        progress: Callable[[int], ContextManager] | None = None, announce: Callable | None = None):
+    """Run every trial of the sweep not yet done in its output directory; return its ``SweepOutcome``.
+
+    ``config``: a YAML path or a dict; ``out``: a directory or URI (default: the config's ``out``,
+    else ``results/<name>``); ``rerun``: ``failed`` (default), ``stale`` or ``all``; ``echo``
+    receives the notes the CLI prints (damaged files moved aside, stale trials); ``progress``, given
+    the number of trials to run, returns a Tune callback that is also a context manager (the CLI's bar);
+    ``announce`` is called with the checked sweep before anything runs.
+    The outcome's ``out`` is where the tables are: read them with :func:`load`.
+    """
+    from engine.config import check_data
+    from engine.resume import RERUN_CHOICES, run_lock
+
+    if rerun not in RERUN_CHOICES:
+        raise ConfigError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
+    sweep = load_config(config, overrides, out=out, data_root=data_root)
+    check_data(sweep)
+    check_writable(sweep.out)
+    from filelock import Timeout
+
+    lock = run_lock(sweep.out)
+    try:
+        with lock if lock is not None else contextlib.nullcontext():
+            if announce is not None:
+                announce(sweep)
+            return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress)
+    except Timeout:
+        raise OutputBusy(f"another `poisonsweep run` is writing to {sweep.out} (it holds {lock.lock_file}); wait "
+                         "for it to finish, or choose another --out") from None
+
+
+def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
+    from engine.config import trial_id
+    from engine.resume import code_version, quarantine, stale_trials, trials_to_run
+    from engine.sweep import run_sweep
+
+    for damaged, moved in quarantine(sweep.out):
+        echo(f"moved {damaged} (not readable Parquet) to {moved}; its trial runs again")
+    ids, version = [trial_id(t) for t in sweep.trials], code_version()
+    stale = stale_trials(sweep.out, ids, version)
+    if stale:
+        listed = ", ".join(f"{v}: {n}" for v, n in stale.most_common())
+        verb = "they run again (--rerun " + rerun + ")" if rerun != "failed" else "kept; --rerun stale reruns them"
+        echo(f"{sum(stale.values())} ok trial(s) were recorded by other code versions ({listed}; this is {version}): "
+             f"{verb}")
+    bar = progress(len(trials_to_run(sweep.out, ids, rerun, version))) if progress else contextlib.nullcontext()
+    with bar as callback:  # a resumed sweep's bar counts only what is left to run
+        outcome = run_sweep(sweep, address=address, verbose=verbose, progress=callback,
+                            reuse_actors=reuse_actors, rerun=rerun)
+    outcome.out = sweep.out
+    return outcome
+
+
+def check_writable(out: str) -> None:
+    """Write and delete a probe file in ``out`` (a directory or a URI), so that a read-only path or
+    missing cloud credentials fail now, not after the first trial."""
+    from pyarrow import ArrowException
+
+    from engine.sink import filesystem
+
+    if "://" not in out:
+        path = Path(filesystem(out)[1])
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-check"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"output directory {str(path)!r} cannot be written: {error.strerror or error}; "
+                              "choose another with --out") from None
+        return
+    try:
+        fs, root = filesystem(out)
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/.write-check"):
+            pass
+        fs.delete_file(f"{root}/.write-check")
+    except (OSError, ArrowException, ValueError) as error:
+        raise ConfigError(f"output URI {out!r} cannot be written: {error}; check the URI and the credentials "
+                          "(e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None
+
+
+def load(out: str, tables: Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,
+         as_pandas: bool = False) -> dict[str, pa.Table]:
+    """The record's tables, ``{name: pyarrow.Table}`` (``as_pandas``: DataFrames), each trial's rows
+    once whether per-trial or compacted. ``tables``: which (default all); ``columns``: per table."""
+    from engine.record import read_table
+    from engine.sink import TABLES
+
+    names = list(tables) if tables is not None else list(TABLES)
+    unknown = [name for name in names if name not in TABLES]
+    if unknown:
+        raise ConfigError(f"unknown table(s) {unknown}; the record has {', '.join(TABLES)}")
+    loaded = {name: read_table(out, name, (columns or {}).get(name)) for name in names}
+    return {name: table.to_pandas() for name, table in loaded.items()} if as_pandas else loaded
+
+
+def report(out: str, directory: str | Path | None = None):
+    """Write the report (CSV/Markdown tables, PNG figures, one self-contained HTML page) of the record
+    in ``out``; returns ``engine.report.Report`` (its ``html`` is the page's path)."""
+    from engine.report import write_report
+
+    return write_report(out, directory)
+
+
+def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index: int = 0, log=print):
+    """Run one trial of a sweep config in this process, without Ray; returns its rows
+    (``tasks.trial.TrialResult``: ``tables[name]`` is a list of row dicts).
+
+    ``config`` is a sweep (YAML path or dict; registry defaults are filled in as for ``run``) whose
+    ``index``-th trial runs; a config without a ``sweep`` grid has exactly one.
+    """
+    from tasks.trial import run_trial as run_one
+
+    sweep = load_config(config, overrides)
+    if not 0 <= index < len(sweep.trials):
+        raise ConfigError(f"index {index} is not a trial of this sweep: it has {len(sweep.trials)} (0 to "
+                          f"{len(sweep.trials) - 1})")
+    return run_one(sweep.trials[index], log=log)
