@@ -22,7 +22,7 @@ def errors_of(tmp_path, config, overrides=()) -> list[str]:
 @pytest.mark.parametrize("changes, overrides, expected", [
     ({"poison": 0.1}, [], "poison must be a mapping (keys: method, params, rate); got 0.1"),
     ({}, ["poison=5"], "poison must be a mapping (keys: method, params, rate); got 5"),
-    ({"detectors": [{"params": {}}]}, [], "detectors[0] has no 'name' (one of activation_clustering"),
+    ({"detectors": [{"params": {}}]}, [], "detectors[0] has no 'name' (one of abl_isolation, activation_clustering"),
     ({"detectors": [{"name": "loss", "label": [1]}]}, [], "detectors[0].label must be a string; got [1]"),
     ({}, ["poison.rate=["], "--set 'poison.rate=[': the value '[' is not valid YAML"),
     ({}, ["sweep=[1]", "seed=1"], "--set 'sweep=[1]': set one grid axis at a time"),

@@ -50,7 +50,7 @@ def read_scores(out: str, trial_id: str) -> pd.DataFrame | None:
 
 def flag_threshold(scores: pd.DataFrame) -> float | None:
     """The detector's own cut: the lowest score among the samples it flagged (None if it flagged none)."""
-    flagged = scores.loc[scores["flagged"], "score"]
+    flagged = scores.loc[scores["flagged"].fillna(False).astype(bool), "score"]  # a missing flag is "not flagged"
     return float(flagged.min()) if len(flagged) else None
 
 
