@@ -160,9 +160,3 @@ class Registry:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
-
-    def snapshot(self) -> dict[str, Entry]:
-        return dict(self._entries)
-
-    def restore(self, snapshot: dict[str, Entry]) -> None:
-        self._entries = dict(snapshot)
