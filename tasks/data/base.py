@@ -59,7 +59,7 @@ def _images(x: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(chosen, dtype=torch.float32).contiguous()
 
 
-def _as_dataset(name, x_train, y_train, x_test, y_test, num_classes, n_train, n_test, seed) -> Dataset:
+def as_dataset(name, x_train, y_train, x_test, y_test, num_classes, n_train, n_test, seed) -> Dataset:
     """Subset both splits and convert to tensors; uint8 images are scaled by 1/255, floats kept."""
     train_idx = _subset_indices(name, "train", "n_train", np.asarray(y_train), n_train, seed)
     test_idx = _subset_indices(name, "test", "n_test", np.asarray(y_test), n_test, seed + 1)

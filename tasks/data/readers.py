@@ -70,7 +70,7 @@ def _checked_labels(path: Path, labels: np.ndarray, num_classes: int) -> np.ndar
     return labels.astype(np.int64)
 
 
-_IDX_FILES = {
+IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
@@ -90,7 +90,7 @@ def _read_idx_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, n
 
 
 def read_idx_dataset(files: dict[str, Path]) -> Arrays:
-    """MNIST-style train/test arrays from the four IDX files named by ``_IDX_FILES``'s keys."""
+    """MNIST-style train/test arrays from the four IDX files named by ``IDX_FILES``'s keys."""
     x_train, y_train = _read_idx_split(files["train_images"], files["train_labels"])
     x_test, y_test = _read_idx_split(files["test_images"], files["test_labels"])
     return x_train, y_train, x_test, y_test
@@ -167,7 +167,7 @@ def read_mnist_pickle(path: Path | str) -> Arrays:
     return np.concatenate([x_fit, x_valid]), np.concatenate([y_fit, y_valid]), x_test, y_test
 
 
-_CIFAR10_FILES = {**{f"data_batch_{i}": f"data_batch_{i}" for i in range(1, 6)}, "test_batch": "test_batch"}
+CIFAR10_FILES = {**{f"data_batch_{i}": f"data_batch_{i}" for i in range(1, 6)}, "test_batch": "test_batch"}
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:

