@@ -21,7 +21,7 @@ from tasks.registry import Interval, Options, check_value
 
 OPTIMIZERS = ("adam", "sgd")
 
-# constraints of the `train:` config section, checked by engine/config.py
+# constraints of the `train:` config section, checked by engine/schema.py
 TRAIN_CONSTRAINTS = {
     "epochs": [Interval(Integral, 1)],
     "batch_size": [Interval(Integral, 1)],

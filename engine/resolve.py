@@ -1,0 +1,118 @@
+"""From a checked trial config to the trial as it runs and as it is recorded: registry defaults filled in,
+numbers normalised, the identity that ``trial_id`` hashes, and the columns the tables repeat."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from numbers import Integral, Real
+from typing import Any
+
+from engine.schema import TRIAL_DEFAULTS
+from tasks.detect.base import DETECTORS
+from tasks.models import MODELS
+from tasks.poisons import POISONS
+from tasks.registry import Interval
+from tasks.train import TRAIN_CONSTRAINTS
+
+# fields that say where or how a trial runs, not what it computes: not part of its identity
+NOT_IDENTITY = [("data", "root"), ("train", "device")]
+
+
+def merge_defaults(config: dict) -> dict:
+    """``TRIAL_DEFAULTS`` overlaid with the config, section by section; detector entries normalised."""
+    merged = copy.deepcopy(TRIAL_DEFAULTS)
+    for key, value in config.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key].update(copy.deepcopy(value))
+        else:
+            merged[key] = copy.deepcopy(value)
+    merged["detectors"] = [normalise_detector(d) for d in (merged["detectors"] or [])]
+    for section in ("poison", "model"):
+        merged[section]["params"] = merged[section].get("params") or {}
+    return merged
+
+
+def normalise_detector(entry: Any) -> Any:
+    """``"loss"`` -> ``{"name": "loss", "params": {}, "label": "loss"}``; anything odd is left for the checks."""
+    if isinstance(entry, str):
+        return {"name": entry, "params": {}, "label": entry}
+    if isinstance(entry, dict):
+        return {"name": entry["name"], "params": entry.get("params") or {},
+                "label": entry.get("label") or entry["name"]}
+    return entry
+
+
+def resolve(config: dict) -> dict:
+    """The trial as it runs: every registry default filled into ``params``, numbers normalised (an int
+    given where a float is meant becomes a float), so that ``trial_id`` changes when a default does and
+    ``rate: 1`` and ``rate: 1.0`` are one trial. Expects a config that passed ``check_trial``."""
+    config = copy.deepcopy(config)
+    config["poison"]["rate"] = float(config["poison"]["rate"])
+    for section, registry, key in (("poison", POISONS, "method"), ("model", MODELS, "name")):
+        config[section]["params"] = _resolved_params(registry, config[section][key], config[section]["params"])
+    for detector in config["detectors"]:
+        detector["params"] = _resolved_params(DETECTORS, detector["name"], detector["params"])
+    for key, value in config["train"].items():
+        if _is_float(TRAIN_CONSTRAINTS[key]) and isinstance(value, Integral) and not isinstance(value, bool):
+            config["train"][key] = float(value)
+    if config.get("unlearn"):
+        from tasks.unlearn import UNLEARNERS, normalize_methods
+
+        config["unlearn"]["methods"] = [{"name": name, "params": _resolved_params(UNLEARNERS, name, params)}
+                                        for name, params in normalize_methods(config["unlearn"]["methods"])]
+    return config
+
+
+def _is_float(allowed: list) -> bool:
+    """The constraints admit real numbers but no constraint is an int range."""
+    intervals = [c for c in allowed if isinstance(c, Interval)]
+    return bool(intervals) and all(c.kind is Real for c in intervals)
+
+
+def _resolved_params(registry, name: str, params: dict) -> dict:
+    entry = registry.get(name)
+    resolved = {**entry.defaults(), **params}
+    return {key: float(value) if isinstance(value, Integral) and not isinstance(value, bool)
+            and _is_float(entry.constraints.get(key, [])) else value for key, value in resolved.items()}
+
+
+def identity(config: dict) -> dict:
+    """The part of a trial config that determines its results (what ``trial_id`` hashes)."""
+    config = copy.deepcopy(config)
+    config.pop("sweep", None)
+    for section, key in NOT_IDENTITY:
+        config.get(section, {}).pop(key, None)
+    for params in [config.get(s, {}).get("params") or {} for s in ("poison", "model")] + [
+            d.get("params") or {} for d in config.get("detectors") or []]:
+        params.pop("device", None)  # where a poison or detector computes, not what
+    return config
+
+
+def trial_id(config: dict) -> str:
+    """A stable 16-hex-digit hash of the trial's identity (same science -> same id, any machine)."""
+    canonical = json.dumps(identity(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_columns(config: dict) -> dict:
+    """The trial config flattened into the ``trials`` table's config columns."""
+    dumps = lambda value: json.dumps(value, sort_keys=True)  # noqa: E731
+    data, poison, model, train = config["data"], config["poison"], config["model"], config["train"]
+    return {
+        "sweep": config.get("sweep"), "config_json": dumps(identity(config)), "seed": config["seed"],
+        "data_name": data["name"], "data_n_train": data["n_train"], "data_n_test": data["n_test"],
+        "data_seed": data["seed"], "poison_method": poison["method"], "poison_rate": float(poison["rate"]),
+        "poison_params": dumps(poison["params"]), "model_name": model["name"], "model_params": dumps(model["params"]),
+        "train_epochs": train["epochs"], "train_batch_size": train["batch_size"], "train_lr": float(train["lr"]),
+        "train_optimizer": train["optimizer"], "train_momentum": float(train["momentum"]),
+        "train_weight_decay": float(train["weight_decay"]), "detectors": dumps(config["detectors"]),
+        "unlearn": dumps(config.get("unlearn")),
+    }
+
+
+def key_columns(config: dict) -> dict:
+    """The grouping columns repeated in every table."""
+    return {"data_name": config["data"]["name"], "poison_method": config["poison"]["method"],
+            "poison_rate": float(config["poison"]["rate"]), "seed": config["seed"]}

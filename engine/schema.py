@@ -1,0 +1,189 @@
+"""The shape and values a sweep config may have: the defaults of a trial and of ``resources``, the allowed
+keys, and the checks that report every problem of one trial (each with its key, the bad value and what is
+allowed) without reading any data. ``engine.config`` runs them in one pass over the grid."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from numbers import Integral, Real
+from typing import Any
+
+import tasks.detect  # noqa: F401  (registers the detectors)
+from tasks.data import DATASETS
+from tasks.detect.base import DETECTORS
+from tasks.models import MODELS
+from tasks.poisons import POISONS
+from tasks.registry import NONE, STR, Interval, check_value
+from tasks.train import TRAIN_CONSTRAINTS, TrainConfig
+
+TRIAL_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "data": {"name": "digits", "n_train": None, "n_test": None, "seed": 0, "root": None},
+    "poison": {"method": "one_shift", "rate": 0.1, "params": {}},
+    "model": {"name": "keras_cnn", "params": {}},
+    "train": asdict(TrainConfig()),
+    "detectors": ["activation_clustering", "spectral_signature", "loss"],
+    "unlearn": None,
+}
+RESOURCE_DEFAULTS: dict[str, Any] = {
+    "cpu": 1, "gpu": 0, "max_concurrent": None, "max_failures": 1,
+    "influence_actors": 0, "actor_cpu": 1, "actor_gpu": 0,
+    "pack": 1,  # trials trained together in one Ray trial (engine/packs.py); 1: each alone
+}
+RESOURCE_CONSTRAINTS = {
+    "cpu": [Interval(Real, 0, None, "neither")], "gpu": [Interval(Real, 0)],
+    "max_concurrent": [NONE, Interval(Integral, 1)], "max_failures": [Interval(Integral, -1)],
+    "influence_actors": [Interval(Integral, 0)], "actor_cpu": [Interval(Real, 0)], "actor_gpu": [Interval(Real, 0)],
+    "pack": [Interval(Integral, 1)],
+}
+TOP_LEVEL_KEYS = {"name", "description", "out", "sweep", "resources"} | set(TRIAL_DEFAULTS)
+SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root"}, "poison": {"method", "rate", "params"},
+                "model": {"name", "params"}, "train": set(TRAIN_CONSTRAINTS)}
+DETECTOR_KEYS = {"name", "params", "label"}
+
+# a seed ends up in an int64 Parquet column and in numpy/torch generators
+SEED = [Interval(Integral, 0, 2**63 - 1)]
+# a sweep's name becomes a directory under the output (Ray Tune's state): one plain path component
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def check_name(name: Any) -> list[str]:
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+        return []
+    return [f"name must be {NAME_RULE} (it names a folder in the output); got {name!r}"]
+
+
+def check_shape(config: dict) -> tuple[list[str], dict]:
+    """Problems with the config's structure (a section that is not a mapping, unknown keys, a detector
+    entry without a name...) and the config with the broken parts dropped, so that the value checks
+    can still run on the rest and report their problems in the same pass."""
+    errors, clean = [], {}
+    for key, value in config.items():
+        if key in SECTION_KEYS:
+            allowed = SECTION_KEYS[key]
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                errors.append(f"{key} must be a mapping (keys: {', '.join(sorted(allowed))}); got {value!r}")
+                continue
+            errors += [f"{key}.{k} is not known (allowed: {', '.join(sorted(allowed))}); remove it"
+                       for k in value if k not in allowed]
+            clean[key] = {k: v for k, v in value.items() if k in allowed}
+        elif key == "detectors":
+            detector_errors, clean[key] = _shape_detectors(value)
+            errors += detector_errors
+        else:
+            clean[key] = value
+    for section in ("poison", "model"):
+        params = clean.get(section, {}).get("params")
+        if params is not None and not isinstance(params, dict):
+            errors.append(f"{section}.params must be a mapping of parameter names to values; got {params!r}")
+            clean[section]["params"] = {}
+    return errors, clean
+
+
+def _shape_detectors(detectors: Any) -> tuple[list[str], list]:
+    if detectors is None:
+        return [], []
+    if not isinstance(detectors, list):
+        return [f"detectors must be a list of detector names or {{name, params, label}} mappings, e.g. "
+                f"[loss]; got {detectors!r}"], []
+    errors, kept = [], []
+    for i, entry in enumerate(detectors):
+        key = f"detectors[{i}]"
+        if isinstance(entry, str):
+            kept.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            errors.append(f"{key} must be a detector name or a mapping with 'name'; got {entry!r}")
+            kept.append(None)
+            continue
+        problems = [f"{key} has unknown keys {sorted(map(str, set(entry) - DETECTOR_KEYS))} (allowed: name, "
+                    "params, label); remove them"] if set(entry) - DETECTOR_KEYS else []
+        if "name" not in entry:
+            problems.append(f"{key} has no 'name' (one of {', '.join(DETECTORS.names())})")
+        if entry.get("label") is not None and not isinstance(entry["label"], str):
+            problems.append(f"{key}.label must be a string; got {entry['label']!r}")
+        if entry.get("params") is not None and not isinstance(entry["params"], dict):
+            problems.append(f"{key}.params must be a mapping of parameter names to values; got {entry['params']!r}")
+        errors += problems
+        kept.append(None if problems else entry)
+    return errors, kept
+
+
+def check_resources(resources: dict) -> list[str]:
+    errors = []
+    for key, value in resources.items():
+        if key not in RESOURCE_CONSTRAINTS:
+            allowed = ", ".join(sorted(RESOURCE_CONSTRAINTS))
+            errors.append(f"resources.{key} is not known (allowed: {allowed}); remove it")
+        elif message := check_value(f"resources.{key}", value, RESOURCE_CONSTRAINTS[key]):
+            errors.append(message)
+    return errors
+
+
+def check_trial(config: dict) -> list[str]:
+    """Every problem with one resolved trial config (no data is read)."""
+    errors = []
+    if message := check_value("seed", config["seed"], SEED):
+        errors.append(message)
+    data, poison, model = config["data"], config["poison"], config["model"]
+    errors += _check_named(DATASETS, "data.name", data["name"])
+    for key in ("n_train", "n_test"):
+        if message := check_value(f"data.{key}", data[key], [NONE, Interval(Integral, 1)]):
+            errors.append(message)
+    if message := check_value("data.seed", data["seed"], SEED):
+        errors.append(message)
+    if message := check_value("data.root", data["root"], [NONE, STR]):
+        errors.append(message)
+    if message := check_value("poison.rate", poison["rate"], [Interval(Real, 0, 1)]):
+        errors.append(message)
+    errors += _check_entry(POISONS, "poison.method", poison["method"], "poison.params", poison["params"])
+    errors += _check_entry(MODELS, "model.name", model["name"], "model.params", model["params"])
+    for key, value in config["train"].items():
+        if message := check_value(f"train.{key}", value, TRAIN_CONSTRAINTS[key]):
+            errors.append(message)
+    errors += _check_detectors(config["detectors"])
+    from tasks.detect.influence import tracin_optimizer_error
+
+    for i, detector in enumerate(config["detectors"]):
+        if detector is not None and detector["name"] == "influence" and isinstance(detector["params"], dict):
+            if message := tracin_optimizer_error(detector["params"].get("solver"), config["train"]["optimizer"]):
+                errors.append(f"detectors[{i}]: {message}")
+    if config.get("unlearn"):
+        from tasks.unlearn import check_unlearn_config
+
+        labels = [d["label"] for d in config["detectors"] if isinstance(d, dict)]
+        errors += check_unlearn_config(config["unlearn"], labels)
+    return errors
+
+
+def _check_named(registry, key: str, name: Any) -> list[str]:
+    if not isinstance(name, str) or name not in registry:
+        return [f"{key} must be one of {', '.join(registry.names())}; got {name!r}"]
+    return []
+
+
+def _check_entry(registry, key: str, name: Any, params_key: str, params: Any) -> list[str]:
+    errors = _check_named(registry, key, name)
+    if errors:
+        return errors
+    if not isinstance(params, dict):
+        return [f"{params_key} must be a mapping; got {params!r}"]
+    return registry.get(name).check_params(params_key, params)
+
+
+def _check_detectors(detectors: list) -> list[str]:
+    """Value checks of the detector entries that passed ``check_shape`` (the others are None)."""
+    errors, labels = [], []
+    for i, entry in enumerate(detectors):
+        if entry is None:
+            continue
+        key = f"detectors[{i}]"
+        errors += _check_entry(DETECTORS, f"{key}.name", entry["name"], f"{key}.params", entry["params"])
+        labels.append(entry["label"])
+    for label in {x for x in labels if labels.count(x) > 1}:
+        errors.append(f"detectors: {label!r} appears more than once; give each entry a distinct 'label'")
+    return errors
