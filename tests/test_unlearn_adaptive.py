@@ -99,3 +99,21 @@ def test_guard_config_is_checked():
     errors = check_unlearn_config({**base, "guard": {"max_retain_drop": 2, "floor": 1}}, [])
     assert any("unlearn.guard.floor" in e for e in errors)
     assert any("unlearn.guard.max_retain_drop must be a number in [0, 1]" in e for e in errors)
+
+
+def test_potion_assd_and_the_guard_run_from_a_config():
+    from engine.config import build_sweep
+    from tasks.trial import run_trial
+
+    sweep = build_sweep({
+        "data": {"name": "digits", "n_train": 400, "n_test": 100},
+        "poison": {"method": "badnets", "rate": 0.05, "params": {"target": 0, "mode": "all_to_one"}},
+        "model": {"name": "mlp", "params": {"hidden": 32, "depth": 1}},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 0.01},
+        "detectors": ["loss"],
+        "unlearn": {"methods": ["assd", {"name": "potion", "params": {"p_cut": 0.1}}],
+                    "selections": [{"kind": "oracle", "fraction": 1.0}], "guard": {"max_retain_drop": 0.5}},
+    })
+    rows = run_trial(sweep.trials[0]).tables["unlearning"]
+    assert [r["method"] for r in rows] == ["assd", "potion"]
+    assert all(r["guard_max_retain_drop"] == 0.5 for r in rows)
