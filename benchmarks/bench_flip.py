@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.data import load_dataset
 from tasks.detect import DETECTORS, DetectionContext
-from tasks.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, stamp_trigger
+from tasks.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, resolve_recipe, stamp_trigger
 from tasks.metrics import detection_metrics
 from tasks.models import build_model
 from tasks.poisons.flips import pair_flip
@@ -51,9 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--setups", nargs="+", default=["sinusoid", "checkerboard:3", "sinusoid:0.3"],
                         help="trigger[:amplitude for sinusoid | :patch size for checkerboard]")
     parser.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.02, 0.05])
-    parser.add_argument("--n-experts", type=int, default=2)
-    parser.add_argument("--expert-epochs", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--recipe", choices=["paper", "fast"], default="fast",
+                        help="FLIP's expert/label settings (tasks.flip.RECIPES); the flags below override it")
+    parser.add_argument("--n-experts", type=int, default=None)
+    parser.add_argument("--expert-epochs", type=int, default=None)
+    parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--model", default="mlp", help="the user's model (the experts use mlp)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -69,8 +71,9 @@ def parse_args() -> argparse.Namespace:
 def setup_params(spec: str, args) -> dict:
     """``sinusoid:0.3`` -> the FLIP params of that trigger."""
     trigger, _, value = spec.partition(":")
-    params = {"trigger": trigger, "source": args.source, "target": args.target, "n_experts": args.n_experts,
-              "expert_epochs": args.expert_epochs, "iterations": args.iterations, "device": args.device}
+    params = {"trigger": trigger, "source": args.source, "target": args.target, "recipe": args.recipe,
+              "n_experts": args.n_experts, "expert_epochs": args.expert_epochs, "iterations": args.iterations,
+              "device": args.device}
     if value:
         params["amplitude" if trigger == "sinusoid" else "patch_size"] = float(value) if trigger == "sinusoid" \
             else int(value)
@@ -158,13 +161,16 @@ def main() -> None:
     data = load_dataset(args.dataset, n_train=args.n_train, n_test=args.n_test, seed=0)
     start = time.perf_counter()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'x86-64'})"
+    recipe = resolve_recipe(args.recipe, n_experts=args.n_experts, expert_epochs=args.expert_epochs,
+                            iterations=args.iterations)
     lines = [
         f"## FLIP on {args.dataset} ({len(data.y_train)} train / {len(data.y_test)} test), source {args.source} -> "
         f"target {args.target}",
         "",
-        f"Experts: {args.n_experts} x mlp, SGD lr 0.01, momentum 0.9 (Nesterov), wd 2e-4, batch 256, "
-        f"{args.expert_epochs} epochs, checkpoints every 10 steps after the first epoch; label stage "
-        f"{args.iterations} passes, logits lr 150 / momentum 0.5. User model: {args.model}, Adam lr {args.lr}, "
+        f"Recipe `{args.recipe}`. Experts: {recipe['n_experts']} x mlp, SGD lr {recipe['expert_lr']} "
+        f"(x0.1 at epochs {list(recipe['expert_lr_milestones'])}), momentum 0.9 (Nesterov), wd 2e-4, batch 256, "
+        f"{recipe['expert_epochs']} epochs, checkpoints every 10 steps after the first epoch; label stage "
+        f"{recipe['iterations']} passes, logits lr 150 / momentum 0.5. User model: {args.model}, Adam lr {args.lr}, "
         f"{args.epochs} epochs, batch {args.batch_size}; CTA/PTA are means over user seeds {args.seeds}.  ",
         "Command: `python " + " ".join(sys.argv) + "`  ",
         f"Machine: {device}, torch {torch.__version__}, {args.threads} CPU thread(s).",

@@ -37,13 +37,13 @@ from torch.func import functional_call
 from tasks.data import Dataset
 from tasks.models import MODELS, build_model
 from tasks.poisons.base import POISONS, PoisonedData, apply_trigger, n_to_poison
-from tasks.registry import BOOL, NONE, ConfigError, Interval, OfType, Options
+from tasks.registry import BOOL, INT_LIST, NONE, ConfigError, Interval, OfType, Options
 from tasks.train import resolve_device
 
 __all__ = [
     "FlipAttack", "FlipArtifact", "flip", "flip_margins", "select_flips", "stamp_trigger",
     "expert_poison_sources", "train_experts", "optimise_labels", "sgd_step", "artifact_key",
-    "load_or_optimise_logits", "random_flips_to_target",
+    "load_or_optimise_logits", "random_flips_to_target", "RECIPES", "resolve_recipe",
 ]
 
 TRIGGERS = ("checkerboard", "sinusoid")
@@ -52,7 +52,29 @@ SINUSOID_AMPLITUDE = 6 / 255
 SINUSOID_SPAN = 16 * math.pi
 # the paper's initial logits: 5 * onehot(y) (`one_hot_temp`)
 LABEL_INIT_SCALE = 5.0
-ARTIFACT_VERSION = 1
+# 2: independent dropout masks for expert and student; the checkpoint's scheduled lr in the label stage
+ARTIFACT_VERSION = 2
+LR_DECAY = 0.1  # the authors' MultiStepLR gamma
+
+# The settings a recipe fixes (a config may still set each one). ``paper``: the authors' defaults
+# (SewoongLab/FLIP ``modules/generate_labels/utils.py`` DEFAULT_EXPERT_CONFIG / DEFAULT_ATTACK_CONFIG
+# and ``modules/base_utils/util.py`` DEFAULT_SGD_KWARGS / DEFAULT_SGD_SCHED_KWARGS): 50 experts
+# trained with SGD lr 0.1 (momentum 0.9, Nesterov, wd 2e-4, batch 256) and MultiStepLR [75, 125]
+# x0.1, checkpoints drawn from epochs 1-15 (so 16 epochs are trained; the decay never comes into
+# play before epoch 75), 15 label passes. ``fast``: this project's earlier, cheaper settings.
+RECIPES = {
+    "paper": {"n_experts": 50, "expert_epochs": 16, "expert_lr": 0.1, "expert_lr_milestones": (75, 125),
+              "iterations": 15},
+    "fast": {"n_experts": 2, "expert_epochs": 4, "expert_lr": 0.01, "expert_lr_milestones": (),
+             "iterations": 15},
+}
+
+
+def resolve_recipe(recipe: str, **overrides) -> dict:
+    """The recipe's settings with every non-None override applied."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"poison.params.recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
+    return {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,20 +120,21 @@ class FlipAttack:
     trigger: str = "sinusoid"
     patch_size: int = 3
     amplitude: float = SINUSOID_AMPLITUDE
-    n_experts: int = 2
+    n_experts: int = RECIPES["paper"]["n_experts"]
     expert_model: str = "mlp"
     expert_model_params: dict = field(default_factory=dict)
-    expert_epochs: int = 4
+    expert_epochs: int = RECIPES["paper"]["expert_epochs"]
     expert_batch_size: int = 256
-    expert_lr: float = 0.01
+    expert_lr: float = RECIPES["paper"]["expert_lr"]
+    expert_lr_milestones: tuple = RECIPES["paper"]["expert_lr_milestones"]  # epochs at which lr ×= 0.1
     expert_momentum: float = 0.9
     expert_weight_decay: float = 2e-4
     nesterov: bool = True
     checkpoint_every: int = 10
-    iterations: int = 15
+    iterations: int = RECIPES["paper"]["iterations"]
     label_lr: float = 150.0
     label_momentum: float = 0.5
-    attack_seed: int = 0
+    attack_seed: int = 0  # the flip() entry point passes the trial seed unless attack_seed is set
 
 
 @dataclass
@@ -225,11 +248,12 @@ def compute_artifact(data: Dataset, attack: FlipAttack, device: torch.device) ->
 
 @dataclass
 class Checkpoint:
-    """Weights, buffers and SGD momentum of one expert after some step."""
+    """Weights, buffers, SGD momentum and learning rate of one expert after some step."""
 
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     momentum: dict[str, torch.Tensor]
+    lr: float
 
 
 def checkpoint_plan(attack: FlipAttack, steps_per_epoch: int, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -249,19 +273,26 @@ def checkpoint_plan(attack: FlipAttack, steps_per_epoch: int, rng: np.random.Gen
 
 def train_experts(new_model, x: torch.Tensor, y: torch.Tensor, attack: FlipAttack, plan: list[tuple[int, int]],
                   device: torch.device) -> dict[tuple[int, int], Checkpoint]:
-    """Train ``n_experts`` models with SGD (momentum, Nesterov, weight decay, constant lr) on (x, y).
+    """Train the experts with SGD (momentum, Nesterov, weight decay; lr ×0.1 at each epoch of
+    ``expert_lr_milestones``, the authors' MultiStepLR) on (x, y).
 
     Expert ``e`` starts from its own seeded initialisation and shuffle. Only the checkpoints named
-    in ``plan`` are kept, so memory does not grow with the trajectory length.
+    in ``plan`` are kept, so memory does not grow with the trajectory length, and an expert is
+    trained only if the plan uses it and only up to its last planned step: the checkpoints are
+    the same as if all ``n_experts`` ran every epoch.
     """
+    last_step: dict[int, int] = {}
+    for expert, step in plan:
+        last_step[expert] = max(step, last_step.get(expert, 0))
     wanted = set(plan)
     kept: dict[tuple[int, int], Checkpoint] = {}
     x, y = x.to(device), y.to(device)
-    for expert in range(attack.n_experts):
+    for expert in sorted(last_step):
         seed = attack.attack_seed * 1000 + expert + 1
         model = new_model(seed).to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=attack.expert_lr, momentum=attack.expert_momentum,
                                     weight_decay=attack.expert_weight_decay, nesterov=attack.nesterov)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(attack.expert_lr_milestones), LR_DECAY)
         generator = torch.Generator().manual_seed(seed)
         step = 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -277,6 +308,11 @@ def train_experts(new_model, x: torch.Tensor, y: torch.Tensor, attack: FlipAttac
                     step += 1
                     if (expert, step) in wanted:
                         kept[(expert, step)] = _snapshot(model, optimizer)
+                    if step >= last_step[expert]:
+                        break
+                schedule.step()
+                if step >= last_step[expert]:
+                    break
     return kept
 
 
@@ -286,6 +322,7 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.SGD) -> Checkpoint:
         params={k: v.detach().clone() for k, v in params.items()},
         buffers={k: v.detach().clone() for k, v in model.named_buffers()},
         momentum={k: optimizer.state[v]["momentum_buffer"].detach().clone() for k, v in params.items()},
+        lr=float(optimizer.param_groups[0]["lr"]),
     )
 
 
@@ -328,8 +365,8 @@ def optimise_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_expert
     optimizer = torch.optim.SGD([logits], lr=attack.label_lr, momentum=attack.label_momentum)
     x, x_expert, y_expert = x.to(device), x_expert.to(device), y_expert.to(device)
     clean_index = torch.as_tensor(clean_index, device=device)
-    step = dict(lr=attack.expert_lr, momentum=attack.expert_momentum, weight_decay=attack.expert_weight_decay,
-                nesterov=attack.nesterov)
+    # the step uses the checkpoint's scheduled lr, as the authors load it with the optimizer state
+    step = dict(momentum=attack.expert_momentum, weight_decay=attack.expert_weight_decay, nesterov=attack.nesterov)
     n_batches = max(1, len(y_expert) // attack.expert_batch_size)
     losses = []
     for start_point in starts:
@@ -340,17 +377,19 @@ def optimise_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_expert
         for b in range(n_batches):
             rows = order[b * attack.expert_batch_size:(b + 1) * attack.expert_batch_size]
             clean = clean_index[rows]
-            dropout_seed = int(rng.integers(2**31))
+            # expert and student are two separate forward passes in the authors' code, so their
+            # dropout masks are independent draws
+            expert_seed, student_seed = (int(v) for v in rng.integers(2**31, size=2))
             expert_loss = nn.functional.cross_entropy(
-                _forward(model, theta, buffers, x_expert[rows], dropout_seed), y_expert[rows])
+                _forward(model, theta, buffers, x_expert[rows], expert_seed), y_expert[rows])
             expert_grads = dict(zip(theta, torch.autograd.grad(expert_loss, list(theta.values()))))
             with torch.no_grad():
-                theta_star = sgd_step(theta, expert_grads, momentum, **step)
+                theta_star = sgd_step(theta, expert_grads, momentum, lr=start_point.lr, **step)
             soft = torch.softmax(logits[clean], dim=1)
-            student_out = _forward(model, theta, buffers, x[clean], dropout_seed)
+            student_out = _forward(model, theta, buffers, x[clean], student_seed)
             student_loss = -(soft * torch.log_softmax(student_out, dim=1)).sum(1).mean()
             student_grads = dict(zip(theta, torch.autograd.grad(student_loss, list(theta.values()), create_graph=True)))
-            theta_hat = sgd_step(theta, student_grads, momentum, **step)
+            theta_hat = sgd_step(theta, student_grads, momentum, lr=start_point.lr, **step)
             distance = sum(((theta_hat[k] - theta_star[k]) ** 2).sum() for k in theta)
             scale = sum(((theta[k].detach() - theta_star[k]) ** 2).sum() for k in theta)
             loss = distance / scale
@@ -362,8 +401,8 @@ def optimise_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_expert
 
 
 def _forward(model: nn.Module, theta: dict, buffers: dict, x: torch.Tensor, dropout_seed: int) -> torch.Tensor:
-    # the expert and the student draw the same dropout masks; buffers are copied so that
-    # batch-norm running statistics of the checkpoint stay untouched
+    # dropout masks are drawn from ``dropout_seed``; buffers are copied so that batch-norm
+    # running statistics of the checkpoint stay untouched
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(dropout_seed)
         return functional_call(model, ({**theta, **{k: v.clone() for k, v in buffers.items()}}), (x,))
@@ -428,17 +467,19 @@ def _all_samples(class_counts, **_) -> int:
         "trigger": [Options(TRIGGERS)],
         "patch_size": [Interval(Integral, 1)],
         "amplitude": [Interval(Real, 0, 1, "right")],
-        "n_experts": [Interval(Integral, 1)],
+        "recipe": [Options(tuple(RECIPES))],
+        "n_experts": [Interval(Integral, 1), NONE],
         "expert_model": [Options(tuple(MODELS.names()))],
         "expert_model_params": [OfType((dict,), "a mapping"), NONE],
-        "expert_epochs": [Interval(Integral, 1)],
+        "expert_epochs": [Interval(Integral, 1), NONE],
         "expert_batch_size": [Interval(Integral, 1)],
-        "expert_lr": [Interval(Real, 0, None, "neither")],
+        "expert_lr": [Interval(Real, 0, None, "neither"), NONE],
+        "expert_lr_milestones": [INT_LIST, NONE],
         "expert_momentum": [Interval(Real, 0, 1, "left")],
         "expert_weight_decay": [Interval(Real, 0)],
         "nesterov": [BOOL],
         "checkpoint_every": [Interval(Integral, 1)],
-        "iterations": [Interval(Integral, 1)],
+        "iterations": [Interval(Integral, 1), NONE],
         "label_lr": [Interval(Real, 0, None, "neither")],
         "label_momentum": [Interval(Real, 0, 1, "left")],
         "attack_seed": [Interval(Integral, 0), NONE],
@@ -449,10 +490,11 @@ def _all_samples(class_counts, **_) -> int:
 )
 def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9, target: int = 4,
          trigger: str = "sinusoid", patch_size: int = 3, amplitude: float = SINUSOID_AMPLITUDE,
-         n_experts: int = 2, expert_model: str = "mlp", expert_model_params: dict | None = None,
-         expert_epochs: int = 4, expert_batch_size: int = 256, expert_lr: float = 0.01,
-         expert_momentum: float = 0.9, expert_weight_decay: float = 2e-4, nesterov: bool = True,
-         checkpoint_every: int = 10, iterations: int = 15, label_lr: float = 150.0, label_momentum: float = 0.5,
+         recipe: str = "paper", n_experts: int | None = None, expert_model: str = "mlp",
+         expert_model_params: dict | None = None, expert_epochs: int | None = None, expert_batch_size: int = 256,
+         expert_lr: float | None = None, expert_lr_milestones: list | None = None, expert_momentum: float = 0.9,
+         expert_weight_decay: float = 2e-4, nesterov: bool = True, checkpoint_every: int = 10,
+         iterations: int | None = None, label_lr: float = 150.0, label_momentum: float = 0.5,
          attack_seed: int | None = None, device: str = "auto", artifact_dir: str | None = None) -> PoisonedData:
     """FLIP (Jha et al. 2023): flip the round(rate·n) labels that best plant a ``trigger`` backdoor.
 
@@ -471,10 +513,16 @@ def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9,
         "all": every non-target class.
     trigger : {"checkerboard", "sinusoid"}, default="sinusoid"
         ``stamp_trigger``; ``patch_size`` sizes the checkerboard, ``amplitude`` the sinusoid.
+    recipe : {"paper", "fast"}, default="paper"
+        Fills in every setting below that is None (see ``RECIPES``). ``paper``: the authors'
+        defaults, 50 experts (only those the label stage draws are trained), 16 epochs at SGD lr 0.1
+        with MultiStepLR [75, 125], 15 passes. ``fast``: 2 experts, 4 epochs at lr 0.01, no decay,
+        15 passes (this project's earlier settings; seconds on MNIST 7,500 on a CPU).
     n_experts, expert_model, expert_model_params, expert_epochs, expert_batch_size, expert_lr, \
-expert_momentum, expert_weight_decay, nesterov, checkpoint_every
-        The experts: a registered model trained with SGD; checkpoints every ``checkpoint_every`` steps.
-    iterations, label_lr, label_momentum : int, float, float, default=15, 150, 0.5
+expert_lr_milestones, expert_momentum, expert_weight_decay, nesterov, checkpoint_every
+        The experts: a registered model trained with SGD, lr ×0.1 at each epoch in
+        ``expert_lr_milestones``; checkpoints every ``checkpoint_every`` steps after the first epoch.
+    iterations, label_lr, label_momentum : int, float, float, default=recipe, 150, 0.5
         Passes of trajectory matching and the SGD settings of the logits (the paper's defaults).
     attack_seed : int or None, default=None
         Seeds the experts and the label stage; None uses the trial ``seed``. Fix it (e.g. 0) to share one
@@ -492,10 +540,15 @@ expert_momentum, expert_weight_decay, nesterov, checkpoint_every
     """
     source = None if source == "all" else source
     _check_pair(data.num_classes, source, target)
-    attack = FlipAttack(source, target, trigger, patch_size, amplitude, n_experts, expert_model,
-                        dict(expert_model_params or {}), expert_epochs, expert_batch_size, expert_lr, expert_momentum,
-                        expert_weight_decay, nesterov, checkpoint_every, iterations, label_lr, label_momentum,
-                        seed if attack_seed is None else attack_seed)
+    recipe_settings = resolve_recipe(recipe, n_experts=n_experts, expert_epochs=expert_epochs, expert_lr=expert_lr,
+                                     expert_lr_milestones=expert_lr_milestones, iterations=iterations)
+    recipe_settings["expert_lr_milestones"] = tuple(int(m) for m in recipe_settings["expert_lr_milestones"])
+    attack = FlipAttack(source=source, target=target, trigger=trigger, patch_size=patch_size, amplitude=amplitude,
+                        expert_model=expert_model, expert_model_params=dict(expert_model_params or {}),
+                        expert_batch_size=expert_batch_size, expert_momentum=expert_momentum,
+                        expert_weight_decay=expert_weight_decay, nesterov=nesterov, checkpoint_every=checkpoint_every,
+                        label_lr=label_lr, label_momentum=label_momentum,
+                        attack_seed=seed if attack_seed is None else attack_seed, **recipe_settings)
     stamp_trigger(data.x_test[:1], trigger, patch_size=patch_size, amplitude=amplitude)  # fail fast on a bad trigger
     n = len(data.y_train)
     budget = n_to_poison(rate, n, n, "flip")
@@ -509,7 +562,7 @@ expert_momentum, expert_weight_decay, nesterov, checkpoint_every
     attacked = (data.y_test == source) if source is not None else (data.y_test != target)
     success_x = stamp_trigger(data.x_test[attacked], trigger, patch_size=patch_size, amplitude=amplitude)
     info = {
-        "source": "all" if source is None else source, "target": target, "trigger": trigger,
+        "source": "all" if source is None else source, "target": target, "trigger": trigger, "recipe": recipe,
         "artifact_key": artifact_key(data, attack), "artifact_reused": reused,
         "expert_seconds": artifact.expert_seconds, "label_seconds": artifact.label_seconds,
         "flips_to_target": int((new_labels == target).sum()),

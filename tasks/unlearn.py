@@ -16,8 +16,10 @@ initialised model of the same architecture (used by ``retrain``). Labels are the
 training, i.e. poisoned where the sample is poisoned.
 
 Methods: ``retrain`` (exact unlearning, Goel et al.'s EU with k = -1), ``finetune`` (catastrophic
-forgetting, CF), ``ssd`` (Selective Synaptic Dampening, Foster et al., AAAI 2024) and
-``gradient_ascent`` (bounded ascent on the forget loss).
+forgetting, CF), ``ssd`` (Selective Synaptic Dampening, Foster et al., AAAI 2024),
+``gradient_ascent`` (bounded ascent on the forget loss), and in ``tasks.unlearn_adaptive``
+``assd`` (adaptive SSD) and ``potion`` (Schoepf et al. 2024). An optional accuracy guard
+(``unlearn.guard``) refuses any method's update that costs too much retain accuracy.
 
 Forget sets come from ``select_forget_set`` (oracle share of true poisons, a detector's flagged set,
 or the top share of a detector's scores) and ``run_unlearning`` produces the rows of the
@@ -268,7 +270,8 @@ _SELECTION_KEYS = {
     "top": {"kind", "detector", "fraction", "fractions"},
 }
 _METHOD_KEYS = {"name", "params"}
-_UNLEARN_KEYS = {"methods", "selections"}
+_UNLEARN_KEYS = {"methods", "selections", "guard"}
+_GUARD_KEYS = {"max_retain_drop"}
 
 
 def select_forget_set(selection: dict, *, detections: dict[str, Detection], is_poison: np.ndarray,
@@ -338,8 +341,9 @@ def check_unlearn_config(config: dict, detector_names: list[str]) -> list[str]:
     """
     if not isinstance(config, dict):
         return [f"unlearn must be a mapping with keys methods and selections; got {config!r}"]
-    errors = [f"unlearn.{key} is not a key of unlearn (allowed: methods, selections); remove it"
+    errors = [f"unlearn.{key} is not a key of unlearn (allowed: methods, selections, guard); remove it"
               for key in config if key not in _UNLEARN_KEYS]
+    errors += _check_guard(config.get("guard"))
     for key, check in (("methods", _check_method), ("selections", _check_selection)):
         items = config.get(key)
         if not isinstance(items, list) or not items:
@@ -347,6 +351,19 @@ def check_unlearn_config(config: dict, detector_names: list[str]) -> list[str]:
             continue
         for i, item in enumerate(items):
             errors += check(f"unlearn.{key}[{i}]", item, detector_names)
+    return errors
+
+
+def _check_guard(guard) -> list[str]:
+    if guard is None:
+        return []
+    if not isinstance(guard, dict):
+        return [f"unlearn.guard must be a mapping {{max_retain_drop: a number in [0, 1]}}; got {guard!r}"]
+    errors = [f"unlearn.guard.{k} is not a key of guard (allowed: max_retain_drop); remove it"
+              for k in guard if k not in _GUARD_KEYS]
+    drop = guard.get("max_retain_drop")
+    if not _is_fraction(drop):
+        errors.append(f"unlearn.guard.max_retain_drop must be a number in [0, 1]; got {drop!r}")
     return errors
 
 
@@ -421,11 +438,20 @@ def run_unlearning(model: nn.Module, poisoned: PoisonedData, x_test: torch.Tenso
     (the classes predicted for the first ``SUCCESS_EXAMPLES`` inputs of the poison's success set, e.g.
     triggered test images: what the report shows as images), and ``seconds`` (the method alone).
     An empty forget set gives a row whose after values equal the before values.
+
+    With ``guard: {max_retain_drop: d}`` an update whose retain accuracy falls by more than ``d``
+    is refused and the model before it is kept (the after values are then the before values);
+    ``guard_max_retain_drop`` (NaN without a guard), ``guard_refused`` and the refused update's
+    ``refused_retain_acc``, ``refused_clean_test_acc`` and ``refused_poison_success`` (NaN when
+    nothing was refused) record it. Retain accuracy is against the given labels, so unidentified
+    poisons in the retain set count: removing their effect lowers it by up to their share of the
+    retain set, and ``d`` should allow for that.
     """
     errors = check_unlearn_config(unlearn_config, list(detections))
     if errors:
         raise ConfigError("; ".join(errors))
     methods = normalize_methods(unlearn_config["methods"])
+    max_drop = (unlearn_config.get("guard") or {}).get("max_retain_drop")
     before = {"clean_test_acc_before": accuracy(model, x_test, y_test),
               "poison_success_before": poison_success(model, poisoned),
               "success_predictions_before": success_predictions(model, poisoned)}
@@ -437,7 +463,7 @@ def run_unlearning(model: nn.Module, poisoned: PoisonedData, x_test: torch.Tenso
                 **_set_accuracies(model, split, "before")}
         for name, params in methods:
             rows.append({**base, **_run_method(model, name, params, split, x_test, y_test, poisoned,
-                                               train_config, model_factory, seed)})
+                                               train_config, model_factory, seed, max_drop)})
     return rows
 
 
@@ -488,9 +514,12 @@ def _set_accuracies(model: nn.Module, split: dict, when: str) -> dict:
 
 
 def _run_method(model, name, params, split, x_test, y_test, poisoned, train_config, model_factory,
-                seed) -> dict:
+                seed, max_drop: float | None = None) -> dict:
     entry = UNLEARNERS.get(name)
-    row = {"method": name, "params": json.dumps({**entry.defaults(), **params}, sort_keys=True)}
+    row = {"method": name, "params": json.dumps({**entry.defaults(), **params}, sort_keys=True),
+           "guard_max_retain_drop": float("nan") if max_drop is None else float(max_drop),
+           "guard_refused": False, "refused_retain_acc": float("nan"), "refused_clean_test_acc": float("nan"),
+           "refused_poison_success": float("nan")}
     if len(split["forget_x"]) == 0:
         # nothing identified: nothing to unlearn, the model stays as it is
         row.update(clean_test_acc_after=accuracy(model, x_test, y_test),
@@ -503,8 +532,29 @@ def _run_method(model, name, params, split, x_test, y_test, poisoned, train_conf
                          forget_x=split["forget_x"], forget_y=split["forget_y"], train_config=train_config,
                          seed=seed, model_factory=model_factory, **params)
     row["seconds"] = time.perf_counter() - start
+    if max_drop is not None:
+        unlearned = _guard(model, unlearned, split, max_drop, row, x_test, y_test, poisoned)
     row.update(clean_test_acc_after=accuracy(unlearned, x_test, y_test),
                poison_success_after=poison_success(unlearned, poisoned),
                success_predictions_after=success_predictions(unlearned, poisoned),
                **_set_accuracies(unlearned, split, "after"))
     return row
+
+
+def _guard(model: nn.Module, unlearned: nn.Module, split: dict, max_drop: float, row: dict, x_test, y_test,
+           poisoned: PoisonedData) -> nn.Module:
+    """``unlearned``, or ``model`` when the update costs more than ``max_drop`` retain accuracy.
+
+    A refused update is recorded in ``row`` (``guard_refused`` and the refused model's accuracies).
+    """
+    retain_after = accuracy(unlearned, split["retain_x"], split["retain_y"])
+    if accuracy(model, split["retain_x"], split["retain_y"]) - retain_after <= max_drop:
+        return unlearned
+    row.update(guard_refused=True, refused_retain_acc=retain_after,
+               refused_clean_test_acc=accuracy(unlearned, x_test, y_test),
+               refused_poison_success=poison_success(unlearned, poisoned))
+    return model
+
+
+# registers ``assd`` and ``potion`` in UNLEARNERS (at the end: that module imports this one)
+from tasks import unlearn_adaptive  # noqa: E402,F401

@@ -17,17 +17,17 @@ from torch import nn
 import tasks.flip as flip_module
 from tasks.data import load_dataset
 from tasks.flip import (
-    FlipAttack, artifact_key, checkpoint_plan, flip, flip_margins, load_or_optimise_logits, optimise_labels,
-    random_flips_to_target, select_flips, sgd_step, stamp_trigger, train_experts,
+    RECIPES, FlipAttack, artifact_key, checkpoint_plan, flip, flip_margins, load_or_optimise_logits, optimise_labels,
+    random_flips_to_target, resolve_recipe, select_flips, sgd_step, stamp_trigger, train_experts,
 )
 from tasks.models import build_model
-from tasks.poisons import POISONS
 from tasks.metrics import poison_success
+from tasks.poisons import POISONS, apply_poison
 from tasks.registry import ConfigError
 from tasks.train import TrainConfig, accuracy, train_model
 
-# a small attack that runs in a few seconds on digits (1,347 training images, 8x8)
-SMALL = dict(expert_batch_size=64, expert_model_params={"hidden": 64}, iterations=10)
+# a small attack that runs in a few seconds on digits (1,347 training images, 8x8): the fast recipe
+SMALL = dict(RECIPES["fast"], expert_batch_size=64, expert_model_params={"hidden": 64}, iterations=10)
 CPU = torch.device("cpu")
 
 
@@ -253,7 +253,10 @@ def test_constraints_name_every_science_parameter_and_defaults_agree():
     keywords = [k for k, p in inspect.signature(flip).parameters.items() if p.kind is p.KEYWORD_ONLY]
     assert set(entry.constraints) == set(keywords) - {"rate", "seed", "artifact_dir"}
     attack_defaults = {k: v for k, v in vars(FlipAttack()).items() if k not in ("expert_model_params", "attack_seed")}
-    assert attack_defaults == {k: entry.defaults()[k] for k in attack_defaults}
+    # the recipe's settings default to None in the config and resolve to the paper's values
+    assert entry.defaults()["recipe"] == "paper"
+    assert all(entry.defaults()[k] is None for k in RECIPES["paper"])
+    assert attack_defaults == {**{k: entry.defaults()[k] for k in attack_defaults}, **RECIPES["paper"]}
     assert entry.defaults()["attack_seed"] is None  # None: the trial seed seeds the attack
 
 
@@ -266,3 +269,59 @@ def test_constraints_name_every_science_parameter_and_defaults_agree():
 def test_bad_settings_raise_config_errors(digits, params, message):
     with pytest.raises(ConfigError, match=message):
         flip(digits, rate=0.01, seed=0, **{**SMALL, **params})
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+def test_recipes_resolve_to_the_authors_defaults_and_the_fast_preset():
+    paper = resolve_recipe("paper")
+    assert paper == {"n_experts": 50, "expert_epochs": 16, "expert_lr": 0.1, "expert_lr_milestones": (75, 125),
+                     "iterations": 15}
+    assert resolve_recipe("fast") == {"n_experts": 2, "expert_epochs": 4, "expert_lr": 0.01,
+                                      "expert_lr_milestones": (), "iterations": 15}
+    assert resolve_recipe("paper", n_experts=3, iterations=None)["n_experts"] == 3  # None keeps the recipe's
+    with pytest.raises(ConfigError, match="recipe must be one of paper, fast"):
+        resolve_recipe("slow")
+
+
+def test_paper_recipe_is_the_default_of_a_config(digits, monkeypatch):
+    seen = []
+
+    def record(data, attack, artifact_dir, device):
+        seen.append(attack)
+        return flip_module.FlipArtifact(np.zeros((len(data.y_train), 10), np.float32), np.arange(3), np.zeros(1),
+                                        0.0, 0.0), False
+
+    monkeypatch.setattr(flip_module, "load_or_optimise_logits", record)
+    poisoned = apply_poison(digits, "flip", rate=0.01, seed=0)
+    fast = apply_poison(digits, "flip", rate=0.01, seed=0, params={"recipe": "fast", "n_experts": 3})
+    assert seen[0] == FlipAttack()
+    assert (seen[1].n_experts, seen[1].expert_lr, seen[1].expert_epochs) == (3, 0.01, 4)
+    assert poisoned.info["recipe"] == "paper" and fast.info["recipe"] == "fast"
+
+
+def test_the_lr_schedule_decays_at_the_milestones_and_checkpoints_carry_it(digits):
+    attack = FlipAttack(**{**SMALL, "expert_lr": 0.1, "expert_lr_milestones": (1, 2), "n_experts": 1,
+                           "expert_epochs": 3})
+    steps_per_epoch = math.ceil(len(digits.y_train) / attack.expert_batch_size)
+    plan = [(0, steps_per_epoch - 1), (0, steps_per_epoch + 1), (0, 2 * steps_per_epoch + 1)]
+    new_model = lambda seed: build_model("mlp", digits.in_shape, 10, {"hidden": 64}, seed=seed)  # noqa: E731
+    kept = train_experts(new_model, digits.x_train, digits.y_train, attack, plan, CPU)
+    assert [kept[p].lr for p in plan] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_expert_and_student_draw_independent_dropout_masks(digits, monkeypatch):
+    seeds = []
+    original = flip_module._forward
+
+    def spy(model, theta, buffers, x, dropout_seed):
+        seeds.append(dropout_seed)
+        return original(model, theta, buffers, x, dropout_seed)
+
+    monkeypatch.setattr(flip_module, "_forward", spy)
+    attack = FlipAttack(**{**SMALL, "iterations": 1, "n_experts": 1, "expert_epochs": 2})
+    flip_module.compute_artifact(digits, attack, CPU)
+    expert, student = seeds[0::2], seeds[1::2]
+    assert len(expert) == len(student) > 0
+    assert all(e != s for e, s in zip(expert, student))

@@ -305,7 +305,7 @@ def test_check_unlearn_config_reports_every_error():
     errors = check_unlearn_config(config, ["loss"])
     expected = [
         "unlearn.schedule is not a key of unlearn",
-        "unlearn.methods[0].name must be one of: finetune, gradient_ascent, retrain, ssd; got 'sdd'",
+        "unlearn.methods[0].name must be one of: assd, finetune, gradient_ascent, potion, retrain, ssd; got 'sdd'",
         "unlearn.methods[1].params.alpha must be a number in (0, inf); got -1",
         "unlearn.methods[1].params.lambda is not a parameter of 'ssd'",
         "unlearn.methods[2].extra is not a key of a method",
@@ -377,7 +377,8 @@ def test_run_unlearning_rows_measure_the_selection(backdoor, digits):
     assert all(len(r["success_predictions_after"]) == SUCCESS_EXAMPLES for r in rows)
     expected_keys = {
         "selection", "selection_kind", "identified_fraction", "top_fraction", "method", "params", "n_forget",
-        "forget_poison_share", "poisons_in_forget", "seconds",
+        "forget_poison_share", "poisons_in_forget", "seconds", "guard_max_retain_drop", "guard_refused",
+        "refused_retain_acc", "refused_clean_test_acc", "refused_poison_success",
         *(f"{k}_{w}" for k in ("clean_test_acc", "poison_success", "retain_acc", "forget_acc",
                                "forget_true_acc", "success_predictions") for w in ("before", "after")),
     }

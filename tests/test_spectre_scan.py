@@ -1,0 +1,139 @@
+"""SPECTRE and SCAn against planted signals whose answer is known, and from a config on digits."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from engine.config import build_sweep
+from tasks.detect.base import DETECTORS, DetectionContext
+from tasks.detect.scan import THRESHOLD, anomaly_index, scan, scan_classes
+from tasks.detect.spectral import spectral_scores
+from tasks.detect.spectre import que_scores, robust_selection, spectre, spectre_scores
+from tasks.trial import run_trial
+
+
+def context_with_features(features: np.ndarray, labels: np.ndarray) -> DetectionContext:
+    context = DetectionContext(model=nn.Identity(), x_train=torch.zeros(len(labels), 1), labels=labels,
+                               num_classes=int(labels.max()) + 1)
+    context.features = features
+    return context
+
+
+def low_rate_anisotropic(seed: int, n_per_class=200, dim=24, n_planted=10):
+    """Three classes of anisotropic Gaussians (scales 0.5..4); 10 samples (5 %) of class 0 are
+    shifted by 3 along the class's *lowest*-variance axis, which is invisible to the top singular
+    vector of the raw class but stands out after whitening."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), n_per_class)
+    features = rng.normal(size=(len(labels), dim)) * np.linspace(0.5, 4, dim)
+    planted = np.zeros(len(labels), dtype=bool)
+    planted[rng.choice(n_per_class, n_planted, replace=False)] = True
+    features[planted, 0] += 3.0
+    return features, labels, planted
+
+
+# ------------------------------------------------------------------ SPECTRE
+
+def test_que_scores_rank_the_outlying_direction_first():
+    # whitened clean points plus a few far out along axis 2: M concentrates on axis 2
+    rng = np.random.default_rng(0)
+    white = rng.normal(size=(400, 5))
+    white[:8, 2] += 6.0
+    scores, statistic = que_scores(white)
+    assert set(np.argsort(-scores)[:8]) == set(range(8))
+    assert statistic > 1.5  # a clean isotropic sample stays near 1
+
+
+def test_robust_selection_removes_gross_outliers_and_keeps_clean_points():
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(300, 4))
+    points[:6] *= 40.0
+    keep = robust_selection(points - points.mean(axis=0), n_poison=10)
+    assert not keep[:6].any()
+    assert keep[6:].mean() > 0.9
+    assert (~keep).sum() <= 20  # never more than 2·ε·n
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spectre_sees_a_low_rate_signal_that_spectral_signatures_misses(seed):
+    features, labels, planted = low_rate_anisotropic(seed)
+    in_class = labels == 0
+    spectre_auc = roc_auc_score(planted[in_class], spectre_scores(features, labels, eps=0.1)[in_class])
+    spectral_auc = roc_auc_score(planted[in_class], spectral_scores(features, labels)[in_class])
+    assert spectre_auc > 0.95
+    assert spectre_auc > spectral_auc + 0.1
+
+
+def test_spectre_flags_the_papers_budget_per_class_and_most_planted_points():
+    features, labels, planted = low_rate_anisotropic(2)
+    detection = spectre(context_with_features(features, labels), seed=0, eps=0.05)
+    for label in range(3):
+        assert detection.flagged[labels == label].sum() == round(1.5 * 0.05 * 200)
+    assert detection.flagged[planted].mean() >= 0.8
+
+
+def test_spectre_is_deterministic_and_registered():
+    features, labels, _ = low_rate_anisotropic(3)
+    context = context_with_features(features, labels)
+    first, second = spectre(context, seed=0), spectre(context, seed=5)
+    np.testing.assert_array_equal(first.scores, second.scores)
+    assert "spectre" in DETECTORS and "scan" in DETECTORS
+
+
+# ------------------------------------------------------------------ SCAn
+
+def relabelled_class(seed: int, n_poison=20, classes=10, n=100, dim=16):
+    """Ten Gaussian classes; ``n_poison`` samples drawn from class 7 are labelled 3 (class 3 then
+    holds two identities, every other class one)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n)
+    means = rng.normal(size=(classes, dim)) * 3
+    features = means[labels] + rng.normal(size=(len(labels), dim))
+    planted = np.zeros(len(labels), dtype=bool)
+    if n_poison:
+        chosen = rng.choice(np.flatnonzero(labels == 3), n_poison, replace=False)
+        planted[chosen] = True
+        features[chosen] = means[7] + rng.normal(size=(n_poison, dim))
+    return features, labels, planted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scan_flags_the_contaminated_class_and_exactly_its_planted_subgroup(seed):
+    features, labels, planted = relabelled_class(seed)
+    detection = scan(context_with_features(features, labels), seed=seed)
+    index = scan_classes(features, labels, seed=seed)["index"]
+    assert index[3] > THRESHOLD
+    assert np.all(np.delete(index, 3) < THRESHOLD)
+    np.testing.assert_array_equal(detection.flagged, planted)
+    assert roc_auc_score(planted, detection.scores) == 1.0
+
+
+def test_scan_flags_nothing_on_clean_classes():
+    features, labels, _ = relabelled_class(4, n_poison=0)
+    assert not scan(context_with_features(features, labels), seed=0).flagged.any()
+
+
+def test_anomaly_index_is_the_signed_median_absolute_deviation_score():
+    values = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    scaled = values / 100
+    mad = 1.4826 * np.median(np.abs(scaled - 0.03))
+    np.testing.assert_allclose(anomaly_index(values), (scaled - 0.03) / mad)
+
+
+# ------------------------------------------------------------------ from a config
+
+
+def test_spectre_and_scan_run_from_a_config_on_digits():
+    sweep = build_sweep({
+        "data": {"name": "digits", "n_train": 400, "n_test": 100},
+        "poison": {"method": "badnets", "rate": 0.05, "params": {"target": 0, "mode": "all_to_one"}},
+        "model": {"name": "mlp", "params": {"hidden": 32, "depth": 1}},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 0.01},
+        "detectors": [{"name": "spectre", "params": {"eps": 0.1}}, "scan"],
+    })
+    result = run_trial(sweep.trials[0])
+    rows = {row["detector"]: row for row in result.tables["detections"]}
+    assert set(rows) == {"spectre", "scan"}
+    assert len(result.tables["scores"]) == 2 * 400
