@@ -1,7 +1,7 @@
 """What the engine costs per trial, and what a second node buys.
 
 1. Overhead: the same N small trials (digits, a tiny MLP, the loss detector) run
-   (a) in a plain Python loop calling ``tasks.trial.run_trial`` (and ``engine.sweep.record_trial``,
+   (a) in a plain Python loop calling ``tasks.trial.run_trial`` (and ``engine.worker.record_trial``,
        which adds the Parquet writes), and
    (b) as a sweep through ``engine.sweep.run_sweep`` on local Ray, one trial at a time
        (``max_concurrent: 1``) so that both do the same serial work.
@@ -53,7 +53,7 @@ def plain_loop(n: int, root: str) -> tuple[float, float]:
     """Seconds for n trials with ``run_trial`` alone, and with ``record_trial`` (rows to Parquet)."""
     import torch
 
-    from engine.sweep import record_trial
+    from engine.worker import record_trial
     from tasks.trial import run_trial
 
     torch.set_num_threads(1)  # what the trainable does for a 1-CPU trial
@@ -83,7 +83,7 @@ def timed_sweep(n: int, root: str, reuse: bool, max_concurrent: int | None = 1) 
 def overhead(args, root: str) -> list[str]:
     import ray
 
-    from engine.sweep import init_ray
+    from engine.cluster import init_ray
 
     lines = []
     bare, recorded = plain_loop(args.trials, root)

@@ -2,7 +2,7 @@
 schedule run as ONE Ray trial, whose models train together (``tasks.packed.run_pack``).
 
 Each member is still its own trial: its own ``trial_id``, its own rows written by
-``engine.sweep.write_record`` exactly as a solo run writes them (plus ``pack_size`` and
+``engine.worker.write_record`` exactly as a solo run writes them (plus ``pack_size`` and
 ``pack_note``), its own resume state (a pack is planned from the pending trials only, so a rerun
 packs just the ones still missing).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 
-from engine.sweep import _now, write_record
+from engine.worker import _now, write_record
 
 # what members of one pack must share: the training set's shape and the model and its schedule
 PACK_KEYS = ("data", "model", "train")

@@ -17,31 +17,21 @@ import datetime as dt
 import logging
 import os
 import signal
-import socket
-import sys
 import threading
 import time
-import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from engine import artifacts
-from engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
+from engine.cluster import check_cluster_resources, init_ray, trial_resources
 from engine.resume import code_version, trials_to_run
-from engine.sink import filesystem, remove_temporaries, write_trial
+from engine.sink import filesystem, remove_temporaries
+from engine.worker import UNKNOWN_NODE, _now, record_trial, tune_trainable
 
 if TYPE_CHECKING:
     from engine.config import Sweep
-
-# engine.config (and through it torch, scikit-learn, every registry) is imported inside the
-# functions that need it: a trial process then starts in 1-2 s and imports the science
-# inside its first trial, so Tune does not give up on a slow-starting process and hand its trial to
-# a busy one (benchmarks/RESULTS.md, section 3)
 
 TUNE_DIR = "_tune"  # Tune's own experiment state, inside the output directory
 
@@ -56,85 +46,6 @@ class SweepOutcome:
     seconds: float = 0.0
     interrupted: int = 0  # trials left unfinished by Ctrl-C
     out: str = ""  # where the record is
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", artifact_dir: str | None = None,
-                 attempt_error: str | None = None, where: dict | None = None) -> dict:
-    """Run one trial (unless ``attempt_error`` says it already failed) and write all its rows.
-
-    A trial that raises is recorded with status ``failed`` and its error; nothing is re-raised,
-    so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
-    ``trials`` row.
-    """
-    from tasks.detect.base import serial_map
-    from tasks.trial import run_trial
-
-    started = _now()
-    outcome = attempt_error
-    if attempt_error is None:
-        try:
-            outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
-        except Exception as error:  # recorded, not lost: the summary shows it
-            outcome = error
-    return write_record(config, out, outcome, started=started, version=version, where=where)
-
-
-def write_record(config: dict, out: str, outcome, *, started: dt.datetime, version: str = "",
-                 where: dict | None = None) -> dict:
-    """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
-    of an error. Returns the ``trials`` row."""
-    from engine.config import config_columns, key_columns, trial_id
-
-    tid = trial_id(config)
-    base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
-            "code_version": version, "started_at": started}
-    tables: dict[str, list[dict]] = {}
-    if isinstance(outcome, str):
-        row = {**base, "status": "failed", "error": outcome}
-    elif isinstance(outcome, BaseException):
-        trace = "".join(traceback.format_exception(outcome))
-        row = {**base, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}\n{trace}"}
-    else:
-        tables = outcome.tables
-        row = {**base, **tables["trials"][0], "status": "ok", "error": None}
-    row["finished_at"] = _now()
-    row["total_seconds"] = (row["finished_at"] - started).total_seconds()
-    keys = {"trial_id": tid, **key_columns(config)}
-    rows = {
-        "trials": [row],
-        "detections": [{**keys, **r} for r in tables.get("detections", [])],
-        "unlearning": [{**keys, **r} for r in tables.get("unlearning", [])],
-        "scores": [{"trial_id": tid, **r} for r in tables.get("scores", [])],
-        "influence": [{"trial_id": tid, **r} for r in tables.get("influence", [])],
-    }
-    write_trial(out, tid, rows)
-    return row
-
-
-def this_node() -> dict:
-    """Where this process runs: host name, and the Ray node's IP and id when inside Ray.
-
-    Two Ray nodes can share a host (and an IP): only ``ray_node_id`` tells them apart.
-    """
-    where = {"node": socket.gethostname(), "node_ip": None, "ray_node_id": None}
-    ray = sys.modules.get("ray")  # never import Ray just to ask: a notebook run has no Ray
-    if ray is not None and ray.is_initialized():
-        where["node_ip"] = ray.util.get_node_ip_address()
-        where["ray_node_id"] = ray.get_runtime_context().get_node_id()
-    return where
-
-
-UNKNOWN_NODE = {"node": None, "node_ip": None, "ray_node_id": None}
-
-
-def _set_threads(cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
 
 
 class PlanSearcher(Searcher):
@@ -161,166 +72,6 @@ class PlanSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # nothing to learn: the plan is fixed
-
-
-_PLANS: dict[str, list[dict]] = {}  # per trial process: plan object id -> the configs, fetched once
-
-
-def _plan_of(holder: list) -> list[dict]:
-    """The plan's configs (``holder`` wraps its Ray object ref, so Tune does not fetch it per trial)."""
-    import ray
-
-    key = holder[0].hex()
-    if key not in _PLANS:
-        _PLANS.clear()  # a reused process may move on to another sweep's plan
-        _PLANS[key] = ray.get(holder[0])
-    return _PLANS[key]
-
-
-def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict) -> dict:
-    """The Ray Tune function trainable: run and record the plan's unit ``config["index"]`` (one trial,
-    or a pack of them with ``resources.pack`` > 1), report a small summary."""
-    _set_threads(resources["cpu"])
-    unit = _plan_of(plan)[config["index"]]
-    with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
-        if resources["pack"] > 1:
-            from engine.packs import record_pack
-
-            rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
-        else:
-            rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir)]
-    failures = {row["trial_id"]: ((row.get("error") or "").strip().splitlines() or ["see the trials table"])[0]
-                for row in rows if row["status"] != "ok"}
-    return {"trial_id": rows[0]["trial_id"], "members": len(rows), "failures": failures}
-
-
-@contextmanager
-def shard_pool(resources: dict):
-    """The trial's influence actors (``engine.shards.ActorPoolMap``), or None when it has none."""
-    pool = None
-    if resources["influence_actors"] > 0:
-        from engine.shards import ActorPoolMap
-
-        pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
-    try:
-        yield pool
-    finally:
-        if pool is not None:
-            pool.close()
-
-
-@contextmanager
-def trial_artifacts(out: str, configs: list[dict]):
-    """The directory for work shared between trials (FLIP's experts): under a local ``out``, or a
-    node-local mirror of ``<out>/_artifacts`` on an object store, uploaded again afterwards."""
-    artifact_dir, mirrored = _artifact_dir(out), None
-    if artifact_dir is None and any(artifacts.uses_artifacts(c) for c in configs):
-        local, mirrored = artifacts.download(out)
-        artifact_dir = str(local)
-    yield artifact_dir
-    if mirrored is not None:
-        artifacts.upload(out, Path(artifact_dir), mirrored)
-
-
-def _artifact_dir(out: str) -> str | None:
-    """Shared trial artifacts (FLIP's experts) live beside the tables; an object store's are mirrored
-    through a node-local cache instead (``engine.artifacts``): None here."""
-    return None if "://" in out else f"{filesystem(out)[1]}/{ARTIFACT_DIR}"
-
-
-def trial_resources(resources: dict):
-    """The trial's bundle, plus one bundle per influence actor so actors never oversubscribe."""
-    from ray import tune
-
-    main = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
-    if resources["influence_actors"] == 0:
-        return tune.PlacementGroupFactory([main])
-    from engine.shards import actor_bundles
-
-    bundles = actor_bundles(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
-    return tune.PlacementGroupFactory([main] + bundles)
-
-
-# set in every trial process, on every node (a driver's own environment reaches only a local Ray)
-WORKER_ENV = {
-    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # keep relative --data-root paths meaning what they meant to the driver
-    "PYTHONUNBUFFERED": "1",
-}
-
-
-def init_ray(address: str | None, verbose: bool) -> None:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``, set by ``ray job submit``), else start a private
-    local Ray. Never ``ray.init()`` bare: it would join whatever cluster ``ray start`` last ran here."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    # a private local Ray advertises the loopback address; Ray 2.60's core servers still listen on every
-    # interface, and its token authentication (on by default for a new local Ray) guards them
-    # (README, "Running on a cluster", Security)
-    local = {"_node_ip_address": "127.0.0.1"} if address == "local" else {}
-    ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=True,
-             logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)}, **local)
-
-
-def check_cluster_resources(resources: dict) -> None:
-    """A GPU asked for where the cluster has none (and cannot add any) is an error before any trial starts."""
-    available = _most_resources()
-    wanted_gpu = resources["gpu"] + resources["influence_actors"] * resources["actor_gpu"]
-    if wanted_gpu > 0 and available.get("GPU", 0) == 0:
-        raise RuntimeError(
-            f"resources ask for GPUs (gpu: {resources['gpu']}, actor_gpu: {resources['actor_gpu']}) but the Ray "
-            "cluster has none; set resources.gpu and resources.actor_gpu to 0 (e.g. --set resources.gpu=0) "
-            "or connect to a cluster with GPUs (--address)")
-    for kind, key, actor_key in (("GPU", "gpu", "actor_gpu"), ("CPU", "cpu", "actor_cpu")):
-        wanted = resources[key] + resources["influence_actors"] * resources[actor_key]
-        if wanted > available.get(kind, 0):
-            raise RuntimeError(f"one trial needs {wanted:g} {kind}s (trial + influence actors) but the largest the "
-                               f"Ray cluster can offer is {available.get(kind, 0):g}; lower resources.{key} / "
-                               f"resources.{actor_key} / resources.influence_actors")
-
-
-# where `ray up` leaves the autoscaler's config on the head node (the monitor's --autoscaling-config)
-AUTOSCALING_CONFIG = "~/ray_bootstrap_config.yaml"
-
-
-def _most_resources() -> dict:
-    """The cluster's resources now, or what its autoscaler may add if that is more: a cluster whose
-    GPU workers are scaled to zero (cluster.yaml) still counts as having GPUs."""
-    import ray
-    from ray._private.state import state  # what Ray Train asks for the same check
-
-    now = ray.cluster_resources()
-    try:
-        most = state.get_max_resources_from_cluster_config() or {}  # KubeRay / autoscaler v2
-    except Exception:  # no autoscaler state in this cluster
-        most = {}
-    path = Path(AUTOSCALING_CONFIG).expanduser()
-    if not most and path.is_file():  # cluster launcher: the driver runs on the head (ray job submit)
-        import yaml
-
-        most = autoscaler_capacity(yaml.safe_load(path.read_text()) or {})
-    return {key: max(now.get(key, 0), most.get(key, 0)) for key in set(now) | set(most)}
-
-
-def autoscaler_capacity(config: dict) -> dict:
-    """Resources of a cluster-launcher config at full scale: each worker type's ``resources`` times
-    its ``max_workers`` (capped by the cluster's ``max_workers``), plus the head's."""
-    node_types = config.get("available_node_types") or {}
-    head = config.get("head_node_type")
-    cap = config.get("max_workers")
-    total: dict[str, float] = {}
-    for name, node_type in node_types.items():
-        count = 1 if name == head else node_type.get("max_workers", 0)
-        if cap is not None and name != head:
-            count = min(count, cap)
-        for key, value in (node_type.get("resources") or {}).items():
-            total[key] = total.get(key, 0) + value * count
-    return total
 
 
 class TrialLog(Callback):

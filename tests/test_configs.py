@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from engine.config import load_sweep
-from engine.sweep import record_trial
+from engine.worker import record_trial
 from test_data import write_cifar10
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

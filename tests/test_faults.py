@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 import engine.sink as sink
-from engine import sweep as sweep_module
+from engine import cluster as cluster_module
 from engine.cli import app
 from test_data import write_cifar10
 
@@ -104,16 +104,16 @@ def test_a_crafted_dataset_pickle_is_refused_and_runs_nothing(tmp_path):
      "one trial needs 3 GPUs (trial + influence actors) but the largest the Ray cluster can offer is 2"),
 ])
 def test_resources_the_cluster_can_never_offer_are_a_clear_error(monkeypatch, resources, available, message):
-    monkeypatch.setattr(sweep_module, "_most_resources", lambda: available)
+    monkeypatch.setattr(cluster_module, "_most_resources", lambda: available)
     wanted = {"cpu": 1, "gpu": 0, "influence_actors": 0, "actor_cpu": 1, "actor_gpu": 0, **resources}
     with pytest.raises(RuntimeError) as info:
-        sweep_module.check_cluster_resources(wanted)
+        cluster_module.check_cluster_resources(wanted)
     assert message in str(info.value)
 
 
 def test_resources_that_fit_pass_the_check(monkeypatch):
-    monkeypatch.setattr(sweep_module, "_most_resources", lambda: {"CPU": 4, "GPU": 1})
-    sweep_module.check_cluster_resources({"cpu": 1, "gpu": 0.25, "influence_actors": 3, "actor_cpu": 1,
+    monkeypatch.setattr(cluster_module, "_most_resources", lambda: {"CPU": 4, "GPU": 1})
+    cluster_module.check_cluster_resources({"cpu": 1, "gpu": 0.25, "influence_actors": 3, "actor_cpu": 1,
                                           "actor_gpu": 0.25})  # 4 CPUs, 1 GPU: exactly fits
 
 

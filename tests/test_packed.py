@@ -189,7 +189,7 @@ def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
     import yaml
 
     from engine.packs import ALONE
-    from engine.sweep import record_trial
+    from engine.worker import record_trial
     from test_end_to_end import poisonsweep
 
     config = tmp_path / "packs.yaml"

@@ -2,7 +2,7 @@
 the Parquet files with DuckDB SQL, every figure written, one self-contained HTML page, and an honest
 account of a record that is still incomplete.
 
-The record is made without Ray: real tiny trials through ``engine.sweep.record_trial`` (two poison
+The record is made without Ray: real tiny trials through ``engine.worker.record_trial`` (two poison
 methods, two rates, two seeds, one trial failed, some planned trials not yet run), plus synthetic
 unlearning and influence rows written with the sink.
 """
@@ -20,7 +20,7 @@ from engine.cli import app
 from engine.config import build_sweep, trial_id
 from engine.report import FRACTIONS_CHECKED, TOP_HARMFUL, write_plan, write_report
 from engine.sink import write_trial_table
-from engine.sweep import record_trial
+from engine.worker import record_trial
 
 SWEEP = {
     "name": "tiny",

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from engine import resume, sink
 from engine.cli import app
 from engine.config import build_sweep, trial_id
-from engine.sweep import record_trial
+from engine.worker import record_trial
 
 CONFIG = {"name": "rec", "data": {"name": "digits", "n_train": 60, "n_test": 30},
           "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp", "params": {"hidden": 8, "depth": 1}},

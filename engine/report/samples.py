@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
+from engine.artifacts import ARTIFACT_DIR
 from engine.record import read_table as read_record
 from engine.sink import filesystem
 
@@ -27,7 +28,6 @@ SCORE_COLUMNS = ["detector", "index", "label_given", "label_true", "is_poison", 
 # poisons whose images cost minutes to rebuild (FLIP trains expert models) but which change no image:
 # the clean images are the trial's images, and only the true labels can be checked
 LABEL_ONLY_EXPENSIVE = {"flip"}
-ARTIFACT_DIR = "_artifacts"  # engine.sweep.ARTIFACT_DIR (not imported: engine.sweep imports Ray Tune)
 
 
 def representative_trials(trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:

@@ -1,0 +1,169 @@
+"""What runs inside one Tune trial's process: run a trial (or a pack), write its rows, report back.
+
+A trial that raises is recorded with status ``failed`` and its error, never re-raised, so the sweep
+goes on. The plan's configs are fetched once per process from Ray's object store (:func:`_plan_of`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+from engine import artifacts
+from engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
+from engine.sink import filesystem, write_trial
+
+# engine.config (and through it torch, scikit-learn, every registry) is imported inside the
+# functions that need it: a trial process then starts in 1-2 s and imports the science
+# inside its first trial, so Tune does not give up on a slow-starting process and hand its trial to
+# a busy one (benchmarks/RESULTS.md, section 3)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", artifact_dir: str | None = None,
+                 attempt_error: str | None = None, where: dict | None = None) -> dict:
+    """Run one trial (unless ``attempt_error`` says it already failed) and write all its rows.
+
+    A trial that raises is recorded with status ``failed`` and its error; nothing is re-raised,
+    so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
+    ``trials`` row.
+    """
+    from tasks.detect.base import serial_map
+    from tasks.trial import run_trial
+
+    started = _now()
+    outcome = attempt_error
+    if attempt_error is None:
+        try:
+            outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
+        except Exception as error:  # recorded, not lost: the summary shows it
+            outcome = error
+    return write_record(config, out, outcome, started=started, version=version, where=where)
+
+
+def write_record(config: dict, out: str, outcome, *, started: dt.datetime, version: str = "",
+                 where: dict | None = None) -> dict:
+    """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
+    of an error. Returns the ``trials`` row."""
+    from engine.config import config_columns, key_columns, trial_id
+
+    tid = trial_id(config)
+    base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
+            "code_version": version, "started_at": started}
+    tables: dict[str, list[dict]] = {}
+    if isinstance(outcome, str):
+        row = {**base, "status": "failed", "error": outcome}
+    elif isinstance(outcome, BaseException):
+        trace = "".join(traceback.format_exception(outcome))
+        row = {**base, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}\n{trace}"}
+    else:
+        tables = outcome.tables
+        row = {**base, **tables["trials"][0], "status": "ok", "error": None}
+    row["finished_at"] = _now()
+    row["total_seconds"] = (row["finished_at"] - started).total_seconds()
+    keys = {"trial_id": tid, **key_columns(config)}
+    rows = {
+        "trials": [row],
+        "detections": [{**keys, **r} for r in tables.get("detections", [])],
+        "unlearning": [{**keys, **r} for r in tables.get("unlearning", [])],
+        "scores": [{"trial_id": tid, **r} for r in tables.get("scores", [])],
+        "influence": [{"trial_id": tid, **r} for r in tables.get("influence", [])],
+    }
+    write_trial(out, tid, rows)
+    return row
+
+
+def this_node() -> dict:
+    """Where this process runs: host name, and the Ray node's IP and id when inside Ray.
+
+    Two Ray nodes can share a host (and an IP): only ``ray_node_id`` tells them apart.
+    """
+    where = {"node": socket.gethostname(), "node_ip": None, "ray_node_id": None}
+    ray = sys.modules.get("ray")  # never import Ray just to ask: a notebook run has no Ray
+    if ray is not None and ray.is_initialized():
+        where["node_ip"] = ray.util.get_node_ip_address()
+        where["ray_node_id"] = ray.get_runtime_context().get_node_id()
+    return where
+
+
+UNKNOWN_NODE = {"node": None, "node_ip": None, "ray_node_id": None}
+
+
+def _set_threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+_PLANS: dict[str, list[dict]] = {}  # per trial process: plan object id -> the configs, fetched once
+
+
+def _plan_of(holder: list) -> list[dict]:
+    """The plan's configs (``holder`` wraps its Ray object ref, so Tune does not fetch it per trial)."""
+    import ray
+
+    key = holder[0].hex()
+    if key not in _PLANS:
+        _PLANS.clear()  # a reused process may move on to another sweep's plan
+        _PLANS[key] = ray.get(holder[0])
+    return _PLANS[key]
+
+
+def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict) -> dict:
+    """The Ray Tune function trainable: run and record the plan's unit ``config["index"]`` (one trial,
+    or a pack of them with ``resources.pack`` > 1), report a small summary."""
+    _set_threads(resources["cpu"])
+    unit = _plan_of(plan)[config["index"]]
+    with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
+        if resources["pack"] > 1:
+            from engine.packs import record_pack
+
+            rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
+        else:
+            rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir)]
+    failures = {row["trial_id"]: ((row.get("error") or "").strip().splitlines() or ["see the trials table"])[0]
+                for row in rows if row["status"] != "ok"}
+    return {"trial_id": rows[0]["trial_id"], "members": len(rows), "failures": failures}
+
+
+@contextmanager
+def shard_pool(resources: dict):
+    """The trial's influence actors (``engine.shards.ActorPoolMap``), or None when it has none."""
+    pool = None
+    if resources["influence_actors"] > 0:
+        from engine.shards import ActorPoolMap
+
+        pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+@contextmanager
+def trial_artifacts(out: str, configs: list[dict]):
+    """The directory for work shared between trials (FLIP's experts): under a local ``out``, or a
+    node-local mirror of ``<out>/_artifacts`` on an object store, uploaded again afterwards."""
+    artifact_dir, mirrored = _artifact_dir(out), None
+    if artifact_dir is None and any(artifacts.uses_artifacts(c) for c in configs):
+        local, mirrored = artifacts.download(out)
+        artifact_dir = str(local)
+    yield artifact_dir
+    if mirrored is not None:
+        artifacts.upload(out, Path(artifact_dir), mirrored)
+
+
+def _artifact_dir(out: str) -> str | None:
+    """Shared trial artifacts (FLIP's experts) live beside the tables; an object store's are mirrored
+    through a node-local cache instead (``engine.artifacts``): None here."""
+    return None if "://" in out else f"{filesystem(out)[1]}/{ARTIFACT_DIR}"
+
+
