@@ -95,6 +95,8 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
     """
     from tasks.poisons import apply_poison
 
+    if not isinstance(config_json, str):  # a row written without its config (older or hand-made records)
+        return Rebuilt(note="images not shown: the trial's row holds no config to rebuild them from")
     config = json.loads(config_json)
     poison_cfg = config["poison"]
     try:
@@ -154,6 +156,8 @@ def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None
     (no data here, or a FLIP trial without its cached expert artifact)."""
     from tasks.poisons import apply_poison
 
+    if not isinstance(config_json, str):  # no config recorded: nothing to rebuild from
+        return None
     config = json.loads(config_json)
     poison_cfg = config["poison"]
     artifacts = _artifact_dir(out)
