@@ -63,6 +63,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("forget_acc_before", _F64), ("forget_acc_after", _F64), ("forget_true_acc_before", _F64),
         ("forget_true_acc_after", _F64), ("success_predictions_before", pa.list_(_I64)),
         ("success_predictions_after", pa.list_(_I64)),
+        ("guard_max_retain_drop", _F64), ("guard_refused", _BOOL), ("refused_retain_acc", _F64),
+        ("refused_clean_test_acc", _F64), ("refused_poison_success", _F64),
         ("seconds", _F64),
     ]),
     "influence": pa.schema([

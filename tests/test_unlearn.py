@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-import tasks.unlearn as unlearn
+import tasks.unlearn.methods as unlearn_methods
 from tasks.data import load_dataset
 from tasks.detect.base import Detection
 from tasks.models import build_model
@@ -24,6 +24,7 @@ from tasks.registry import ConfigError
 from tasks.train import TrainConfig, accuracy, per_sample_loss, train_model
 from tasks.unlearn import (SUCCESS_EXAMPLES, UNLEARNERS, check_unlearn_config, expand_selections,
                            minibatch_importance, run_unlearning, select_forget_set, ssd, ssd_dampen)
+from tasks.unlearn.run import _split
 
 ATOL = 1e-6  # float32 gradients against float64 closed forms
 TRAIN = TrainConfig(epochs=10, batch_size=64, lr=1e-3, device="cpu")
@@ -59,7 +60,7 @@ def backdoor(digits):
 def _oracle_split(poisoned, fraction: float, seed: int = 0) -> dict:
     forget = select_forget_set({"kind": "oracle", "fraction": fraction}, detections={},
                                is_poison=poisoned.is_poison, seed=seed)
-    return unlearn._split(poisoned, forget)
+    return _split(poisoned, forget)
 
 
 def _call(name: str, model, split: dict, factory, **params):
@@ -177,7 +178,7 @@ def test_training_methods_never_see_a_forget_sample(method, monkeypatch):
         seen.append((x_fit.clone(), y_fit.clone(), config))
         return train_model(model, x_fit, y_fit, config, seed=seed)
 
-    monkeypatch.setattr(unlearn, "train_model", spy)
+    monkeypatch.setattr(unlearn_methods, "train_model", spy)
     config = {"methods": [method], "selections": [{"kind": "oracle", "fraction": 0.6}]}
     train = TrainConfig(epochs=7, batch_size=8, device="cpu")
     run_unlearning(_linear_model(), poisoned, x[:5], labels[:5], {}, config, train, _linear_model, seed=0)
@@ -386,7 +387,7 @@ def test_run_unlearning_rows_measure_the_selection(backdoor, digits):
 
 
 def test_identified_fraction_is_always_a_share_of_the_poisons_and_top_fraction_of_the_training_set():
-    from tasks.unlearn import _describe_selection
+    from tasks.unlearn.run import _describe_selection
 
     is_poison = np.zeros(100, dtype=bool)
     is_poison[:10] = True  # 10 poisons in 100 samples

@@ -13,7 +13,7 @@ from test_unlearn import TRAIN, _call, _oracle_split, backdoor, digits  # noqa: 
 from tasks.metrics import poison_success
 from tasks.train import accuracy, copy_model
 from tasks.unlearn import UNLEARNERS, check_unlearn_config, run_unlearning
-from tasks.unlearn_adaptive import adaptive_alpha, selection_percentile
+from tasks.unlearn.adaptive import adaptive_alpha, selection_percentile
 
 
 def test_selection_percentile_is_100_minus_log_share():

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from tasks.train import TrainConfig, accuracy, copy_model
-from tasks.unlearn import UNLEARNERS, minibatch_importance, ssd_dampen
+from tasks.unlearn.methods import UNLEARNERS, minibatch_importance, ssd_dampen
 from tasks.registry import Interval, Options
 
 __all__ = ["adaptive_alpha", "assd", "potion", "forget_share"]
