@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.data import load_dataset
 from tasks.detect import DETECTORS, DetectionContext
-from tasks.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, resolve_recipe, stamp_trigger
+from tasks.poisons.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, resolve_recipe, stamp_trigger
 from tasks.metrics import detection_metrics
 from tasks.models import build_model
 from tasks.poisons.flips import pair_flip
@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
                         help="trigger[:amplitude for sinusoid | :patch size for checkerboard]")
     parser.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.02, 0.05])
     parser.add_argument("--recipe", choices=["paper", "fast"], default="fast",
-                        help="FLIP's expert/label settings (tasks.flip.RECIPES); the flags below override it")
+                        help="FLIP's expert/label settings (tasks.poisons.flip.RECIPES); the flags below override it")
     parser.add_argument("--n-experts", type=int, default=None)
     parser.add_argument("--expert-epochs", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=None)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-import tasks.flip as flip_module
+import tasks.poisons.flip as flip_module
 from tasks.data import load_dataset
-from tasks.flip import (
+from tasks.poisons.flip import (
     RECIPES, FlipAttack, artifact_key, checkpoint_plan, flip, flip_margins, load_or_optimise_logits, optimise_labels,
     random_flips_to_target, resolve_recipe, select_flips, sgd_step, stamp_trigger, train_experts,
 )

@@ -9,6 +9,6 @@ from tasks.poisons.base import (
     POISONS, PoisonedData, apply_poison, apply_trigger, check_rate, choose, n_to_poison,
 )
 
-import tasks.flip  # noqa: F401  (registers FLIP; moves under tasks/poisons once its rewrite lands)
+import tasks.poisons.flip  # noqa: F401  (registers FLIP; split into modules next)
 
 __all__ = ["POISONS", "PoisonedData", "apply_poison", "apply_trigger", "check_rate", "choose", "n_to_poison"]
