@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.data import load_dataset
 from tasks.detect import DETECTORS, DetectionContext
-from tasks.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, resolve_recipe, stamp_trigger
+from tasks.poisons import apply_poison
+from tasks.poisons.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, resolve_recipe, stamp_trigger
 from tasks.metrics import detection_metrics
 from tasks.models import build_model
-from tasks.poisons.flips import pair_flip
 from tasks.train import TrainConfig, accuracy, predict_logits, train_model
 
 
@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
                         help="trigger[:amplitude for sinusoid | :patch size for checkerboard]")
     parser.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.02, 0.05])
     parser.add_argument("--recipe", choices=["paper", "fast"], default="fast",
-                        help="FLIP's expert/label settings (tasks.flip.RECIPES); the flags below override it")
+                        help="FLIP's expert/label settings (tasks.poisons.flip.RECIPES); the flags below override it")
     parser.add_argument("--n-experts", type=int, default=None)
     parser.add_argument("--expert-epochs", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=None)
@@ -122,8 +122,8 @@ def run_setup(args, data, params: dict, artifact_dir: str, start: float) -> list
             "FLIP": poisoned.labels,
             "random->target": torch.as_tensor(random_flips_to_target(data.y_train.numpy(), b, target=params["target"],
                                                                      seed=0)),
-            "pair (source->target)": pair_flip(data, rate=rate, seed=0, source=params["source"],
-                                               target=params["target"]).labels,
+            "pair (source->target)": apply_poison(data, "pair_flip", rate=rate, seed=0, params={
+                "source": params["source"], "target": params["target"]}).labels,
         }
         for name, labels in baselines.items():
             results = []

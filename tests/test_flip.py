@@ -1,4 +1,4 @@
-"""FLIP (tasks/flip.py): flip selection against brute force, the differentiable SGD step against
+"""FLIP (tasks/poisons/flip/): flip selection against brute force, the differentiable SGD step against
 torch.optim.SGD, the sinusoid against the paper's formula, the label stage against planted flips,
 the backdoor against random flips, and the shared artifact (reuse, key, lock)."""
 
@@ -14,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-import tasks.flip as flip_module
+import tasks.poisons.flip as flip_module
+import tasks.poisons.flip.artifacts as artifacts_module
+import tasks.poisons.flip.experts as experts_module
 from tasks.data import load_dataset
-from tasks.flip import (
+from tasks.poisons.flip import (
     RECIPES, FlipAttack, artifact_key, checkpoint_plan, flip, flip_margins, load_or_optimise_logits, optimise_labels,
     random_flips_to_target, resolve_recipe, select_flips, sgd_step, stamp_trigger, train_experts,
 )
@@ -201,7 +203,7 @@ def test_artifact_is_reused_across_seeds_and_budgets(digits, artifact_dir, monke
     def no_training(*args, **kwargs):
         raise AssertionError("the experts were trained again")
 
-    monkeypatch.setattr(flip_module, "train_experts", no_training)
+    monkeypatch.setattr(artifacts_module, "train_experts", no_training)
     again = flip(digits, rate=0.02, seed=7, attack_seed=0, **SMALL, artifact_dir=artifact_dir)
     assert again.info["artifact_reused"] and again.info["artifact_key"] == first.info["artifact_key"]
     assert torch.equal(again.labels, first.labels)  # a fixed attack_seed shares the attack between seeds
@@ -233,7 +235,7 @@ def test_concurrent_trials_compute_the_artifact_once(digits, tmp_path, monkeypat
         time.sleep(0.3)
         return fake
 
-    monkeypatch.setattr(flip_module, "compute_artifact", slow_compute)
+    monkeypatch.setattr(artifacts_module, "compute_artifact", slow_compute)
     results = []
     threads = [threading.Thread(target=lambda: results.append(
         load_or_optimise_logits(digits, FlipAttack(), str(tmp_path), CPU)[1])) for _ in range(3)]
@@ -313,13 +315,13 @@ def test_the_lr_schedule_decays_at_the_milestones_and_checkpoints_carry_it(digit
 
 def test_expert_and_student_draw_independent_dropout_masks(digits, monkeypatch):
     seeds = []
-    original = flip_module._forward
+    original = experts_module._forward
 
     def spy(model, theta, buffers, x, dropout_seed):
         seeds.append(dropout_seed)
         return original(model, theta, buffers, x, dropout_seed)
 
-    monkeypatch.setattr(flip_module, "_forward", spy)
+    monkeypatch.setattr(experts_module, "_forward", spy)
     attack = FlipAttack(**{**SMALL, "iterations": 1, "n_experts": 1, "expert_epochs": 2})
     flip_module.compute_artifact(digits, attack, CPU)
     expert, student = seeds[0::2], seeds[1::2]

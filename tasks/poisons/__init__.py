@@ -4,11 +4,9 @@
 (``flips``, ``badnets``, ``flip``) that registers itself. Nothing here imports the trial.
 """
 
-from tasks.poisons import badnets, flips  # noqa: F401  (register the label flips and BadNets)
+from tasks.poisons import badnets, flip, flips  # noqa: F401  (register the label flips, BadNets, FLIP)
 from tasks.poisons.base import (
     POISONS, PoisonedData, apply_poison, apply_trigger, check_rate, choose, n_to_poison,
 )
-
-import tasks.flip  # noqa: F401  (registers FLIP; moves under tasks/poisons once its rewrite lands)
 
 __all__ = ["POISONS", "PoisonedData", "apply_poison", "apply_trigger", "check_rate", "choose", "n_to_poison"]
