@@ -19,21 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_plan_searcher_hands_out_each_trial_once_then_finishes():
-    ids = [f"id{i}" for i in range(5)]
-    searcher = PlanSearcher(ids)
+    units = [[f"id{i}"] for i in range(4)] + [["id4", "id5"]]  # the last: a pack of two (resources.pack)
+    searcher = PlanSearcher(units)
     given = [searcher.suggest(f"tune{i}") for i in range(5)]
-    assert given == [{"index": i, "trial_id": f"id{i}"} for i in range(5)]
+    assert given == [{"index": i, "trial_id": ids[0], "trial_ids": ids} for i, ids in enumerate(units)]
     assert searcher.suggest("tune5") == Searcher.FINISHED
 
 
 def test_the_trial_log_keeps_only_retries_and_failures():
     class Trial:
         def __init__(self, tid):
-            self.config = {"index": 0, "trial_id": tid}
+            self.config = {"index": 0, "trial_id": tid, "trial_ids": [tid]}
 
     log = TrialLog()
-    log.on_trial_result(0, [], Trial("a"), {"status": "ok"})
-    log.on_trial_result(0, [], Trial("b"), {"status": "failed", "error": "ValueError: x"})
+    log.on_trial_result(0, [], Trial("a"), {"trial_id": "a", "members": 1, "failures": {}})
+    log.on_trial_result(0, [], Trial("b"), {"trial_id": "b", "members": 1, "failures": {"b": "ValueError: x"}})
     log.on_trial_recover(0, [], Trial("c"))
     assert log.failed == {"b": "ValueError: x"} and log.retried == {"c": 1}
 
@@ -76,7 +76,7 @@ def test_ctrl_c_stops_a_sweep_of_thousands_cleanly(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode == 0, output[-3000:]
+    assert driver.returncode == 130, output[-3000:]  # interrupted: the CLI says how to resume
     recorded = len(pd.read_parquet(out / "trials"))
     assert 5 <= recorded < n
     assert len(list((out / "_tune").iterdir())) >= 2  # it went on from the first experiment to the next
