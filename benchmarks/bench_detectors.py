@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.summary import load
+from poisonsweep.engine.summary import load
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detectors_mnist.yaml"
 RANKS_PERFECTLY = 0.99  # the targets
@@ -98,7 +97,7 @@ def checks(frame: pd.DataFrame) -> list[str]:
 def main() -> None:
     args = parse_args()
     if not args.table_only:
-        command = [sys.executable, "-m", "engine.cli", "run", str(args.config), "--out", args.out]
+        command = [sys.executable, "-m", "poisonsweep.engine.cli", "run", str(args.config), "--out", args.out]
         for override in args.set:
             command += ["--set", override]
         subprocess.run(command, check=True)

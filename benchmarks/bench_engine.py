@@ -1,9 +1,9 @@
 """What the engine costs per trial, and what a second node buys.
 
 1. Overhead: the same N small trials (digits, a tiny MLP, the loss detector) run
-   (a) in a plain Python loop calling ``tasks.trial.run_trial`` (and ``engine.worker.record_trial``,
+   (a) in a plain Python loop calling ``poisonsweep.tasks.trial.run_trial`` (and ``poisonsweep.engine.worker.record_trial``,
        which adds the Parquet writes), and
-   (b) as a sweep through ``engine.sweep.run_sweep`` on local Ray, one trial at a time
+   (b) as a sweep through ``poisonsweep.engine.sweep.run_sweep`` on local Ray, one trial at a time
        (``max_concurrent: 1``) so that both do the same serial work.
    Sweeps of ``--small`` and ``--trials`` trials give the per-trial cost as a slope, free of the
    fixed costs (Ray start, Tuner set-up), which are reported apart. Both with and without
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers; poisonsweep itself is installed
 
 SMALL_TRIAL = {
     "data": {"name": "digits", "n_train": 300, "n_test": 100},
@@ -42,7 +42,7 @@ NODE_TRIAL = {**SMALL_TRIAL, "data": {"name": "digits", "n_train": 1000, "n_test
 
 
 def small_sweep(n: int, out: str, max_concurrent: int | None = 1):
-    from engine.config import build_sweep
+    from poisonsweep.engine.config import build_sweep
 
     raw = {**SMALL_TRIAL, "name": f"bench{n}", "sweep": {"seed": list(range(n))},
            "resources": {"cpu": 1, "max_concurrent": max_concurrent, "max_failures": 0}}
@@ -53,8 +53,8 @@ def plain_loop(n: int, root: str) -> tuple[float, float]:
     """Seconds for n trials with ``run_trial`` alone, and with ``record_trial`` (rows to Parquet)."""
     import torch
 
-    from engine.worker import record_trial
-    from tasks.trial import run_trial
+    from poisonsweep.engine.worker import record_trial
+    from poisonsweep.tasks.trial import run_trial
 
     torch.set_num_threads(1)  # what the trainable does for a 1-CPU trial
     trials = small_sweep(n, root).trials
@@ -70,7 +70,7 @@ def plain_loop(n: int, root: str) -> tuple[float, float]:
 
 
 def timed_sweep(n: int, root: str, reuse: bool, max_concurrent: int | None = 1) -> float:
-    from engine.sweep import run_sweep
+    from poisonsweep.engine.sweep import run_sweep
 
     sweep = small_sweep(n, f"{root}/sweep-{n}-{reuse}-{max_concurrent}", max_concurrent)
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def timed_sweep(n: int, root: str, reuse: bool, max_concurrent: int | None = 1) 
 def overhead(args, root: str) -> list[str]:
     import ray
 
-    from engine.cluster import init_ray
+    from poisonsweep.engine.cluster import init_ray
 
     lines = []
     bare, recorded = plain_loop(args.trials, root)
@@ -128,7 +128,7 @@ def node_throughput(args, root: str) -> list[str]:
             cluster.wait_started()
             out = Path(root) / f"nodes{n_nodes}"
             start = time.perf_counter()
-            result = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(config), "--out", str(out),
+            result = subprocess.run([sys.executable, "-m", "poisonsweep.engine.cli", "run", str(config), "--out", str(out),
                                      "--address", cluster.address], capture_output=True, text=True, env=cluster.env,
                                     cwd=REPO)
             wall = time.perf_counter() - start

@@ -30,15 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.data import load_dataset
-from tasks.detect import DETECTORS, DetectionContext
-from tasks.poisons import apply_poison
-from tasks.poisons.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, resolve_recipe, stamp_trigger
-from tasks.metrics import detection_metrics
-from tasks.models import build_model
-from tasks.train import TrainConfig, accuracy, predict_logits, train_model
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect import DETECTORS, DetectionContext
+from poisonsweep.tasks.poisons import apply_poison
+from poisonsweep.tasks.poisons.flip import SINUSOID_AMPLITUDE, flip, random_flips_to_target, resolve_recipe, stamp_trigger
+from poisonsweep.tasks.metrics import detection_metrics
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.train import TrainConfig, accuracy, predict_logits, train_model
 
 
 def parse_args() -> argparse.Namespace:

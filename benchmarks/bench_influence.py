@@ -32,15 +32,14 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.data import load_dataset
-from tasks.detect.base import DetectionContext, serial_map
-from tasks.detect.influence import detect as influence_detect
-from tasks.influence import SolverSettings, fit_influence, score_influence
-from tasks.models import build_model
-from tasks.poisons import apply_poison
-from tasks.train import TrainConfig, predict_logits, train_model
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.base import DetectionContext, serial_map
+from poisonsweep.tasks.detect.influence import detect as influence_detect
+from poisonsweep.tasks.influence import SolverSettings, fit_influence, score_influence
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.poisons import apply_poison
+from poisonsweep.tasks.train import TrainConfig, predict_logits, train_model
 
 CHECKED = (0.05, 0.10, 0.20, 0.30)
 SETUPS = {  # dataset -> (n_train, model, model params, epochs)
@@ -213,7 +212,7 @@ def run_throughput(context: DetectionContext, is_poison: np.ndarray, actors: lis
 
         ray.init(num_cpus=max(2, max(actors)), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-        from engine.shards import ActorPoolMap
+        from poisonsweep.engine.shards import ActorPoolMap
         for count in actors:
             with ActorPoolMap(count, cpu_per_actor=1) as pool:
                 cold, secs_cold = timed(lambda: influence_detect(fresh(pool), seed=0).scores)

@@ -1,4 +1,4 @@
-"""Trials per hour, packed (``tasks.packed.run_pack``) against solo (``tasks.trial.run_trial``).
+"""Trials per hour, packed (``poisonsweep.tasks.packed.run_pack``) against solo (``poisonsweep.tasks.trial.run_trial``).
 
 The trials are the reference MNIST set-up (7,500 training images, the Keras CNN, 3 epochs, Adam,
 batch 64, one-shift flips at 1 % and 33 %, seeds 0, 1, ...) with the three cheap detectors
@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DETECTORS = ["activation_clustering", "spectral_signature", "loss"]
 
 
 def trial_configs(k: int, args) -> list[dict]:
-    from engine.config import build_sweep
+    from poisonsweep.engine.config import build_sweep
 
     raw = {
         "data": {"name": "mnist", "n_train": args.n_train, "n_test": args.n_test, "root": args.data_root},
@@ -46,8 +44,8 @@ def trial_configs(k: int, args) -> list[dict]:
 
 
 def measure(k: int, configs: list[dict], packed: bool) -> dict:
-    from tasks.packed import run_pack
-    from tasks.trial import run_trial
+    from poisonsweep.tasks.packed import run_pack
+    from poisonsweep.tasks.trial import run_trial
 
     start = time.perf_counter()
     results = run_pack(configs) if packed else [run_trial(c) for c in configs]
@@ -68,10 +66,10 @@ def drift(n_train: int, epochs: int) -> None:
     """How far packing moves a model, next to how far torch's thread count moves it (float reordering both)."""
     import torch
 
-    from tasks.data import load_dataset
-    from tasks.models import build_model
-    from tasks.packed import train_packed
-    from tasks.train import TrainConfig, predict_logits, train_model
+    from poisonsweep.tasks.data import load_dataset
+    from poisonsweep.tasks.models import build_model
+    from poisonsweep.tasks.packed import train_packed
+    from poisonsweep.tasks.train import TrainConfig, predict_logits, train_model
 
     data = load_dataset("mnist", n_train=n_train, n_test=2000, seed=0)
     config = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, device="cpu")

@@ -2,7 +2,7 @@
 
 Builds synthetic records without training: digits poisoned by BadNets with the real
 ``apply_poison`` (so the rebuilt images must match the recorded labels), and made-up scores for
-three detectors (poisons score higher on average). Then times ``engine.report.galleries.sample_figures``
+three detectors (poisons score higher on average). Then times ``poisonsweep.engine.report.galleries.sample_figures``
 (what this part adds to ``poisonsweep report``) and the whole ``write_report``, for more seeds per
 setting and for more settings than the report shows.
 
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import build_sweep, config_columns, trial_id
-from engine.report import write_report
-from engine.report.galleries import sample_figures
-from engine.sink import write_trial_table
-from engine.summary import load, setting_columns
-from tasks.data import load_dataset
-from tasks.poisons import apply_poison
+from poisonsweep.engine.config import build_sweep, config_columns, trial_id
+from poisonsweep.engine.report import write_report
+from poisonsweep.engine.report.galleries import sample_figures
+from poisonsweep.engine.sink import write_trial_table
+from poisonsweep.engine.summary import load, setting_columns
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.poisons import apply_poison
 
 DETECTORS = ["loss", "spectral_signature", "activation_clustering"]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+sys.path.insert(0, str(REPO / "benchmarks"))  # its sibling scripts; poisonsweep itself is installed
 
 from bench_engine import SMALL_TRIAL  # noqa: E402
 
@@ -54,7 +54,7 @@ def _config(n: int, path: Path) -> Path:
 
 def driver(config: str, out: str) -> None:
     """The child process: the CLI's ``run``; its peak memory is printed when it ends."""
-    from engine.cli import app
+    from poisonsweep.engine.cli import app
 
     try:
         app(["run", config, "--out", out], standalone_mode=False)
@@ -120,9 +120,9 @@ def scale(n: int, stop_after: float, root: Path) -> str:
 def synthetic_record(out: str, n: int, n_train: int = 300, seed: int = 0) -> None:
     """``n`` trials' rows (trials, detections, scores; 2 poison rates x n/2 seeds) written one trial at a
     time by the sink's writer, as a sweep writes them."""
-    from engine.config import build_sweep, config_columns, key_columns, trial_id
-    from engine.report import write_plan
-    from engine.sink import write_trial
+    from poisonsweep.engine.config import build_sweep, config_columns, key_columns, trial_id
+    from poisonsweep.engine.report import write_plan
+    from poisonsweep.engine.sink import write_trial
 
     raw = {**SMALL_TRIAL, "name": f"record{n}", "sweep": {"poison.rate": [0.1, 0.2], "seed": list(range(n // 2))}}
     sweep = build_sweep(raw, out=out)
@@ -176,7 +176,7 @@ def record(n: int, root: Path) -> list[str]:
     start = time.perf_counter()
     synthetic_record(out, n)
     written = time.perf_counter() - start
-    cli = [sys.executable, "-m", "engine.cli"]
+    cli = [sys.executable, "-m", "poisonsweep.engine.cli"]
     lines = []
     for stage in ("per-trial files", "compacted"):
         if stage == "compacted":

@@ -26,15 +26,14 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.data import load_dataset
-from tasks.detect import DETECTORS, DetectionContext
-from tasks.models import build_model
-from tasks.poisons import apply_poison
-from tasks.metrics import poison_success
-from tasks.train import TrainConfig, accuracy, train_model
-from tasks.unlearn import run_unlearning
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect import DETECTORS, DetectionContext
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.poisons import apply_poison
+from poisonsweep.tasks.metrics import poison_success
+from poisonsweep.tasks.train import TrainConfig, accuracy, train_model
+from poisonsweep.tasks.unlearn import run_unlearning
 
 POISON_PARAMS = {"badnets": {"target": 0, "mode": "all_to_one"}, "one_shift": {}}
 

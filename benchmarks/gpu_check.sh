@@ -89,7 +89,7 @@ if command -v nvidia-smi >/dev/null && [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-compute-apps=timestamp,pid,used_memory --format=csv -l 1 > "$OUT/gpu_apps.csv" 2>&1 &
     SMI=$!
 fi
-step "$PY" -m engine.cli run "$WORK/gpu_sweep.yaml" --out "$WORK/out" --data-root "$DATA"
+step "$PY" -m poisonsweep.engine.cli run "$WORK/gpu_sweep.yaml" --out "$WORK/out" --data-root "$DATA"
 CODE=$?
 [ -n "${SMI:-}" ] && kill "$SMI"
 
@@ -107,7 +107,7 @@ sweep: {seed: [0, 1, 2, 3]}
 resources: {cpu: 1, gpu: $TRIAL_GPU, influence_actors: ${ACTORS:-2}, actor_cpu: 1, actor_gpu: $ACTOR_GPU, max_failures: 1}
 EOF
 step cat "$WORK/gpu_influence.yaml"
-step "$PY" -m engine.cli run "$WORK/gpu_influence.yaml" --out "$WORK/influence" --data-root "$DATA" || CODE=$?
+step "$PY" -m poisonsweep.engine.cli run "$WORK/gpu_influence.yaml" --out "$WORK/influence" --data-root "$DATA" || CODE=$?
 
 step "$PY" - "$WORK/out" "$OUT" "$WORK/influence" <<'EOF'
 import sys

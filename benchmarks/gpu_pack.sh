@@ -64,7 +64,7 @@ for mode in "solo:--set resources.pack=1" "pack8:--set resources.pack=8" \
             "one:--set resources.pack=$N_TRIALS --set resources.gpu=$FULL_GPU --set resources.cpu=$PACK_CPU"; do
     name=${mode%%:*}
     # shellcheck disable=SC2086
-    "$PY" -m engine.cli run "${SWEEP[@]}" --out "$WORK/$name" ${mode#*:} || exit 1
+    "$PY" -m poisonsweep.engine.cli run "${SWEEP[@]}" --out "$WORK/$name" ${mode#*:} || exit 1
     "$PY" - "$WORK/$name" "$OUT/pack_${name}_trials.csv" "$name" <<'PYEOF'
 import sys
 import pandas as pd

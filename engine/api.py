@@ -13,7 +13,7 @@ from typing import Callable, ContextManager, Iterable
 
 import pyarrow as pa
 
-from tasks.registry import ConfigError
+from poisonsweep.tasks.registry import ConfigError
 
 __all__ = ["OutputBusy", "load", "load_config", "report", "run", "run_trial"]
 
@@ -24,9 +24,9 @@ class OutputBusy(ConfigError):
 
 def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
                 data_root: str | None = None):
-    """A validated ``engine.config.Sweep`` from a YAML path or a dict in the same shape, with
+    """A validated ``poisonsweep.engine.config.Sweep`` from a YAML path or a dict in the same shape, with
     ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied."""
-    from engine.config import apply_overrides, build_sweep, load_sweep
+    from poisonsweep.engine.config import apply_overrides, build_sweep, load_sweep
 
     if not isinstance(config, dict):
         return load_sweep(config, list(overrides), out=out, data_root=data_root)
@@ -49,8 +49,8 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
     ``announce`` is called with the checked sweep before anything runs.
     The outcome's ``out`` is where the tables are: read them with :func:`load`.
     """
-    from engine.config import check_data
-    from engine.resume import RERUN_CHOICES, run_lock
+    from poisonsweep.engine.config import check_data
+    from poisonsweep.engine.resume import RERUN_CHOICES, run_lock
 
     if rerun not in RERUN_CHOICES:
         raise ConfigError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
@@ -71,9 +71,9 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
 
 
 def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
-    from engine.config import trial_id
-    from engine.resume import code_version, quarantine, stale_trials, trials_to_run
-    from engine.sweep import run_sweep
+    from poisonsweep.engine.config import trial_id
+    from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trials_to_run
+    from poisonsweep.engine.sweep import run_sweep
 
     for damaged, moved in quarantine(sweep.out):
         echo(f"moved {damaged} (not readable Parquet) to {moved}; its trial runs again")
@@ -97,7 +97,7 @@ def check_writable(out: str) -> None:
     missing cloud credentials fail now, not after the first trial."""
     from pyarrow import ArrowException
 
-    from engine.sink import filesystem
+    from poisonsweep.engine.sink import filesystem
 
     if "://" not in out:
         path = Path(filesystem(out)[1])
@@ -125,8 +125,8 @@ def load(out: str, tables: Iterable[str] | None = None, *, columns: dict[str, li
          as_pandas: bool = False) -> dict[str, pa.Table]:
     """The record's tables, ``{name: pyarrow.Table}`` (``as_pandas``: DataFrames), each trial's rows
     once whether per-trial or compacted. ``tables``: which (default all); ``columns``: per table."""
-    from engine.record import read_table
-    from engine.sink import TABLES
+    from poisonsweep.engine.record import read_table
+    from poisonsweep.engine.sink import TABLES
 
     names = list(tables) if tables is not None else list(TABLES)
     unknown = [name for name in names if name not in TABLES]
@@ -138,20 +138,20 @@ def load(out: str, tables: Iterable[str] | None = None, *, columns: dict[str, li
 
 def report(out: str, directory: str | Path | None = None):
     """Write the report (CSV/Markdown tables, PNG figures, one self-contained HTML page) of the record
-    in ``out``; returns ``engine.report.Report`` (its ``html`` is the page's path)."""
-    from engine.report import write_report
+    in ``out``; returns ``poisonsweep.engine.report.Report`` (its ``html`` is the page's path)."""
+    from poisonsweep.engine.report import write_report
 
     return write_report(out, directory)
 
 
 def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index: int = 0, log=print):
     """Run one trial of a sweep config in this process, without Ray; returns its rows
-    (``tasks.trial.TrialResult``: ``tables[name]`` is a list of row dicts).
+    (``poisonsweep.tasks.trial.TrialResult``: ``tables[name]`` is a list of row dicts).
 
     ``config`` is a sweep (YAML path or dict; registry defaults are filled in as for ``run``) whose
     ``index``-th trial runs; a config without a ``sweep`` grid has exactly one.
     """
-    from tasks.trial import run_trial as run_one
+    from poisonsweep.tasks.trial import run_trial as run_one
 
     sweep = load_config(config, overrides)
     if not 0 <= index < len(sweep.trials):

@@ -1,14 +1,14 @@
 """Work shared between trials (FLIP's experts) when the record lives in an object store.
 
 A local (or network-mounted) output directory holds the artifacts in ``<out>/_artifacts/``, and
-the poison that makes one locks it there (``tasks.poisons.flip``). An object store has no file locks and
+the poison that makes one locks it there (``poisonsweep.tasks.poisons.flip``). An object store has no file locks and
 no local paths, so a trial there works in a node-local cache, ``$POISONSWEEP_CACHE`` (default
 ``~/.cache/poisonsweep``) ``/artifacts/<hash of the URI>/``, and the engine mirrors it:
 
 * before the trial, every ``<out>/_artifacts/<name>`` missing from the cache is downloaded;
 * after it, every file the trial added to the cache is uploaded (an upload appears whole or not at all).
 
-Artifact names carry the hash of everything that determines them (``tasks.poisons.flip.artifacts.artifact_key``),
+Artifact names carry the hash of everything that determines them (``poisonsweep.tasks.poisons.flip.artifacts.artifact_key``),
 so a file is never stale and never needs a lock across nodes: two nodes that both miss it compute
 the same thing, and the later upload replaces an identical object. Trials on one node share the
 cache under the poison's own file lock, so each node computes a missing artifact at most once.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from engine.sink import filesystem
+from poisonsweep.engine.sink import filesystem
 
 ARTIFACT_DIR = "_artifacts"
 
@@ -38,7 +38,7 @@ def cache_dir(out: str) -> Path:
 
 def uses_artifacts(config: dict) -> bool:
     """Whether the trial's poison caches shared work."""
-    from tasks.poisons import POISONS
+    from poisonsweep.tasks.poisons import POISONS
 
     poison = config["poison"]
     return "artifact_dir" in POISONS.get(poison["method"]).needs_for(poison.get("params") or {})

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine import summary
-from tasks.registry import ConfigError
+from poisonsweep.engine import summary
+from poisonsweep.tasks.registry import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweep label-poisoning experiments: poison -> train -> detect -> unlearn -> Parquet.")
@@ -49,8 +49,8 @@ def run(
                               "version), 'all'."),
 ):
     """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
-    from engine import api
-    from engine.progress import SweepProgress
+    from poisonsweep.engine import api
+    from poisonsweep.engine.progress import SweepProgress
 
     try:
         outcome = api.run(config, out=out, overrides=set_, address=address, data_root=data_root, rerun=rerun,
@@ -76,7 +76,7 @@ def run(
 @app.command()
 def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI).")):
     """Print a sweep's summary from its Parquet tables alone."""
-    from engine.sink import filesystem
+    from poisonsweep.engine.sink import filesystem
 
     fs, root = filesystem(out)
     from pyarrow.fs import FileType
@@ -91,7 +91,7 @@ def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI
 def repair(out: str = typer.Argument(..., help="A sweep's output directory (or URI).")):
     """Move every file of the record that is not readable Parquet to DIR/_quarantine/ (the next `run`
     recomputes its trial)."""
-    from engine.resume import QUARANTINE_DIR, quarantine
+    from poisonsweep.engine.resume import QUARANTINE_DIR, quarantine
 
     moved = quarantine(out)
     for damaged, target in moved:
@@ -104,8 +104,8 @@ def repair(out: str = typer.Argument(..., help="A sweep's output directory (or U
 @contextlib.contextmanager
 def _damage_reported(out: str):
     """Name every damaged file of the record once (readers skip them, each with a warning)."""
-    from engine.resume import damaged_files
-    from engine.sink import DamagedFile
+    from poisonsweep.engine.resume import damaged_files
+    from poisonsweep.engine.sink import DamagedFile
 
     for path in damaged_files(out):
         console.print(f"[bold yellow]warning:[/] {escape(str(DamagedFile(path, out)))}", highlight=False)
@@ -132,7 +132,7 @@ def print_summary(out: str) -> None:
         console.print("no trials recorded yet")
         return
     ok = trials[trials["status"] == "ok"]
-    from engine.resume import version_note
+    from poisonsweep.engine.resume import version_note
 
     if note := version_note(ok["code_version"]):
         console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
@@ -192,7 +192,7 @@ def report(
                                               "(default: DIR/report; for a URI, ./<name>-report)."),
 ):
     """Write summary tables (CSV, Markdown), figures (PNG) and one self-contained report.html."""
-    from engine.report import RecordError, write_report
+    from poisonsweep.engine.report import RecordError, write_report
 
     try:
         with _damage_reported(out):
@@ -209,7 +209,7 @@ def report(
 @app.command()
 def compact(out: str = typer.Argument(..., help="A sweep's output directory (or URI); it may still be running.")):
     """Merge each table's per-trial Parquet files into a few large ones (complete trials only; safe to rerun)."""
-    from engine.record import compact as compact_record
+    from poisonsweep.engine.record import compact as compact_record
 
     try:
         results = compact_record(out)
@@ -227,16 +227,16 @@ def compact(out: str = typer.Argument(..., help="A sweep's output directory (or 
 @app.command("list")
 def list_registered():
     """List the datasets, poisons, models, detectors and unlearning methods a config can name."""
-    import tasks.detect  # noqa: F401
-    from tasks.data import DATASETS
-    from tasks.detect.base import DETECTORS
-    from tasks.models import MODELS
-    from tasks.poisons import POISONS
+    import poisonsweep.tasks.detect  # noqa: F401
+    from poisonsweep.tasks.data import DATASETS
+    from poisonsweep.tasks.detect.base import DETECTORS
+    from poisonsweep.tasks.models import MODELS
+    from poisonsweep.tasks.poisons import POISONS
 
     registries = [("data.name", DATASETS), ("poison.method", POISONS), ("model.name", MODELS),
                   ("detectors", DETECTORS)]
     try:
-        from tasks.unlearn import UNLEARNERS
+        from poisonsweep.tasks.unlearn import UNLEARNERS
 
         registries.append(("unlearn.methods", UNLEARNERS))
     except ImportError:

@@ -13,7 +13,7 @@ def trial_resources(resources: dict):
     main = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
     if resources["influence_actors"] == 0:
         return tune.PlacementGroupFactory([main])
-    from engine.shards import actor_bundles
+    from poisonsweep.engine.shards import actor_bundles
 
     bundles = actor_bundles(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
     return tune.PlacementGroupFactory([main] + bundles)

@@ -6,8 +6,8 @@ cartesian grid), and ``resources`` (how trials run, never part of a trial's iden
 Every problem is reported at once, each with its key, the bad value and what is allowed.
 
 Modules: this one reads YAML, applies ``--set`` overrides, expands the grid (``build_sweep``) and checks
-the data (``check_data``); ``engine.schema`` holds the defaults, allowed keys and value checks;
-``engine.resolve`` fills registry defaults and computes a trial's identity. Their public names are
+the data (``check_data``); ``poisonsweep.engine.schema`` holds the defaults, allowed keys and value checks;
+``poisonsweep.engine.resolve`` fills registry defaults and computes a trial's identity. Their public names are
 importable from here too.
 """
 
@@ -23,14 +23,14 @@ from typing import Any
 
 import yaml
 
-from engine.resolve import (  # noqa: F401  (re-exported: callers import these from engine.config)
+from poisonsweep.engine.resolve import (  # noqa: F401  (re-exported: callers import these from poisonsweep.engine.config)
     NOT_IDENTITY, config_columns, identity, key_columns, merge_defaults, normalise_detector, resolve, trial_id,
 )
-from engine.schema import (  # noqa: F401  (re-exported, as above)
+from poisonsweep.engine.schema import (  # noqa: F401  (re-exported, as above)
     DETECTOR_KEYS, NAME_PATTERN, NAME_RULE, RESOURCE_CONSTRAINTS, RESOURCE_DEFAULTS, SECTION_KEYS, SEED,
     TOP_LEVEL_KEYS, TRIAL_DEFAULTS, check_name, check_resources, check_shape, check_trial,
 )
-from tasks.registry import ConfigError
+from poisonsweep.tasks.registry import ConfigError
 
 
 class ConfigErrors(ConfigError):
@@ -207,8 +207,8 @@ def check_data(sweep: Sweep) -> None:
     that ``n_train``/``n_test`` fit, and that every poison rate is possible. Raises ``ConfigErrors``."""
     import numpy as np
 
-    from tasks.data import load_dataset, stratified_subset
-    from tasks.poisons import check_rate
+    from poisonsweep.tasks.data import load_dataset, stratified_subset
+    from poisonsweep.tasks.poisons import check_rate
 
     errors, loaded, checked = [], {}, set()
     for trial in sweep.trials:

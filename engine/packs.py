@@ -1,8 +1,8 @@
 """Packed trials (``resources.pack: k``): up to k pending trials that share dataset, model and training
-schedule run as ONE Ray trial, whose models train together (``tasks.packed.run_pack``).
+schedule run as ONE Ray trial, whose models train together (``poisonsweep.tasks.packed.run_pack``).
 
 Each member is still its own trial: its own ``trial_id``, its own rows written by
-``engine.worker.write_record`` exactly as a solo run writes them (plus ``pack_size`` and
+``poisonsweep.engine.worker.write_record`` exactly as a solo run writes them (plus ``pack_size`` and
 ``pack_note``), its own resume state (a pack is planned from the pending trials only, so a rerun
 packs just the ones still missing).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 
-from engine.worker import _now, write_record
+from poisonsweep.engine.worker import _now, write_record
 
 # what members of one pack must share: the training set's shape and the model and its schedule
 PACK_KEYS = ("data", "model", "train")
@@ -41,8 +41,8 @@ def record_pack(configs: list[dict], out: str, *, map_shards=None, version: str 
                 artifact_dir: str | None = None) -> list[dict]:
     """Run ``configs`` as one pack and write each member's rows under its own ``trial_id``; returns
     the members' ``trials`` rows. A member that fails is recorded as failed; the others go on."""
-    from tasks.detect.base import serial_map
-    from tasks.packed import run_pack
+    from poisonsweep.tasks.detect.base import serial_map
+    from poisonsweep.tasks.packed import run_pack
 
     started = _now()
     try:

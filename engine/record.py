@@ -1,6 +1,6 @@
 """Reading the Parquet record in either of its two forms, and compacting it from one into the other.
 
-A sweep writes one file per table per trial, ``<out>/<table>/<trial_id>.parquet`` (``engine.sink``).
+A sweep writes one file per table per trial, ``<out>/<table>/<trial_id>.parquet`` (``poisonsweep.engine.sink``).
 ``compact`` merges the files of the trials that are complete (their ``trials`` row exists) into
 ``<out>/<table>/compacted-<generation>-<tag>.parquet``, sorted by ``trial_id``, then deletes the
 files it merged. Both kinds are plain Parquet files in the same directory, so pandas, polars and
@@ -28,7 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, readable_files
+from poisonsweep.engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, readable_files
 
 COMPACTED = re.compile(r"compacted-(\d+)-[0-9a-f]+\.parquet")
 # rows per row group of a compacted file: large enough for fast scans, small enough that a query for

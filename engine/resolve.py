@@ -9,12 +9,12 @@ import json
 from numbers import Integral, Real
 from typing import Any
 
-from engine.schema import TRIAL_DEFAULTS
-from tasks.detect.base import DETECTORS
-from tasks.models import MODELS
-from tasks.poisons import POISONS
-from tasks.registry import Interval
-from tasks.train import TRAIN_CONSTRAINTS
+from poisonsweep.engine.schema import TRIAL_DEFAULTS
+from poisonsweep.tasks.detect.base import DETECTORS
+from poisonsweep.tasks.models import MODELS
+from poisonsweep.tasks.poisons import POISONS
+from poisonsweep.tasks.registry import Interval
+from poisonsweep.tasks.train import TRAIN_CONSTRAINTS
 
 # fields that say where or how a trial runs, not what it computes: not part of its identity
 NOT_IDENTITY = [("data", "root"), ("train", "device")]
@@ -58,7 +58,7 @@ def resolve(config: dict) -> dict:
         if _is_float(TRAIN_CONSTRAINTS[key]) and isinstance(value, Integral) and not isinstance(value, bool):
             config["train"][key] = float(value)
     if config.get("unlearn"):
-        from tasks.unlearn import UNLEARNERS, normalize_methods
+        from poisonsweep.tasks.unlearn import UNLEARNERS, normalize_methods
 
         config["unlearn"]["methods"] = [{"name": name, "params": _resolved_params(UNLEARNERS, name, params)}
                                         for name, params in normalize_methods(config["unlearn"]["methods"])]

@@ -22,7 +22,7 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
-from engine.sink import TABLES, filesystem, read_table, readable_files
+from poisonsweep.engine.sink import TABLES, filesystem, read_table, readable_files
 
 QUARANTINE_DIR = "_quarantine"
 LOCK_FILE = ".run.lock"
@@ -31,7 +31,7 @@ RERUN_CHOICES = ("failed", "stale", "all")
 
 def source_hash() -> str:
     """SHA-256 (12 hex digits) of the science code: every ``.py`` file under ``tasks/``, by relative path."""
-    import tasks
+    from poisonsweep import tasks
 
     root = Path(tasks.__file__).parent
     digest = hashlib.sha256()
@@ -81,7 +81,7 @@ def complete_trials(out: str) -> set[str]:
 
     Every table gets a file per trial (empty tables too) and the ``trials`` row is written last,
     so an ``ok`` row means the trial's other files were written; a damaged one sends it back.
-    Compacted files hold complete trials only (``engine.record.compact``).
+    Compacted files hold complete trials only (``poisonsweep.engine.record.compact``).
     """
     ok = {tid for tid, (status, _) in trial_versions(out).items() if status == "ok"}
     return ok - {PurePosixPath(path).stem for path in damaged_files(out)}

@@ -1,6 +1,6 @@
 """The shape and values a sweep config may have: the defaults of a trial and of ``resources``, the allowed
 keys, and the checks that report every problem of one trial (each with its key, the bad value and what is
-allowed) without reading any data. ``engine.config`` runs them in one pass over the grid."""
+allowed) without reading any data. ``poisonsweep.engine.config`` runs them in one pass over the grid."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from dataclasses import asdict
 from numbers import Integral, Real
 from typing import Any
 
-import tasks.detect  # noqa: F401  (registers the detectors)
-from tasks.data import DATASETS
-from tasks.detect.base import DETECTORS
-from tasks.models import MODELS
-from tasks.poisons import POISONS
-from tasks.registry import NONE, STR, Interval, check_value
-from tasks.train import TRAIN_CONSTRAINTS, TrainConfig
+import poisonsweep.tasks.detect  # noqa: F401  (registers the detectors)
+from poisonsweep.tasks.data import DATASETS
+from poisonsweep.tasks.detect.base import DETECTORS
+from poisonsweep.tasks.models import MODELS
+from poisonsweep.tasks.poisons import POISONS
+from poisonsweep.tasks.registry import NONE, STR, Interval, check_value
+from poisonsweep.tasks.train import TRAIN_CONSTRAINTS, TrainConfig
 
 TRIAL_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -146,14 +146,14 @@ def check_trial(config: dict) -> list[str]:
         if message := check_value(f"train.{key}", value, TRAIN_CONSTRAINTS[key]):
             errors.append(message)
     errors += _check_detectors(config["detectors"])
-    from tasks.detect.influence import tracin_optimizer_error
+    from poisonsweep.tasks.detect.influence import tracin_optimizer_error
 
     for i, detector in enumerate(config["detectors"]):
         if detector is not None and detector["name"] == "influence" and isinstance(detector["params"], dict):
             if message := tracin_optimizer_error(detector["params"].get("solver"), config["train"]["optimizer"]):
                 errors.append(f"detectors[{i}]: {message}")
     if config.get("unlearn"):
-        from tasks.unlearn import check_unlearn_config
+        from poisonsweep.tasks.unlearn import check_unlearn_config
 
         labels = [d["label"] for d in config["detectors"] if isinstance(d, dict)]
         errors += check_unlearn_config(config["unlearn"], labels)

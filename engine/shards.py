@@ -1,7 +1,7 @@
 """Per-sample work of a trial, sharded over a pool of Ray actors.
 
 ``ActorPoolMap(n_actors, cpu_per_actor, gpu_per_actor)`` is a drop-in for
-``tasks.detect.base.serial_map``: ``pool(fn, shared, shards) -> [fn(shared, s) for s in shards]``,
+``poisonsweep.tasks.detect.base.serial_map``: ``pool(fn, shared, shards) -> [fn(shared, s) for s in shards]``,
 results in shard order whatever the finishing order. ``shared`` (model weights, fitted curvature,
 training data) is put in the object store once per call; each actor resolves it once and keeps it
 for every shard it is handed. An actor that dies (killed, out of memory, ``os._exit``) is replaced

@@ -1,6 +1,6 @@
 """The Parquet record: one directory per table, one file per trial, written atomically.
 
-``<out>/<table>/<trial_id>.parquet`` (``poisonsweep compact`` later merges them, ``engine.record``).
+``<out>/<table>/<trial_id>.parquet`` (``poisonsweep compact`` later merges them, ``poisonsweep.engine.record``).
 A rerun of a trial replaces its files, so no row is ever
 duplicated; a reader never sees a half-written file (temporary name, then rename). ``out`` may
 be a local path or any URI pyarrow understands (``s3://``, ``gs://``), for cluster runs.
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tasks.files import atomic_write, atomic_write_bytes
+from poisonsweep.tasks.files import atomic_write, atomic_write_bytes
 
 _STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 
@@ -135,9 +135,9 @@ def write_trial(out: str, trial_id: str, tables: dict[str, list[dict]]) -> None:
 
 
 def read_table(out: str, table: str, columns: list[str] | None = None) -> pa.Table:
-    """All trials' rows of one table, each trial's once, per-trial or compacted (``engine.record``);
+    """All trials' rows of one table, each trial's once, per-trial or compacted (``poisonsweep.engine.record``);
     an empty table with the schema if none were written yet."""
-    from engine.record import read_table as read_record  # engine.record builds on this module
+    from poisonsweep.engine.record import read_table as read_record  # engine.record builds on this module
 
     return read_record(out, table, columns)
 
@@ -179,7 +179,7 @@ def write_plan(sweep) -> None:
 
     Call it when a run starts; the latest run's plan replaces an earlier one.
     """
-    from engine.config import config_columns, trial_id
+    from poisonsweep.engine.config import config_columns, trial_id
 
     trials = []
     for config in sweep.trials:

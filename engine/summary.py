@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from engine.sink import CONFIG_COLUMNS, read_table
+from poisonsweep.engine.sink import CONFIG_COLUMNS, read_table
 
 SETTING = ["data_name", "poison_method", "poison_rate"]
 DETECTION_METRICS = ["auroc", "precision_at_n", "auprc", "f1", "n_flagged", "recall_at_10"]
@@ -111,7 +111,7 @@ def batches(items: list, size: int = TRIALS_PER_BATCH) -> list[list]:
 
 
 def found_vs_checked_curves(scores, fractions) -> pd.DataFrame:
-    """``tasks.metrics.found_vs_checked`` for every trial × detector of a ``scores`` table at once.
+    """``poisonsweep.tasks.metrics.found_vs_checked`` for every trial × detector of a ``scores`` table at once.
 
     Each group's samples are ranked by score, most suspicious first, ties by ``index`` (as
     ``found_vs_checked`` ranks them); the share of the group's poisons among its first

@@ -3,7 +3,7 @@
 Resume is ours, not Tune's: a trial whose ``trials`` row says ``ok`` is skipped, so rerunning
 the same command after a crash (even a SIGKILLed driver) finishes the rest without duplicating a
 row. Each trial writes one Parquet file per table, named by its ``trial_id`` and renamed into place
-(``engine.sink``), so a rerun replaces, never appends. A trial whose worker process dies is retried
+(``poisonsweep.engine.sink``), so a rerun replaces, never appends. A trial whose worker process dies is retried
 by Tune up to ``resources.max_failures`` times; a trial that raises is recorded as ``failed``.
 
 Tune gets the plan one trial at a time (:class:`PlanSearcher`), in experiments of at most
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from engine.cluster import check_cluster_resources, init_ray, trial_resources
-from engine.resume import code_version, trials_to_run
-from engine.sink import filesystem, remove_temporaries
-from engine.worker import UNKNOWN_NODE, _now, record_trial, tune_trainable
+from poisonsweep.engine.cluster import check_cluster_resources, init_ray, trial_resources
+from poisonsweep.engine.resume import code_version, trials_to_run
+from poisonsweep.engine.sink import filesystem, remove_temporaries
+from poisonsweep.engine.worker import UNKNOWN_NODE, _now, record_trial, tune_trainable
 
 if TYPE_CHECKING:
-    from engine.config import Sweep
+    from poisonsweep.engine.config import Sweep
 
 TUNE_DIR = "_tune"  # Tune's own experiment state, inside the output directory
 
@@ -118,7 +118,7 @@ def _recorded_since(out: str, began: dt.datetime, trial_ids: set[str]) -> int:
     not what Tune counted (a trial stopped by Ctrl-C may have written its rows)."""
     import pyarrow.compute as pc
 
-    from engine.record import read_table
+    from poisonsweep.engine.record import read_table
 
     rows = read_table(out, "trials", ["trial_id", "started_at"])
     recent = rows.filter(pc.greater_equal(rows["started_at"], began))["trial_id"].to_pylist()
@@ -179,9 +179,9 @@ class _HideRestoreHint(logging.Filter):
 
 def plan_units(pending: list[dict], pack: int) -> list[list[dict]]:
     """What each Tune trial runs: one pending trial, or with ``pack`` > 1 a pack of pending trials that
-    share data, model and training schedule (``engine.packs.plan_packs``)."""
+    share data, model and training schedule (``poisonsweep.engine.packs.plan_packs``)."""
     if pack > 1:
-        from engine.packs import plan_packs
+        from poisonsweep.engine.packs import plan_packs
 
         return plan_packs(pending, pack)
     return [[config] for config in pending]
@@ -189,7 +189,7 @@ def plan_units(pending: list[dict], pack: int) -> list[list[dict]]:
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
               reuse_actors: bool = True, rerun: str = "failed") -> SweepOutcome:
-    """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``engine.record.trials_to_run``:
+    """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``poisonsweep.engine.record.trials_to_run``:
     ``rerun`` is ``failed``, ``stale`` or ``all``).
 
     ``reuse_actors`` keeps each trial process alive for the next trial of the same resources, so
@@ -199,12 +199,12 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     import ray
     from ray import tune
 
-    from engine.config import trial_id
+    from poisonsweep.engine.config import trial_id
 
     start, began = time.perf_counter(), _now()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
-    from engine.sink import write_plan
+    from poisonsweep.engine.sink import write_plan
 
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them

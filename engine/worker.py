@@ -13,9 +13,9 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine import artifacts
-from engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
-from engine.sink import filesystem, write_trial
+from poisonsweep.engine import artifacts
+from poisonsweep.engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
+from poisonsweep.engine.sink import filesystem, write_trial
 
 # engine.config (and through it torch, scikit-learn, every registry) is imported inside the
 # functions that need it: a trial process then starts in 1-2 s and imports the science
@@ -35,8 +35,8 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
     so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
     ``trials`` row.
     """
-    from tasks.detect.base import serial_map
-    from tasks.trial import run_trial
+    from poisonsweep.tasks.detect.base import serial_map
+    from poisonsweep.tasks.trial import run_trial
 
     started = _now()
     outcome = attempt_error
@@ -52,7 +52,7 @@ def write_record(config: dict, out: str, outcome, *, started: dt.datetime, versi
                  where: dict | None = None) -> dict:
     """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
     of an error. Returns the ``trials`` row."""
-    from engine.config import config_columns, key_columns, trial_id
+    from poisonsweep.engine.config import config_columns, key_columns, trial_id
 
     tid = trial_id(config)
     base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
@@ -123,7 +123,7 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
     unit = _plan_of(plan)[config["index"]]
     with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
         if resources["pack"] > 1:
-            from engine.packs import record_pack
+            from poisonsweep.engine.packs import record_pack
 
             rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
         else:
@@ -135,10 +135,10 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
 
 @contextmanager
 def shard_pool(resources: dict):
-    """The trial's influence actors (``engine.shards.ActorPoolMap``), or None when it has none."""
+    """The trial's influence actors (``poisonsweep.engine.shards.ActorPoolMap``), or None when it has none."""
     pool = None
     if resources["influence_actors"] > 0:
-        from engine.shards import ActorPoolMap
+        from poisonsweep.engine.shards import ActorPoolMap
 
         pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
     try:
@@ -163,7 +163,7 @@ def trial_artifacts(out: str, configs: list[dict]):
 
 def _artifact_dir(out: str) -> str | None:
     """Shared trial artifacts (FLIP's experts) live beside the tables; an object store's are mirrored
-    through a node-local cache instead (``engine.artifacts``): None here."""
+    through a node-local cache instead (``poisonsweep.engine.artifacts``): None here."""
     return None if "://" in out else f"{filesystem(out)[1]}/{ARTIFACT_DIR}"
 
 

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
-from tasks.train import predict_logits
+from poisonsweep.tasks.train import predict_logits
 
 if TYPE_CHECKING:
-    from tasks.poisons import PoisonedData
+    from poisonsweep.tasks.poisons import PoisonedData
 
 # the "share of the training set checked" at which recall_at_<k> is reported, in percent
 RECALL_AT_PERCENTS = (5, 10, 20)

@@ -8,7 +8,7 @@ from numbers import Integral, Real
 import torch
 from torch import nn
 
-from tasks.registry import Interval, Registry
+from poisonsweep.tasks.registry import Interval, Registry
 
 MODELS = Registry("model")
 

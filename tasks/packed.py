@@ -3,7 +3,7 @@
 ``torch.func.stack_module_state`` stacks the k models' weights along a new leading dimension and
 ``vmap(functional_call(...))`` runs the stack on k batches at once (HFTA's horizontal fusion, done
 by the compiler of ``torch.func`` instead of hand-fused kernels). Each model keeps what a solo
-trial (``tasks.train.train_model``) gives it:
+trial (``poisonsweep.tasks.train.train_model``) gives it:
 
 - its own initial weights: the models are built by the caller exactly as a solo trial builds them;
 - its own data stream: its own (possibly poisoned) inputs and labels, shuffled by its own
@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from tasks.data import load_dataset
-from tasks.detect.base import serial_map
-from tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device, train_model
-from tasks.trial import PreparedTrial, TrialResult, finish_trial, prepare_trial
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.base import serial_map
+from poisonsweep.tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device, train_model
+from poisonsweep.tasks.trial import PreparedTrial, TrialResult, finish_trial, prepare_trial
 
 # modules that draw random numbers in training and that packing does not reproduce per model
 UNPACKABLE_RANDOM = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)

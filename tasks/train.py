@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.registry import Interval, Options, check_value
+from poisonsweep.tasks.registry import Interval, Options, check_value
 
 OPTIMIZERS = ("adam", "sgd")
 

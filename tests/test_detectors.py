@@ -9,15 +9,15 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from tasks.detect import activation_clustering as ac_module  # noqa: F401  (registers the detectors)
-from tasks.detect import loss as loss_module  # noqa: F401
-from tasks.detect import spectral as spectral_module  # noqa: F401
-from tasks.detect.activation_clustering import ClassSplit, activation_clustering, is_poison_cluster
-from tasks.detect.base import DETECTORS, DetectionContext
-from tasks.detect.loss import loss
-from tasks.detect.spectral import spectral_scores, spectral_signature
-from tasks.models import SplitModel, build_model
-from tasks.train import TrainConfig, train_model
+from poisonsweep.tasks.detect import activation_clustering as ac_module  # noqa: F401  (registers the detectors)
+from poisonsweep.tasks.detect import loss as loss_module  # noqa: F401
+from poisonsweep.tasks.detect import spectral as spectral_module  # noqa: F401
+from poisonsweep.tasks.detect.activation_clustering import ClassSplit, activation_clustering, is_poison_cluster
+from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext
+from poisonsweep.tasks.detect.loss import loss
+from poisonsweep.tasks.detect.spectral import spectral_scores, spectral_signature
+from poisonsweep.tasks.models import SplitModel, build_model
+from poisonsweep.tasks.train import TrainConfig, train_model
 
 RTOL = 1e-9
 OUR_DETECTORS = ("activation_clustering", "spectral_signature", "loss", "abl_isolation")

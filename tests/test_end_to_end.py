@@ -26,7 +26,7 @@ CONFIG = {
 
 def poisonsweep(*args, timeout=300):
     env = {**os.environ, "COLUMNS": "160", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "poisonsweep.engine.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import engine.sink as sink
-from engine import cluster as cluster_module
-from engine.cli import app
+import poisonsweep.engine.sink as sink
+from poisonsweep.engine import cluster as cluster_module
+from poisonsweep.engine.cli import app
 from test_data import write_cifar10
 
 CONFIG = {

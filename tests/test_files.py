@@ -1,8 +1,8 @@
-"""tasks.files.atomic_write: the target is either the old version or the new one, never a mix."""
+"""poisonsweep.tasks.files.atomic_write: the target is either the old version or the new one, never a mix."""
 
 import pytest
 
-from tasks.files import atomic_write, atomic_write_bytes
+from poisonsweep.tasks.files import atomic_write, atomic_write_bytes
 
 
 def test_a_file_is_replaced_whole_and_no_temporary_is_left(tmp_path):

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tasks.data import load_dataset
-from tasks.detect import DETECTORS, DetectionContext
-from tasks.detect.abl import early_loss_scores
-from tasks.detect.base import flag_by_rule, label_issue_count, modified_z_scores, robust_outliers
-from tasks.metrics import precision_at_n
-from tasks.models import build_model
-from tasks.poisons import apply_poison
-from tasks.train import TrainConfig, train_model
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect import DETECTORS, DetectionContext
+from poisonsweep.tasks.detect.abl import early_loss_scores
+from poisonsweep.tasks.detect.base import flag_by_rule, label_issue_count, modified_z_scores, robust_outliers
+from poisonsweep.tasks.metrics import precision_at_n
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.poisons import apply_poison
+from poisonsweep.tasks.train import TrainConfig, train_model
 
 # ---------------------------------------------------------------- modified z-score rule
 

@@ -14,19 +14,19 @@ import pytest
 import torch
 from torch import nn
 
-import tasks.poisons.flip as flip_module
-import tasks.poisons.flip.artifacts as artifacts_module
-import tasks.poisons.flip.experts as experts_module
-from tasks.data import load_dataset
-from tasks.poisons.flip import (
+import poisonsweep.tasks.poisons.flip as flip_module
+import poisonsweep.tasks.poisons.flip.artifacts as artifacts_module
+import poisonsweep.tasks.poisons.flip.experts as experts_module
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.poisons.flip import (
     RECIPES, FlipAttack, artifact_key, checkpoint_plan, flip, flip_margins, load_or_optimise_logits, optimise_labels,
     random_flips_to_target, resolve_recipe, select_flips, sgd_step, stamp_trigger, train_experts,
 )
-from tasks.models import build_model
-from tasks.metrics import poison_success
-from tasks.poisons import POISONS, apply_poison
-from tasks.registry import ConfigError
-from tasks.train import TrainConfig, accuracy, train_model
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.metrics import poison_success
+from poisonsweep.tasks.poisons import POISONS, apply_poison
+from poisonsweep.tasks.registry import ConfigError
+from poisonsweep.tasks.train import TrainConfig, accuracy, train_model
 
 # a small attack that runs in a few seconds on digits (1,347 training images, 8x8): the fast recipe
 SMALL = dict(RECIPES["fast"], expert_batch_size=64, expert_model_params={"hidden": 64}, iterations=10)

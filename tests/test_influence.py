@@ -16,14 +16,14 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
-import tasks.detect.influence as detect_influence
-from tasks import influence as infl
-from tasks.influence import scoring as infl_scoring
-from tasks.data import load_dataset
-from tasks.detect.base import DETECTORS, DetectionContext
-from tasks.detect.influence import choose_test_points, influence_rows
-from tasks.models import SplitModel, build_model
-from tasks.train import TrainConfig, train_model
+import poisonsweep.tasks.detect.influence as detect_influence
+from poisonsweep.tasks import influence as infl
+from poisonsweep.tasks.influence import scoring as infl_scoring
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext
+from poisonsweep.tasks.detect.influence import choose_test_points, influence_rows
+from poisonsweep.tasks.models import SplitModel, build_model
+from poisonsweep.tasks.train import TrainConfig, train_model
 
 ATOL = 1e-10  # float64 gradients and Hessians, computed two ways
 
@@ -297,7 +297,7 @@ def test_detector_ranks_planted_label_flips_first(digits):
 
 
 def test_tasks_influence_never_imports_ray():
-    code = "import sys, tasks.influence; sys.exit('ray' in sys.modules)"
+    code = "import sys, poisonsweep.tasks.influence; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     # the detector module adds only tasks.* imports, none of which may be ray
     tree = ast.parse(pathlib.Path(detect_influence.__file__).read_text())

@@ -27,7 +27,7 @@ def test_ctrl_c_stops_cleanly_prints_the_summary_and_our_resume_hint(tmp_path):
     config.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "out"
     env = {**os.environ, "COLUMNS": "200", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(config), "--out", str(out)],
+    driver = subprocess.Popen([sys.executable, "-m", "poisonsweep.engine.cli", "run", str(config), "--out", str(out)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + 240

@@ -12,12 +12,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import tasks.detect.confident_learning as cl
-from tasks.data import load_dataset
-from tasks.detect.base import DETECTORS, DetectionContext, label_issue_count, serial_map
-from tasks.detect.confident_learning import FILTERS, RANKINGS, assign_folds, confident_learning, cross_val_pred_probs
-from tasks.detect.knn import TIE_BREAK_WEIGHT, deep_knn, knn
-from tasks.train import TrainConfig
+import poisonsweep.tasks.detect.confident_learning as cl
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext, label_issue_count, serial_map
+from poisonsweep.tasks.detect.confident_learning import (
+    FILTERS, RANKINGS, assign_folds, confident_learning, cross_val_pred_probs,
+)
+from poisonsweep.tasks.detect.knn import TIE_BREAK_WEIGHT, deep_knn, knn
+from poisonsweep.tasks.train import TrainConfig
 
 ATOL = 1e-12
 
@@ -140,7 +142,7 @@ def test_knn_never_counts_the_sample_itself_and_caps_k():
 
 
 def test_knn_reads_the_models_penultimate_features():
-    from tasks.models import build_model
+    from poisonsweep.tasks.models import build_model
 
     data = load_dataset("digits", n_train=40, n_test=10, seed=0)
     model = build_model("mlp", data.in_shape, 10, {"hidden": 16, "depth": 1}, seed=0)

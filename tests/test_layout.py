@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tasks
+from poisonsweep import tasks
 
 
 def _import_every_tasks_module(prelude: str = "", check: str = "") -> list[str]:
     """Import every module under tasks/ in a fresh interpreter after ``prelude``, then run ``check``."""
-    modules = [m.name for m in pkgutil.walk_packages(tasks.__path__, "tasks.")]
+    modules = [m.name for m in pkgutil.walk_packages(tasks.__path__, "poisonsweep.tasks.")]
     code = "import importlib, sys\n" + prelude + \
         "".join(f"importlib.import_module({m!r})\n" for m in modules) + check
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -30,4 +30,4 @@ def test_tasks_import_without_fcntl():
     # Windows has no fcntl: a None entry in sys.modules makes every `import fcntl` raise ImportError
     modules = _import_every_tasks_module(prelude="sys.modules['fcntl'] = None\n",
                                          check="assert sys.modules['fcntl'] is None\n")
-    assert {"tasks.poisons", "tasks.poisons.flip", "tasks.trial"} <= set(modules)
+    assert {"poisonsweep.tasks.poisons", "poisonsweep.tasks.poisons.flip", "poisonsweep.tasks.trial"} <= set(modules)

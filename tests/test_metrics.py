@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.metrics import detection_metrics, found_vs_checked
+from poisonsweep.tasks.metrics import detection_metrics, found_vs_checked
 
 # six samples; poisons score 0.9, 0.8, 0.2 and clean samples 0.8, 0.3, 0.1 (one tied pair)
 SCORES = np.array([0.9, 0.8, 0.8, 0.3, 0.2, 0.1])

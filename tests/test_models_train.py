@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.models import MODELS, build_model
-from tasks.train import TrainConfig, extract_features, predict_logits, train_model
+from poisonsweep.tasks.models import MODELS, build_model
+from poisonsweep.tasks.train import TrainConfig, extract_features, predict_logits, train_model
 
 
 @pytest.mark.parametrize("name,shape", [("keras_cnn", (1, 8, 8)), ("keras_cnn", (3, 32, 32)),

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import build_sweep
-from tasks.data import load_dataset
-from tasks.models import build_model
-from tasks.packed import run_pack, train_packed, why_not_packable
-from tasks.train import TrainConfig, TrainingDiverged, predict_logits, train_model
-from tasks.trial import run_trial
+from poisonsweep.engine.config import build_sweep
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.packed import run_pack, train_packed, why_not_packable
+from poisonsweep.tasks.train import TrainConfig, TrainingDiverged, predict_logits, train_model
+from poisonsweep.tasks.trial import run_trial
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -152,7 +152,7 @@ def test_trials_that_cannot_train_together_train_alone_and_say_why(monkeypatch):
     rows = [r.tables["trials"][0] for r in run_pack(configs)]  # (seed, hidden): (0, 8), (0, 12), (1, 8)
     assert [r["pack_size"] for r in rows] == [2, 1, 2]
     assert rows[0]["pack_note"] is None and "training schedule" in rows[1]["pack_note"]
-    monkeypatch.setattr("tasks.packed.why_not_packable", lambda model: "a made-up reason")
+    monkeypatch.setattr("poisonsweep.tasks.packed.why_not_packable", lambda model: "a made-up reason")
     rows = [r.tables["trials"][0] for r in run_pack([configs[0], configs[2]])]
     assert [r["pack_size"] for r in rows] == [1, 1] and rows[0]["pack_note"] == "not packable: a made-up reason"
 
@@ -173,7 +173,7 @@ PACK_SWEEP = {
 
 
 def test_plan_packs_groups_by_data_model_and_schedule():
-    from engine.packs import plan_packs
+    from poisonsweep.engine.packs import plan_packs
 
     grid = {**PACK_SWEEP["sweep"], "seed": [0, 1, 2, 3, 4], "poison.rate": [0.1, 0.3]}
     sweep = build_sweep({**PACK_SWEEP, "sweep": grid})
@@ -188,8 +188,8 @@ def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
     import pandas as pd
     import yaml
 
-    from engine.packs import ALONE
-    from engine.worker import record_trial
+    from poisonsweep.engine.packs import ALONE
+    from poisonsweep.engine.worker import record_trial
     from test_end_to_end import poisonsweep
 
     config = tmp_path / "packs.yaml"

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import Dataset
-from tasks.poisons import POISONS, apply_poison, apply_trigger, check_rate
-from tasks.metrics import poison_success
-from tasks.registry import ConfigError
+from poisonsweep.tasks.data import Dataset
+from poisonsweep.tasks.poisons import POISONS, apply_poison, apply_trigger, check_rate
+from poisonsweep.tasks.metrics import poison_success
+from poisonsweep.tasks.registry import ConfigError
 
 
 def toy_data(n_per_class=20, k=10, size=8, seed=0) -> Dataset:

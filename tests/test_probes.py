@@ -4,7 +4,7 @@ key, the bad value and what is allowed; and a trial's identity is the science as
 import pytest
 import yaml
 
-from engine.config import ConfigErrors, build_sweep, check_data, load_sweep, trial_id
+from poisonsweep.engine.config import ConfigErrors, build_sweep, check_data, load_sweep, trial_id
 
 BASE = {"name": "t", "data": {"name": "digits", "n_train": 100, "n_test": 50},
         "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp"}, "train": {"epochs": 1},
@@ -85,7 +85,7 @@ def test_a_rate_that_rounds_to_no_poison_is_an_error():
 
 
 def test_trial_id_hashes_the_resolved_config():
-    from tasks.detect.base import DETECTORS
+    from poisonsweep.tasks.detect.base import DETECTORS
 
     implicit = build_sweep(BASE).trials[0]
     defaults = DETECTORS.get("loss").defaults()
@@ -98,7 +98,7 @@ def test_trial_id_hashes_the_resolved_config():
 
 
 def test_a_changed_registry_default_changes_the_trial_id(monkeypatch):
-    from tasks.detect.base import DETECTORS
+    from poisonsweep.tasks.detect.base import DETECTORS
 
     before = trial_id(build_sweep(BASE).trials[0])
     entry = DETECTORS.get("loss")

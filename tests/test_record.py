@@ -1,7 +1,7 @@
 """The record in both forms: per-trial files and compacted ones. Compaction keeps every row exactly
 once, for poisonsweep's own reader and for plain pandas; a reader never counts a trial twice, even
 halfway through a compaction or after a trial is rerun; the vectorised found-vs-checked curves
-equal ``tasks.metrics.found_vs_checked`` trial by trial."""
+equal ``poisonsweep.tasks.metrics.found_vs_checked`` trial by trial."""
 
 import threading
 
@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import engine.record as record
-from engine.cli import app
-from engine.resume import complete_trials
-from engine.sink import TABLES, write_trial, write_trial_table
-from engine.summary import found_vs_checked_curves
-from tasks.metrics import found_vs_checked
+import poisonsweep.engine.record as record
+from poisonsweep.engine.cli import app
+from poisonsweep.engine.resume import complete_trials
+from poisonsweep.engine.sink import TABLES, write_trial, write_trial_table
+from poisonsweep.engine.summary import found_vs_checked_curves
+from poisonsweep.tasks.metrics import found_vs_checked
 
 
 def trial_rows(tid: str, status: str = "ok", n_scores: int = 7, acc: float = 0.5) -> dict:

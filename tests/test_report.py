@@ -2,7 +2,7 @@
 the Parquet files with DuckDB SQL, every figure written, one self-contained HTML page, and an honest
 account of a record that is still incomplete.
 
-The record is made without Ray: real tiny trials through ``engine.worker.record_trial`` (two poison
+The record is made without Ray: real tiny trials through ``poisonsweep.engine.worker.record_trial`` (two poison
 methods, two rates, two seeds, one trial failed, some planned trials not yet run), plus synthetic
 unlearning and influence rows written with the sink.
 """
@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.config import build_sweep, trial_id
-from engine.report import FRACTIONS_CHECKED, TOP_HARMFUL, write_plan, write_report
-from engine.sink import write_trial_table
-from engine.worker import record_trial
+from poisonsweep.engine.cli import app
+from poisonsweep.engine.config import build_sweep, trial_id
+from poisonsweep.engine.report import FRACTIONS_CHECKED, TOP_HARMFUL, write_plan, write_report
+from poisonsweep.engine.sink import write_trial_table
+from poisonsweep.engine.worker import record_trial
 
 SWEEP = {
     "name": "tiny",
@@ -295,9 +295,9 @@ def test_cli_report_on_a_directory_without_a_record_fails_clearly(tmp_path):
 def test_a_swept_learning_rate_is_a_setting_not_a_seed(tmp_path):
     """Two learning rates of one poison setting are two rows, never averaged as if they were seeds;
     an unset n_train (null in every row) does not split or hide a setting."""
-    from engine.report import detection_table, record_status
-    from engine.sink import write_trial
-    from engine.summary import load, setting_columns
+    from poisonsweep.engine.report import detection_table, record_status
+    from poisonsweep.engine.sink import write_trial
+    from poisonsweep.engine.summary import load, setting_columns
 
     out = str(tmp_path / "sweep")
     aurocs = {(0.01, 0): 0.9, (0.01, 1): 0.7, (0.1, 0): 0.2, (0.1, 1): 0.4}

@@ -4,7 +4,7 @@ reproduces the record), histograms with the detector's own threshold, what was r
 unlearning picture, and the page rendered in a real headless browser.
 
 The record is two real tiny BadNets trials (digits, an MLP, seeds 0 and 1) with unlearning, run
-without Ray through ``engine.worker.record_trial``.
+without Ray through ``poisonsweep.engine.worker.record_trial``.
 """
 
 import json
@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.config import build_sweep
-from engine.report import write_plan, write_report
-from engine.report.galleries import GALLERY_MISSED, GALLERY_TOP
-from engine.report.samples import flag_threshold, gallery_rows, read_scores, rebuild_images, unlearning_examples
-from engine.worker import record_trial
-from tasks.unlearn import SUCCESS_EXAMPLES
+from poisonsweep.engine.config import build_sweep
+from poisonsweep.engine.report import write_plan, write_report
+from poisonsweep.engine.report.galleries import GALLERY_MISSED, GALLERY_TOP
+from poisonsweep.engine.report.samples import flag_threshold, gallery_rows, read_scores, rebuild_images, unlearning_examples
+from poisonsweep.engine.worker import record_trial
+from poisonsweep.tasks.unlearn import SUCCESS_EXAMPLES
 from tests.browser import check_page, find_browser
 
 PATCH = 3

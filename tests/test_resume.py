@@ -6,10 +6,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from engine import resume, sink
-from engine.cli import app
-from engine.config import build_sweep, trial_id
-from engine.worker import record_trial
+from poisonsweep.engine import resume, sink
+from poisonsweep.engine.cli import app
+from poisonsweep.engine.config import build_sweep, trial_id
+from poisonsweep.engine.worker import record_trial
 
 CONFIG = {"name": "rec", "data": {"name": "digits", "n_train": 60, "n_test": 30},
           "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp", "params": {"hidden": 8, "depth": 1}},
@@ -35,7 +35,7 @@ def recorded(tmp_path_factory):
 def test_code_version_is_the_package_version_and_a_hash_of_the_science_code(tmp_path, monkeypatch):
     version = resume.code_version()
     assert "+src." in version and len(version.rsplit(".", 1)[-1]) == 12
-    import tasks
+    from poisonsweep import tasks
 
     copy = tmp_path / "tasks"  # the same files elsewhere (a wheel's site-packages): the same hash
     import shutil
@@ -69,8 +69,8 @@ def test_show_and_report_say_the_table_mixes_versions_and_print_labels_as_writte
 
 
 def test_a_report_that_fails_half_way_leaves_no_half_written_folder(recorded, tmp_path, monkeypatch):
-    import engine.report as report
-    import engine.report.render as render
+    import poisonsweep.engine.report as report
+    import poisonsweep.engine.report.render as render
 
     out, _ = recorded
     target = tmp_path / "report"

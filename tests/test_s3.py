@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
-from engine import artifacts  # noqa: E402
-from engine.cli import app  # noqa: E402
-from engine.record import compact, read_table, table_files  # noqa: E402
-from engine.resume import complete_trials  # noqa: E402
-from engine.sink import write_trial  # noqa: E402
+from poisonsweep.engine import artifacts  # noqa: E402
+from poisonsweep.engine.cli import app  # noqa: E402
+from poisonsweep.engine.record import compact, read_table, table_files  # noqa: E402
+from poisonsweep.engine.resume import complete_trials  # noqa: E402
+from poisonsweep.engine.sink import write_trial  # noqa: E402
 from test_record import trial_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_a_sweep_writes_to_s3_resumes_and_is_reported(s3_env, tmp_path):
     env = {**os.environ, **s3_env, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}
 
     def cli(*args):
-        result = subprocess.run([sys.executable, "-m", "engine.cli", *args], env=env, cwd=tmp_path,
+        result = subprocess.run([sys.executable, "-m", "poisonsweep.engine.cli", *args], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout

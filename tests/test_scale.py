@@ -13,7 +13,7 @@ from ray.tune.search import Searcher
 
 import pytest
 
-from engine.sweep import CtrlC, PlanSearcher, TrialLog
+from poisonsweep.engine.sweep import CtrlC, PlanSearcher, TrialLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_ctrl_c_stops_a_sweep_of_thousands_cleanly(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0",
            "POISONSWEEP_TRIALS_PER_TUNER": "3"}
-    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(config), "--out", str(out)], env=env,
+    driver = subprocess.Popen([sys.executable, "-m", "poisonsweep.engine.cli", "run", str(config), "--out", str(out)], env=env,
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300

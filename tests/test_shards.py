@@ -15,12 +15,12 @@ import ray
 import torch
 from ray import cloudpickle
 
-import tasks.detect.influence as influence_detector
-from engine.shards import ActorPoolMap, actor_bundles
-from tasks.data import load_dataset
-from tasks.detect.base import DetectionContext, serial_map
-from tasks.models import build_model
-from tasks.train import TrainConfig, train_model
+import poisonsweep.tasks.detect.influence as influence_detector
+from poisonsweep.engine.shards import ActorPoolMap, actor_bundles
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.base import DetectionContext, serial_map
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.train import TrainConfig, train_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5

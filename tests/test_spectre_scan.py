@@ -6,12 +6,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from engine.config import build_sweep
-from tasks.detect.base import DETECTORS, DetectionContext
-from tasks.detect.scan import THRESHOLD, anomaly_index, scan, scan_classes
-from tasks.detect.spectral import spectral_scores
-from tasks.detect.spectre import que_scores, robust_selection, spectre, spectre_scores
-from tasks.trial import run_trial
+from poisonsweep.engine.config import build_sweep
+from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext
+from poisonsweep.tasks.detect.scan import THRESHOLD, anomaly_index, scan, scan_classes
+from poisonsweep.tasks.detect.spectral import spectral_scores
+from poisonsweep.tasks.detect.spectre import que_scores, robust_selection, spectre, spectre_scores
+from poisonsweep.tasks.trial import run_trial
 
 
 def context_with_features(features: np.ndarray, labels: np.ndarray) -> DetectionContext:

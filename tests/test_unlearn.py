@@ -14,17 +14,17 @@ import torch
 import yaml
 from torch import nn
 
-import tasks.unlearn.methods as unlearn_methods
-from tasks.data import load_dataset
-from tasks.detect.base import Detection
-from tasks.models import build_model
-from tasks.poisons import PoisonedData, apply_poison
-from tasks.metrics import poison_success
-from tasks.registry import ConfigError
-from tasks.train import TrainConfig, accuracy, per_sample_loss, train_model
-from tasks.unlearn import (SUCCESS_EXAMPLES, UNLEARNERS, check_unlearn_config, expand_selections,
+import poisonsweep.tasks.unlearn.methods as unlearn_methods
+from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.detect.base import Detection
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.poisons import PoisonedData, apply_poison
+from poisonsweep.tasks.metrics import poison_success
+from poisonsweep.tasks.registry import ConfigError
+from poisonsweep.tasks.train import TrainConfig, accuracy, per_sample_loss, train_model
+from poisonsweep.tasks.unlearn import (SUCCESS_EXAMPLES, UNLEARNERS, check_unlearn_config, expand_selections,
                            minibatch_importance, run_unlearning, select_forget_set, ssd, ssd_dampen)
-from tasks.unlearn.run import _split
+from poisonsweep.tasks.unlearn.run import _split
 
 ATOL = 1e-6  # float32 gradients against float64 closed forms
 TRAIN = TrainConfig(epochs=10, batch_size=64, lr=1e-3, device="cpu")
@@ -387,7 +387,7 @@ def test_run_unlearning_rows_measure_the_selection(backdoor, digits):
 
 
 def test_identified_fraction_is_always_a_share_of_the_poisons_and_top_fraction_of_the_training_set():
-    from tasks.unlearn.run import _describe_selection
+    from poisonsweep.tasks.unlearn.run import _describe_selection
 
     is_poison = np.zeros(100, dtype=bool)
     is_poison[:10] = True  # 10 poisons in 100 samples

@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_unlearn import TRAIN, _call, _oracle_split, backdoor, digits  # noqa: F401  (fixtures)
 
-from tasks.metrics import poison_success
-from tasks.train import accuracy, copy_model
-from tasks.unlearn import UNLEARNERS, check_unlearn_config, run_unlearning
-from tasks.unlearn.adaptive import adaptive_alpha, selection_percentile
+from poisonsweep.tasks.metrics import poison_success
+from poisonsweep.tasks.train import accuracy, copy_model
+from poisonsweep.tasks.unlearn import UNLEARNERS, check_unlearn_config, run_unlearning
+from poisonsweep.tasks.unlearn.adaptive import adaptive_alpha, selection_percentile
 
 
 def test_selection_percentile_is_100_minus_log_share():
@@ -102,8 +102,8 @@ def test_guard_config_is_checked():
 
 
 def test_potion_assd_and_the_guard_run_from_a_config():
-    from engine.config import build_sweep
-    from tasks.trial import run_trial
+    from poisonsweep.engine.config import build_sweep
+    from poisonsweep.tasks.trial import run_trial
 
     sweep = build_sweep({
         "data": {"name": "digits", "n_train": 400, "n_test": 100},

@@ -13,13 +13,13 @@ Modules, imports flowing one way (``render`` at the top):
 The plan file (``sweep.json``) belongs to the record: :func:`engine.sink.write_plan`.
 """
 
-from engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
+from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
                                    figure_unlearning)
-from engine.report.render import Report, default_report_dir, write_report
-from engine.report.status import RecordError, RecordStatus, record_status
-from engine.report.tables import (FRACTIONS_CHECKED, TOP_HARMFUL, detection_table, found_vs_checked_table,
+from poisonsweep.engine.report.render import Report, default_report_dir, write_report
+from poisonsweep.engine.report.status import RecordError, RecordStatus, record_status
+from poisonsweep.engine.report.tables import (FRACTIONS_CHECKED, TOP_HARMFUL, detection_table, found_vs_checked_table,
                                   influence_table, markdown_table, unlearning_table)
-from engine.sink import PLAN_FILE, read_plan, write_plan
+from poisonsweep.engine.sink import PLAN_FILE, read_plan, write_plan
 
 __all__ = ["FRACTIONS_CHECKED", "PLAN_FILE", "TOP_HARMFUL", "RecordError", "RecordStatus", "Report",
            "default_report_dir", "detection_table", "figure_accuracy_vs_rate", "figure_auroc_vs_rate",

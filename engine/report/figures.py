@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine import summary
-from engine.report.tables import _pct
+from poisonsweep.engine import summary
+from poisonsweep.engine.report.tables import _pct
 
 DPI = 110
 

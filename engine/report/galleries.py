@@ -1,5 +1,5 @@
 """Figures of samples: score histograms (poisons vs clean) and galleries of the most suspicious and
-the missed training images, for one trial of a setting (see ``engine.report.samples``).
+the missed training images, for one trial of a setting (see ``poisonsweep.engine.report.samples``).
 
 A histogram shows what a table of AUROCs hides: a detector whose poisons sit at the *low* end of its
 scores (AUROC near 0) has a signal with the wrong sign, not no signal. The detector's own flag
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.report.figures import _legend, _new_figure, _save, _suptitle
-from engine.report.samples import (flag_threshold, gallery_rows, read_scores, read_unlearning, rebuild_images,
+from poisonsweep.engine.report.figures import _legend, _new_figure, _save, _suptitle
+from poisonsweep.engine.report.samples import (flag_threshold, gallery_rows, read_scores, read_unlearning, rebuild_images,
                                    rebuild_success_set, representative_trials, unlearning_examples)
-from engine.report.tables import _setting_title, _slug
+from poisonsweep.engine.report.tables import _setting_title, _slug
 
 HISTOGRAM_BINS = 40
 # scores beyond these quantiles are counted in the outermost bins, so one extreme score

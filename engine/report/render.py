@@ -17,17 +17,18 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.fs as pafs
 
-from engine import summary
-from engine.report.galleries import MAX_SETTINGS, sample_figures, unlearning_example_figures
-from engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
+from poisonsweep.engine import summary
+from poisonsweep.engine.report.galleries import MAX_SETTINGS, sample_figures, unlearning_example_figures
+from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
                                    figure_unlearning)
-from engine.report.run import resolved_config, run_overview
-from engine.report.status import RecordError, RecordStatus, _ids_in, _setting_columns, record_status
-from engine.report.tables import (INFLUENCE_SHOWN, TOP_HARMFUL, _display_influence, _display_setting, _display_stats,
+from poisonsweep.engine.report.run import resolved_config, run_overview
+from poisonsweep.engine.report.status import RecordError, RecordStatus, _ids_in, _setting_columns, record_status
+from poisonsweep.engine.report.tables import (INFLUENCE_SHOWN, TOP_HARMFUL, _display_influence, _display_setting,
+                                              _display_stats,
                                   _display_unlearning, _setting_title, _slug, detection_table, found_vs_checked_table,
                                   influence_table, markdown_table, unlearning_table)
-from engine.sink import PLAN_FILE, filesystem, read_plan
-from tasks.files import atomic_write
+from poisonsweep.engine.sink import PLAN_FILE, filesystem, read_plan
+from poisonsweep.tasks.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # the report

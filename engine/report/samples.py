@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from engine.artifacts import ARTIFACT_DIR
-from engine.record import read_table as read_record
-from engine.sink import filesystem
+from poisonsweep.engine.artifacts import ARTIFACT_DIR
+from poisonsweep.engine.record import read_table as read_record
+from poisonsweep.engine.sink import filesystem
 
 SCORE_COLUMNS = ["detector", "index", "label_given", "label_true", "is_poison", "score", "flagged"]
 # poisons whose images cost minutes to rebuild (FLIP trains expert models) but which change no image:
@@ -93,7 +93,7 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
     Checks the rebuilt given label, true label and poison flag of every row against the record.
     A dataset that cannot be loaded gives an empty result whose ``note`` says why.
     """
-    from tasks.poisons import apply_poison
+    from poisonsweep.tasks.poisons import apply_poison
 
     if not isinstance(config_json, str):  # a row written without its config (older or hand-made records)
         return Rebuilt(note="images not shown: the trial's row holds no config to rebuild them from")
@@ -131,7 +131,7 @@ def _data_key(config: dict) -> dict:
 @lru_cache(maxsize=2)
 def _dataset(name: str, n_train: int | None, n_test: int | None, seed: int):
     """The trial's dataset, loaded once for all the settings that share it (poisons copy, never modify it)."""
-    from tasks.data import load_dataset
+    from poisonsweep.tasks.data import load_dataset
 
     return load_dataset(name, n_train=n_train, n_test=n_test, seed=seed)
 
@@ -154,7 +154,7 @@ class SuccessSet:
 def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None:
     """The first ``n`` inputs of the trial's success set, or None where they cannot be rebuilt cheaply
     (no data here, or a FLIP trial without its cached expert artifact)."""
-    from tasks.poisons import apply_poison
+    from poisonsweep.tasks.poisons import apply_poison
 
     if not isinstance(config_json, str):  # no config recorded: nothing to rebuild from
         return None

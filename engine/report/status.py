@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from engine import summary
-from engine.resume import version_note
-from engine.sink import PLAN_FILE, read_table
+from poisonsweep.engine import summary
+from poisonsweep.engine.resume import version_note
+from poisonsweep.engine.sink import PLAN_FILE, read_table
 
 
 class RecordError(ValueError):

@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from engine import summary
-from engine.record import read_table as read_record
+from poisonsweep.engine import summary
+from poisonsweep.engine.record import read_table as read_record
 
 # shares of the training set checked, for the found-vs-checked curves (steps of 1 %)
 FRACTIONS_CHECKED = np.round(np.linspace(0.0, 1.0, 101), 10)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.registry import ConfigError, Registry
+from poisonsweep.tasks.registry import ConfigError, Registry
 
 DATASETS = Registry("dataset")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tasks.data.base import DATASETS, Dataset, as_dataset
-from tasks.data.sources import load_arrays
+from poisonsweep.tasks.data.base import DATASETS, Dataset, as_dataset
+from poisonsweep.tasks.data.sources import load_arrays
 
 
 @DATASETS.register("digits")

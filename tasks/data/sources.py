@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tasks.data.readers import CIFAR10_FILES, IDX_FILES, Arrays, read_cifar10, read_idx_dataset, read_mnist_pickle
-from tasks.registry import ConfigError
+from poisonsweep.tasks.data.readers import CIFAR10_FILES, IDX_FILES, Arrays, read_cifar10, read_idx_dataset, read_mnist_pickle
+from poisonsweep.tasks.registry import ConfigError
 
 DATA_ROOT_ENV = "POISONSWEEP_DATA"
 DEFAULT_DATA_ROOT = Path("~/.cache/poisonsweep")

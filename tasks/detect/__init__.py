@@ -1,7 +1,7 @@
 """Poison detectors. Importing this package registers every detector in ``DETECTORS``."""
 
-from tasks.detect import (abl, activation_clustering, confident_learning, influence, knn, loss,  # noqa: F401
+from poisonsweep.tasks.detect import (abl, activation_clustering, confident_learning, influence, knn, loss,  # noqa: F401
                           scan, spectral, spectre)
-from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top, serial_map
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top, serial_map
 
 __all__ = ["DETECTORS", "Detection", "DetectionContext", "flag_top", "serial_map"]

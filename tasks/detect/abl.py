@@ -35,8 +35,10 @@ from numbers import Integral
 
 import numpy as np
 
-from tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule, robust_outliers
-from tasks.registry import Interval
+from poisonsweep.tasks.detect.base import (
+    DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule, robust_outliers,
+)
+from poisonsweep.tasks.registry import Interval
 
 __all__ = ["ISOLATION_RATE", "abl_isolation", "early_loss_scores"]
 
@@ -69,7 +71,7 @@ def abl_isolation(context: DetectionContext, *, seed: int, epoch: int = 2, flag_
     Parameters
     ----------
     context : DetectionContext
-        Uses ``context.sample_losses`` (recorded by ``tasks.train.train_model``).
+        Uses ``context.sample_losses`` (recorded by ``poisonsweep.tasks.train.train_model``).
     seed : int
         Unused: the losses come from the trial's own seeded training.
     epoch : int, default=2

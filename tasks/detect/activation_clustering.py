@@ -21,9 +21,9 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA, FastICA
 from sklearn.metrics import silhouette_score
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext
-from tasks.detect.knn import nearest_neighbours, plurality_labels
-from tasks.registry import Interval, Options
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
+from poisonsweep.tasks.detect.knn import nearest_neighbours, plurality_labels
+from poisonsweep.tasks.registry import Interval, Options
 
 REDUCERS = ("ica", "pca")
 ANALYSES = ("exclusionary_reclassification", "relative_size", "silhouette", "smaller")

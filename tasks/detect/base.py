@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.registry import Interval, Options, Registry
-from tasks.models import SplitModel
-from tasks.train import TrainConfig, extract_features, predict_logits
+from poisonsweep.tasks.registry import Interval, Options, Registry
+from poisonsweep.tasks.models import SplitModel
+from poisonsweep.tasks.train import TrainConfig, extract_features, predict_logits
 
 DETECTORS = Registry("detector")
 

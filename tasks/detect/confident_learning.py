@@ -21,10 +21,10 @@ from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from sklearn.model_selection import StratifiedKFold
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
-from tasks.models import build_model
-from tasks.registry import Interval, Options
-from tasks.train import TrainConfig, predict_logits, train_model
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.registry import Interval, Options
+from poisonsweep.tasks.train import TrainConfig, predict_logits, train_model
 
 # cleanlab.filter.find_label_issues(filter_by=...) methods (cleanlab 2.x)
 FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",

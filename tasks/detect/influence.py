@@ -23,10 +23,10 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule
-from tasks.influence import (DEFAULT_DAMPING, DEFAULT_SHARD_SIZE, PARAM_SUBSETS, SOLVERS, SolverSettings,
+from poisonsweep.tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule
+from poisonsweep.tasks.influence import (DEFAULT_DAMPING, DEFAULT_SHARD_SIZE, PARAM_SUBSETS, SOLVERS, SolverSettings,
                              fit_influence, score_influence, select_parameters, uses_head_features)
-from tasks.registry import INT_LIST, NONE, ConfigError, Interval, Options
+from poisonsweep.tasks.registry import INT_LIST, NONE, ConfigError, Interval, Options
 
 SHARD_SIZE = DEFAULT_SHARD_SIZE
 
@@ -119,7 +119,7 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
     hessian_samples : int or None, default=None
         Estimate the Hessian on a seeded subset of this many training samples (None: all).
     cg_tol, cg_maxiter, lissa_scale, lissa_depth, lissa_repeats, lissa_batch_size,
-    arnoldi_iters, arnoldi_rank : solver knobs, see ``tasks.influence``.
+    arnoldi_iters, arnoldi_rank : solver knobs, see ``poisonsweep.tasks.influence``.
 
     Returns
     -------

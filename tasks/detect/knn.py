@@ -36,8 +36,8 @@ import numpy as np
 from cleanlab.filter import find_label_issues
 from sklearn.neighbors import NearestNeighbors
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
-from tasks.registry import Interval, Options
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
+from poisonsweep.tasks.registry import Interval, Options
 
 KNN_FLAG_RULES = ("auto", "plurality", "cleanlab")
 

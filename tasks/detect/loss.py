@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule
+from poisonsweep.tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule
 
 __all__ = ["loss"]
 

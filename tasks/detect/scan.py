@@ -36,8 +36,8 @@ from numbers import Real
 import numpy as np
 from scipy.special import expit
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext
-from tasks.registry import Interval
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
+from poisonsweep.tasks.registry import Interval
 
 __all__ = ["GlobalModel", "fit_global_model", "split_class", "split_statistic", "anomaly_index", "scan"]
 

@@ -21,8 +21,8 @@ from numbers import Real
 
 import numpy as np
 
-from tasks.detect.base import DETECTORS, FLAG_RULES, Detection, DetectionContext, flag_top, robust_outliers
-from tasks.registry import BOOL, Interval, Options
+from poisonsweep.tasks.detect.base import DETECTORS, FLAG_RULES, Detection, DetectionContext, flag_top, robust_outliers
+from poisonsweep.tasks.registry import BOOL, Interval, Options
 
 # the paper removes 1.5·ε·n_y samples per class; ART calls this factor eps_multiplier
 EPS_MULTIPLIER = 1.5

@@ -35,9 +35,9 @@ from numbers import Real
 import numpy as np
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top
-from tasks.detect.spectral import EPS_MULTIPLIER, spectral_flags
-from tasks.registry import Interval
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top
+from poisonsweep.tasks.detect.spectral import EPS_MULTIPLIER, spectral_flags
+from poisonsweep.tasks.registry import Interval
 
 __all__ = ["que_scores", "robust_selection", "spectre_class", "spectre_scores", "spectre"]
 

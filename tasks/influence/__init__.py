@@ -44,16 +44,16 @@ head, or at most ``FLOAT64_MAX_PARAMS`` parameters), else the model's dtype with
 matrices.
 """
 
-from tasks.influence.gradients import (  # noqa: F401
+from poisonsweep.tasks.influence.gradients import (  # noqa: F401
     EXACT_MAX_PARAMS, FLOAT64_MAX_PARAMS, PARAM_SUBSETS, WORK_BUDGET, GradBatch, GradientModel, gradient_model, grad_batches,
     hessian_matrix,
     hvp, linear_head_grads, linear_head_hessian, per_sample_grads, select_parameters, uses_head_features,
 )
-from tasks.influence.scoring import (  # noqa: F401
+from poisonsweep.tasks.influence.scoring import (  # noqa: F401
     DEFAULT_SHARD_SIZE, InfluencePayload, InfluenceScores, InfluenceTerm, SolverSettings, compute_influence,
     fit_influence, score_influence, score_shard, shard_indices,
 )
-from tasks.influence.solvers import (  # noqa: F401
+from poisonsweep.tasks.influence.solvers import (  # noqa: F401
     CLOSED_FORM_SOLVERS, DEFAULT_DAMPING, LISSA_GROWTH, LISSA_RESIDUAL, SOLVERS, CholeskyInverse,
     FactorInverse, IdentityInverse, InfluenceSolverError, IterativeInverse, LissaNotConverged, arnoldi_inverse,
     conjugate_gradient, exact_inverse, largest_eigenvalue, lissa,

@@ -1,6 +1,6 @@
 """Parameters, per-sample gradients and Hessians of a classifier's cross-entropy (``torch.func``).
 
-Part of ``tasks.influence`` (gradients -> solvers -> scoring, the split kronfluence uses); the
+Part of ``poisonsweep.tasks.influence`` (gradients -> solvers -> scoring, the split kronfluence uses); the
 package docstring defines the quantities and says what to do when a solver fails.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from tasks.train import inference_batches, inference_model
+from poisonsweep.tasks.train import inference_batches, inference_model
 
 PARAM_SUBSETS = ("last_layer", "last_k_layers", "all")
 FLOAT64_MAX_PARAMS = 200_000  # above this the functional model stays in its own dtype

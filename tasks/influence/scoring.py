@@ -1,6 +1,6 @@
 """Fit the inverse curvature once, then score training samples shard by shard (self- and test influence).
 
-Part of ``tasks.influence`` (gradients -> solvers -> scoring, the split kronfluence uses); the
+Part of ``poisonsweep.tasks.influence`` (gradients -> solvers -> scoring, the split kronfluence uses); the
 package docstring defines the quantities and says what to do when a solver fails.
 """
 
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.influence.gradients import (
+from poisonsweep.tasks.influence.gradients import (
     GradientModel, gradient_model, grad_batches, hessian_matrix, hvp, per_sample_grads,
     select_parameters, uses_head_features,
 )
-from tasks.influence.solvers import (
+from poisonsweep.tasks.influence.solvers import (
     CLOSED_FORM_SOLVERS, DEFAULT_DAMPING, SOLVERS, IdentityInverse,
     IterativeInverse, arnoldi_inverse, exact_inverse, largest_eigenvalue,
 )

@@ -1,6 +1,6 @@
 """Inverse-curvature solvers: exact Cholesky, conjugate gradients, LiSSA, Arnoldi, identity.
 
-Part of ``tasks.influence`` (gradients -> solvers -> scoring, the split kronfluence uses); the
+Part of ``poisonsweep.tasks.influence`` (gradients -> solvers -> scoring, the split kronfluence uses); the
 package docstring defines the quantities and says what to do when a solver fails.
 """
 
@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from tasks.influence.gradients import GradBatch, GradientModel, hvp
+from poisonsweep.tasks.influence.gradients import GradBatch, GradientModel, hvp
 
 SOLVERS = ("exact", "cg", "lissa", "arnoldi", "grad_norm", "tracin")
 # On a linear head these need no iteration: closed-form gradients and Hessian in the model's own

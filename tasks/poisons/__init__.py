@@ -4,8 +4,8 @@
 (``flips``, ``badnets``, ``flip``) that registers itself. Nothing here imports the trial.
 """
 
-from tasks.poisons import badnets, flip, flips  # noqa: F401  (register the label flips, BadNets, FLIP)
-from tasks.poisons.base import (
+from poisonsweep.tasks.poisons import badnets, flip, flips  # noqa: F401  (register the label flips, BadNets, FLIP)
+from poisonsweep.tasks.poisons.base import (
     POISONS, PoisonedData, apply_poison, apply_trigger, check_rate, choose, n_to_poison,
 )
 

@@ -7,9 +7,9 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from tasks.data import Dataset
-from tasks.poisons.base import POISONS, PoisonedData, apply_trigger, check_classes, choose, n_to_poison, poison_mask
-from tasks.registry import ConfigError, Interval, Options
+from poisonsweep.tasks.data import Dataset
+from poisonsweep.tasks.poisons.base import POISONS, PoisonedData, apply_trigger, check_classes, choose, n_to_poison, poison_mask
+from poisonsweep.tasks.registry import ConfigError, Interval, Options
 
 
 def _badnets_eligible(class_counts, *, target: int = 0, mode: str = "all_to_one", **_) -> int:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tasks.data import Dataset
-from tasks.registry import ConfigError, Registry
+from poisonsweep.tasks.data import Dataset
+from poisonsweep.tasks.registry import ConfigError, Registry
 
 POISONS = Registry("poison")
 

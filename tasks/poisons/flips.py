@@ -7,11 +7,11 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from tasks.data import Dataset
-from tasks.poisons.base import (
+from poisonsweep.tasks.data import Dataset
+from poisonsweep.tasks.poisons.base import (
     POISONS, PoisonedData, check_classes, choose, eligible_all, n_to_poison, relabelled,
 )
-from tasks.registry import ConfigError, Interval
+from poisonsweep.tasks.registry import ConfigError, Interval
 
 
 @POISONS.register("none", eligible=eligible_all)

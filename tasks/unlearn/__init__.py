@@ -7,7 +7,7 @@ trained model into a new one that should no longer show the poison's effect (poi
 keeping clean accuracy.
 
 An unlearning method takes the trained model, the retain and forget sets and returns a new model
-(the protocol is in ``tasks.unlearn.methods``).
+(the protocol is in ``poisonsweep.tasks.unlearn.methods``).
 
 Methods: ``retrain`` (exact unlearning, Goel et al.'s EU with k = -1), ``finetune`` (catastrophic
 forgetting, CF), ``ssd`` (Selective Synaptic Dampening, Foster et al., AAAI 2024),
@@ -24,12 +24,12 @@ Modules: ``methods`` (the ``UNLEARNERS`` registry and retrain, finetune, ssd, gr
 (``run_unlearning``, the retain/forget split and the accuracy guard).
 """
 
-from tasks.unlearn.methods import (FINETUNE_SHARE_OF_TRAINING, UNLEARNERS, finetune, gradient_ascent,
+from poisonsweep.tasks.unlearn.methods import (FINETUNE_SHARE_OF_TRAINING, UNLEARNERS, finetune, gradient_ascent,
                                    minibatch_importance, retrain, ssd, ssd_dampen)
-from tasks.unlearn.adaptive import adaptive_alpha, assd, forget_share, potion  # registers assd, potion
-from tasks.unlearn.selection import (SELECTION_KINDS, check_unlearn_config, expand_selections, normalize_methods,
+from poisonsweep.tasks.unlearn.adaptive import adaptive_alpha, assd, forget_share, potion  # registers assd, potion
+from poisonsweep.tasks.unlearn.selection import (SELECTION_KINDS, check_unlearn_config, expand_selections, normalize_methods,
                                      select_forget_set)
-from tasks.unlearn.run import SUCCESS_EXAMPLES, run_unlearning, success_predictions
+from poisonsweep.tasks.unlearn.run import SUCCESS_EXAMPLES, run_unlearning, success_predictions
 
 __all__ = [
     "FINETUNE_SHARE_OF_TRAINING", "SELECTION_KINDS", "SUCCESS_EXAMPLES", "UNLEARNERS", "adaptive_alpha", "assd",

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.train import TrainConfig, accuracy, copy_model
-from tasks.unlearn.methods import UNLEARNERS, minibatch_importance, ssd_dampen
-from tasks.registry import Interval, Options
+from poisonsweep.tasks.train import TrainConfig, accuracy, copy_model
+from poisonsweep.tasks.unlearn.methods import UNLEARNERS, minibatch_importance, ssd_dampen
+from poisonsweep.tasks.registry import Interval, Options
 
 __all__ = ["adaptive_alpha", "assd", "potion", "forget_share"]
 

@@ -11,7 +11,7 @@ training, i.e. poisoned where the sample is poisoned.
 
 Methods here: ``retrain`` (exact unlearning, Goel et al.'s EU with k = -1), ``finetune`` (catastrophic
 forgetting, CF), ``ssd`` (Selective Synaptic Dampening, Foster et al., AAAI 2024) and
-``gradient_ascent`` (bounded ascent on the forget loss); ``tasks.unlearn.adaptive`` adds ``assd`` and
+``gradient_ascent`` (bounded ascent on the forget loss); ``poisonsweep.tasks.unlearn.adaptive`` adds ``assd`` and
 ``potion``.
 """
 
@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tasks.registry import NONE, Interval, Options, Registry
-from tasks.train import TrainConfig, copy_model, make_optimizer, per_sample_loss, predict_logits, train_model
+from poisonsweep.tasks.registry import NONE, Interval, Options, Registry
+from poisonsweep.tasks.train import TrainConfig, copy_model, make_optimizer, per_sample_loss, predict_logits, train_model
 
 UNLEARNERS = Registry("unlearning method")
 

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detect.base import Detection
-from tasks.metrics import poison_success
-from tasks.poisons import PoisonedData
-from tasks.registry import ConfigError
-from tasks.train import TrainConfig, accuracy, predict_logits
-from tasks.unlearn.methods import UNLEARNERS
-from tasks.unlearn.selection import check_unlearn_config, expand_selections, normalize_methods, select_forget_set
+from poisonsweep.tasks.detect.base import Detection
+from poisonsweep.tasks.metrics import poison_success
+from poisonsweep.tasks.poisons import PoisonedData
+from poisonsweep.tasks.registry import ConfigError
+from poisonsweep.tasks.train import TrainConfig, accuracy, predict_logits
+from poisonsweep.tasks.unlearn.methods import UNLEARNERS
+from poisonsweep.tasks.unlearn.selection import check_unlearn_config, expand_selections, normalize_methods, select_forget_set
 
 # inputs of the poison's success set whose predictions before and after unlearning are recorded
 SUCCESS_EXAMPLES = 8

@@ -10,9 +10,9 @@ from numbers import Real
 
 import numpy as np
 
-from tasks.detect.base import Detection, flag_top
-from tasks.registry import ConfigError
-from tasks.unlearn.methods import UNLEARNERS
+from poisonsweep.tasks.detect.base import Detection, flag_top
+from poisonsweep.tasks.registry import ConfigError
+from poisonsweep.tasks.unlearn.methods import UNLEARNERS
 
 SELECTION_KINDS = ("oracle", "flagged", "top")
 _SELECTION_KEYS = {

@@ -18,7 +18,7 @@ attack settings reuses (``load_or_optimise_logits``).
 
 Modules: ``attack`` (settings, recipes, triggers, choosing the flips), ``experts`` (steps 1–2),
 ``artifacts`` (the cache); this module registers the ``flip`` poison. None of them imports
-``tasks.poisons`` itself, only ``tasks.poisons.base``.
+``poisonsweep.tasks.poisons`` itself, only ``poisonsweep.tasks.poisons.base``.
 """
 
 from __future__ import annotations
@@ -28,19 +28,19 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from tasks.data import Dataset
-from tasks.models import MODELS
-from tasks.poisons.base import POISONS, PoisonedData, n_to_poison
-from tasks.poisons.flip.artifacts import (
+from poisonsweep.tasks.data import Dataset
+from poisonsweep.tasks.models import MODELS
+from poisonsweep.tasks.poisons.base import POISONS, PoisonedData, n_to_poison
+from poisonsweep.tasks.poisons.flip.artifacts import (
     FlipArtifact, artifact_key, compute_artifact, data_digest, load_or_optimise_logits,
 )
-from tasks.poisons.flip.attack import (
+from poisonsweep.tasks.poisons.flip.attack import (
     RECIPES, SINUSOID_AMPLITUDE, TRIGGERS, FlipAttack, expert_poison_sources, flip_margins, random_flips_to_target,
     resolve_recipe, select_flips, stamp_trigger,
 )
-from tasks.poisons.flip.experts import Checkpoint, checkpoint_plan, optimise_labels, sgd_step, train_experts
-from tasks.registry import BOOL, INT_LIST, NONE, ConfigError, Interval, OfType, Options
-from tasks.train import resolve_device
+from poisonsweep.tasks.poisons.flip.experts import Checkpoint, checkpoint_plan, optimise_labels, sgd_step, train_experts
+from poisonsweep.tasks.registry import BOOL, INT_LIST, NONE, ConfigError, Interval, OfType, Options
+from poisonsweep.tasks.train import resolve_device
 
 __all__ = [
     "FlipAttack", "FlipArtifact", "Checkpoint", "flip", "flip_margins", "select_flips", "stamp_trigger",

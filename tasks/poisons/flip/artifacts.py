@@ -16,11 +16,11 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from tasks.data import Dataset
-from tasks.files import atomic_write
-from tasks.models import build_model
-from tasks.poisons.flip.attack import FlipAttack, expert_poison_sources, stamp_trigger
-from tasks.poisons.flip.experts import checkpoint_plan, optimise_labels, train_experts
+from poisonsweep.tasks.data import Dataset
+from poisonsweep.tasks.files import atomic_write
+from poisonsweep.tasks.models import build_model
+from poisonsweep.tasks.poisons.flip.attack import FlipAttack, expert_poison_sources, stamp_trigger
+from poisonsweep.tasks.poisons.flip.experts import checkpoint_plan, optimise_labels, train_experts
 
 # 2: independent dropout masks for expert and student; the checkpoint's scheduled lr in the label stage
 ARTIFACT_VERSION = 2
@@ -61,7 +61,7 @@ def artifact_path(artifact_dir: str | os.PathLike, key: str) -> Path:
 
 
 def save_artifact(path: Path, artifact: FlipArtifact, settings: str) -> None:
-    """Write atomically (``tasks.files.atomic_write``): a reader never sees half a file."""
+    """Write atomically (``poisonsweep.tasks.files.atomic_write``): a reader never sees half a file."""
 
     def write(temporary: Path) -> None:
         with open(temporary, "wb") as handle:

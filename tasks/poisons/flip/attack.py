@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tasks.poisons.base import apply_trigger
-from tasks.registry import ConfigError
+from poisonsweep.tasks.poisons.base import apply_trigger
+from poisonsweep.tasks.registry import ConfigError
 
 TRIGGERS = ("checkerboard", "sinusoid")
 # the paper's `1xs` trigger adds 6 * sin(linspace(0, 16π, W)) to 0..255 pixels: 6/255 on [0, 1] images
@@ -46,7 +46,7 @@ def stamp_trigger(x: torch.Tensor, trigger: str, *, patch_size: int = 3,
                   amplitude: float = SINUSOID_AMPLITUDE) -> torch.Tensor:
     """A triggered copy of images ``x`` of shape (n, C, H, W) in [0, 1].
 
-    ``checkerboard``: the BadNets patch of ``tasks.poisons.apply_trigger`` (``patch_size`` square,
+    ``checkerboard``: the BadNets patch of ``poisonsweep.tasks.poisons.apply_trigger`` (``patch_size`` square,
     bottom-right). ``sinusoid``: the paper's ``1xs`` stripes, x + amplitude·sin(linspace(0, 16π, W))
     along the width, clipped to [0, 1] (the paper clips to 0..255 likewise).
     """

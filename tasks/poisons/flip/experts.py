@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from tasks.poisons.flip.attack import FlipAttack
-from tasks.registry import ConfigError
+from poisonsweep.tasks.poisons.flip.attack import FlipAttack
+from poisonsweep.tasks.registry import ConfigError
 
 # the paper's initial logits: 5 * onehot(y) (`one_hot_temp`)
 LABEL_INIT_SCALE = 5.0
