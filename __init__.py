@@ -8,17 +8,18 @@ The public Python API, for notebooks and scripts (the CLI is a thin layer over i
     poisonsweep.report("results/quickstart")
     rows = poisonsweep.run_trial(config)                   # one trial, no Ray
 
-Names are imported on first use, so ``import poisonsweep.tasks`` never pulls in Ray.
+Names are imported on first use, so ``import poisonsweep.tasks`` never pulls in Ray. A config problem
+raises ``poisonsweep.ConfigError`` before anything runs.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 
-__all__ = ["load", "report", "run", "run_trial"]
+__all__ = ["ConfigError", "load", "report", "run", "run_trial"]
 
 _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "report": "poisonsweep.engine.api",
-        "run_trial": "poisonsweep.tasks.trial"}
+        "run_trial": "poisonsweep.engine.api", "ConfigError": "poisonsweep.tasks.registry"}
 
 
 def __getattr__(name: str):

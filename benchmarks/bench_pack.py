@@ -7,13 +7,13 @@ first ``--solo`` trials one after another. Packed: k trials in one ``run_pack`` 
 ``--ks``. No Ray: this measures the science, not the engine. Every packed trial's clean accuracy is
 compared with its solo twin's where one ran.
 
-Usage (CPU, the numbers of benchmarks/RESULTS.md section 8):
+Usage (CPU, the numbers of benchmarks/RESULTS.md section 14):
     OMP_NUM_THREADS=1 python benchmarks/bench_pack.py --ks 2 4 8 --solo 2
 GPU (a later session with a GPU; see benchmarks/gpu_pack.sh for the engine-level comparison):
     python benchmarks/bench_pack.py --device cuda --ks 4 8 16 32 64 --solo 4
 Prints one Markdown table; ``--json PATH`` also writes the rows. ``--drift --n-train 2000`` instead
 compares a packed model's weights and predictions with its solo twin's, next to a solo model trained
-with 2 threads instead of 1 (RESULTS.md section 8).
+with 2 threads instead of 1 (RESULTS.md section 14).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from poisonsweep.tasks.files import atomic_write
 from poisonsweep.engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, readable_files
 
 COMPACTED = re.compile(r"compacted-(\d+)-[0-9a-f]+\.parquet")
@@ -161,20 +162,20 @@ class Compacted:
     kept: int = 0  # per-trial files rewritten while compacting (left in place; they win)
 
 
-def _write_atomically(fs, final: str, batches, schema: pa.Schema) -> int:
-    """Write ``batches`` (Arrow tables) to ``final``, visible only when complete; returns the rows written."""
-    local = isinstance(fs, pafs.LocalFileSystem)
-    directory, name = final.rsplit("/", 1)
-    # object stores publish an object only once its upload completes; a local file gets a hidden name first
-    target = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp" if local else final
+def _write_batches(fs, path: str, batches, schema: pa.Schema) -> int:
     rows = 0
-    with fs.open_output_stream(target) as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+    with fs.open_output_stream(path) as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
         for batch in batches:
             writer.write_table(batch, row_group_size=ROW_GROUP_ROWS)
             rows += batch.num_rows
-    if local:
-        fs.move(target, final)
     return rows
+
+
+def _write_atomically(fs, final: str, batches, schema: pa.Schema) -> int:
+    """Write ``batches`` (Arrow tables) to ``final``, visible only when complete; returns the rows written."""
+    if not isinstance(fs, pafs.LocalFileSystem):  # object stores publish an object only once its upload completes
+        return _write_batches(fs, final, batches, schema)
+    return atomic_write(final, lambda temporary: _write_batches(fs, str(temporary), batches, schema))
 
 
 def _new_name(files: TableFiles) -> str:

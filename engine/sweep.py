@@ -8,7 +8,7 @@ by Tune up to ``resources.max_failures`` times; a trial that raises is recorded 
 
 Tune gets the plan one trial at a time (:class:`PlanSearcher`), in experiments of at most
 ``TRIALS_PER_TUNER`` trials, so neither the time to the first trial nor the driver's memory grows
-with the size of the sweep (``benchmarks/RESULTS.md``, section 8).
+with the size of the sweep (``benchmarks/RESULTS.md``, section 10).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _short_name(trial) -> str:
 
 
 # Tune keeps every trial of an experiment in the driver (tens of kB each, measured in
-# benchmarks/RESULTS.md, section 8), so a big sweep runs as consecutive Tune experiments of this
+# benchmarks/RESULTS.md, section 10), so a big sweep runs as consecutive Tune experiments of this
 # many trials: the driver's memory stays bounded, at the cost of restarting the trial processes
 # once per experiment (seconds, against minutes of trials)
 TRIALS_PER_TUNER = int(os.environ.get("POISONSWEEP_TRIALS_PER_TUNER", 2000))

@@ -3,7 +3,6 @@ instrumented training (which model saw which sample)."""
 
 from __future__ import annotations
 
-import inspect
 import pickle
 
 import numpy as np
@@ -310,15 +309,6 @@ def test_folds_are_stratified_and_seeded():
 
 
 # ----------------------------------------------------------------------------- registration
-
-@pytest.mark.parametrize("name", ["knn", "confident_learning"])
-def test_constraints_name_exactly_the_keyword_parameters(name):
-    entry = DETECTORS.get(name)
-    keywords = {p.name for p in inspect.signature(entry.fn).parameters.values()
-                if p.kind is p.KEYWORD_ONLY and p.name != "seed"}
-    assert set(entry.constraints) == keywords
-    assert entry.check_params("p", entry.defaults()) == []
-
 
 def test_bad_parameters_are_rejected_with_the_key():
     (error,) = DETECTORS.get("knn").check_params("detectors[0].params", {"k": 0})

@@ -21,9 +21,9 @@ from poisonsweep.tasks.unlearn import UNLEARNERS
 # what the trial hands each kind itself: never a config parameter
 GIVEN_BY_THE_TRIAL = {
     "dataset": {"root", "n_train", "n_test", "seed"},
-    "poison": {"rate", "seed", "artifact_dir"},
+    "poison": {"data", "rate", "seed", "artifact_dir"},
     "model": set(),
-    "detector": {"seed"},
+    "detector": {"context", "seed"},
     "unlearning method": {"model", "retain_x", "retain_y", "forget_x", "forget_y", "train_config", "seed",
                           "model_factory"},
 }

@@ -20,7 +20,7 @@ from poisonsweep.engine.report.galleries import GALLERY_MISSED, GALLERY_TOP
 from poisonsweep.engine.report.samples import flag_threshold, gallery_rows, read_scores, rebuild_images, unlearning_examples
 from poisonsweep.engine.worker import record_trial
 from poisonsweep.tasks.unlearn import SUCCESS_EXAMPLES
-from tests.browser import check_page, find_browser
+from browser import check_page, find_browser
 
 PATCH = 3
 SWEEP = {

@@ -21,7 +21,7 @@ hundreds), and cheap. Raise ``k`` towards the per-class count for high poison ra
 Decision. The paper removes every sample whose label is not its neighbours' plurality label
 (``flag_rule="plurality"``). That also removes every clean sample on a class boundary, which at
 low poison rates outnumbers the poisons (MNIST 7,500, one-shift 1 %: 220 flags for 75 poisons,
-benchmarks/RESULTS.md §12). The default ``flag_rule="auto"`` sizes the decision with confident
+benchmarks/RESULTS.md §9). The default ``flag_rule="auto"`` sizes the decision with confident
 learning instead: the neighbours' vote shares are out-of-sample class probabilities (the sample
 never votes for itself), so cleanlab's estimate of the number of label errors from them
 (``base.label_issue_count``, Northcutt et al. 2021) says how many to flag, and the highest
