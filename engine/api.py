@@ -13,13 +13,10 @@ from typing import Callable, ContextManager, Iterable
 
 import pyarrow as pa
 
+from poisonsweep.engine.lease import OutputBusy
 from poisonsweep.tasks.registry import ConfigError
 
 __all__ = ["OutputBusy", "load", "load_config", "report", "run", "run_trial"]
-
-
-class OutputBusy(ConfigError):
-    """Another ``run`` holds the output directory's lock."""
 
 
 def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
@@ -50,7 +47,8 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
     The outcome's ``out`` is where the tables are: read them with :func:`load`.
     """
     from poisonsweep.engine.config import check_data
-    from poisonsweep.engine.resume import RERUN_CHOICES, run_lock
+    from poisonsweep.engine.lease import run_guard
+    from poisonsweep.engine.resume import RERUN_CHOICES
 
     if rerun not in RERUN_CHOICES:
         raise ConfigError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
@@ -59,9 +57,9 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
     check_writable(sweep.out)
     from filelock import Timeout
 
-    lock = run_lock(sweep.out)
+    lock = run_guard(sweep.out, echo)
     try:
-        with lock if lock is not None else contextlib.nullcontext():
+        with lock:  # a file lock (local directory) or a lease (object store): one run per output
             if announce is not None:
                 announce(sweep)
             return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress)

@@ -11,8 +11,8 @@ which trials are really done, damaged files moved aside, and one writer per outp
 * **Damage.** A file in a table directory that is not readable Parquet (a truncated copy, a stray
   file) is never fatal: readers skip it with a warning that names it, ``poisonsweep repair DIR`` and
   every ``run`` move it to ``DIR/_quarantine/``, and ``run`` recomputes its trial.
-* **One writer.** ``run`` holds ``DIR/.run.lock`` (``filelock``) for a local directory; object stores
-  have no lock (see README, "Identity, versions and --rerun").
+* **One writer.** ``run`` holds ``DIR/.run.lock`` (``filelock``) for a local directory and a lease,
+  ``<out>/.run.lease``, on an object store (``poisonsweep.engine.lease``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path, PurePosixPath
 from poisonsweep.engine.sink import TABLES, filesystem, read_table, readable_files
 
 QUARANTINE_DIR = "_quarantine"
-LOCK_FILE = ".run.lock"
 RERUN_CHOICES = ("failed", "stale", "all")
 
 
@@ -117,11 +116,3 @@ def version_note(versions) -> str | None:
     return (f"the ok trials mix {len(counts)} code versions ({listed}); numbers from different code are "
             "averaged together. `poisonsweep run CONFIG --rerun stale` recomputes the older ones.")
 
-
-def run_lock(out: str):
-    """A lock held while ``run`` writes to a local ``out``; None for an object store (no file locks)."""
-    if "://" in out:
-        return None
-    from filelock import FileLock
-
-    return FileLock(f"{filesystem(out)[1]}/{LOCK_FILE}", timeout=0)

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from poisonsweep.engine import resume, sink
+from poisonsweep.engine.lease import run_guard
 from poisonsweep.engine.cli import app
 from poisonsweep.engine.config import build_sweep, trial_id
 from poisonsweep.engine.worker import record_trial
@@ -119,6 +120,6 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "out"
     out.mkdir()
-    with resume.run_lock(str(out)):  # a first run holds the lock
+    with run_guard(str(out)):  # a first run holds the lock
         code, output = cli("run", path, "--out", out)
     assert code == 2 and "another `poisonsweep run` is writing to" in output and ".run.lock" in output

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
-from poisonsweep.engine import artifacts  # noqa: E402
+from poisonsweep.engine import artifacts, lease  # noqa: E402
 from poisonsweep.engine.cli import app  # noqa: E402
 from poisonsweep.engine.record import compact, read_table, table_files  # noqa: E402
 from poisonsweep.engine.resume import complete_trials  # noqa: E402
-from poisonsweep.engine.sink import write_trial  # noqa: E402
+from poisonsweep.engine.sink import filesystem, write_trial  # noqa: E402
 from test_record import trial_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +110,7 @@ def test_a_sweep_writes_to_s3_resumes_and_is_reported(s3_env, tmp_path):
         return result.stdout
 
     assert "2 trials run, 0 already done" in cli("run", str(config), "--out", out)
+    assert not _exists(f"{out}/{lease.LEASE_FILE}")  # the run's lease is gone with it
     assert len(table_files(out, "trials").per_trial) == 2
     assert [r.files_merged for r in compact(out)] == [2] * 5
     assert "0 trials run, 2 already done" in cli("run", str(config), "--out", out)  # resume reads the compacted record
@@ -119,3 +120,57 @@ def test_a_sweep_writes_to_s3_resumes_and_is_reported(s3_env, tmp_path):
     assert "2 trials recorded: 2 ok, 0 failed; 2 planned, 0 not yet recorded" in reported.output, reported.output
     trials = read_table(out, "trials", ["trial_id", "status", "seed"]).to_pandas()
     assert sorted(trials.seed) == [0, 1] and set(trials.status) == {"ok"}
+
+
+def _exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type.name == "File"
+
+
+def _lease_config(tmp_path) -> Path:
+    config = tmp_path / "lease.yaml"
+    config.write_text(yaml.safe_dump({"name": "lease", "data": {"name": "digits", "n_train": 100, "n_test": 50},
+                                      "poison": {"method": "one_shift", "rate": 0.1}, "detectors": ["loss"]}))
+    return config
+
+
+def test_a_fresh_lease_refuses_a_second_run_before_ray_starts(s3_env, tmp_path, monkeypatch):
+    out = f"s3://{BUCKET}/lease/fresh"
+    monkeypatch.setattr("poisonsweep.engine.sweep.run_sweep", lambda *a, **k: pytest.fail("Ray must not start"))
+    with lease.Lease(out) as first:  # a first run holds the lease
+        assert lease.Lease(out).read()["token"] == first.token
+        result = CliRunner().invoke(app, ["run", str(_lease_config(tmp_path)), "--out", out], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "another `poisonsweep run` is writing to" in message and f"pid {os.getpid()}" in message
+    assert f"aws s3 rm {out}/.run.lease" in message
+    assert not _exists(f"{out}/{lease.LEASE_FILE}")  # the first run's lease is deleted at its end
+
+
+def test_an_expired_lease_is_taken_over_and_deleted_at_the_end_even_on_error(s3_env):
+    out = f"s3://{BUCKET}/lease/expired"
+    now = [1_000_000.0]
+    dead = lease.Lease(out, heartbeat=10, clock=lambda: now[0])
+    dead.__enter__()
+    dead._stop.set()  # the run died: no more heartbeats, the lease stays behind
+    now[0] += 29
+    with pytest.raises(lease.OutputBusy, match="heartbeat 29 s ago"):
+        lease.Lease(out, heartbeat=10, clock=lambda: now[0]).check()
+    now[0] += 2  # 31 s > 3 heartbeats: expired
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        with lease.Lease(out, heartbeat=10, clock=lambda: now[0], echo=notes.append) as second:
+            assert second.read()["token"] == second.token != dead.token
+            raise KeyboardInterrupt
+    assert notes and "took over the expired lease" in notes[0] and "last heartbeat 31 s ago" in notes[0]
+    assert not _exists(f"{out}/{lease.LEASE_FILE}")
+
+
+def test_the_heartbeat_refreshes_the_lease(s3_env):
+    import time
+
+    out = f"s3://{BUCKET}/lease/beat"
+    with lease.Lease(out, heartbeat=0.2) as held:
+        first = held.read()["heartbeat"]
+        time.sleep(0.7)
+        assert held.read()["heartbeat"] > first
