@@ -6,16 +6,16 @@ import contextlib
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from poisonsweep.engine import summary
+from poisonsweep.tasks.registry import ConfigError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from poisonsweep.engine import summary
-from poisonsweep.tasks.registry import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweep label-poisoning experiments: poison -> train -> detect -> unlearn -> Parquet.")
@@ -176,6 +176,7 @@ def print_summary(out: str) -> None:
                           else f"{r.retain_acc_after_min:.3f}", f"{r.seconds_mean:.1f}")
         console.print(table)
 
+    _print_warned(trials)
     failed = summary.failures(trials)
     if not failed.empty:
         console.print(f"[bold red]{len(failed)} failed trial(s)[/] (status 'failed' in the trials table):")
@@ -183,6 +184,17 @@ def print_summary(out: str) -> None:
             first_line = (r.error or "unknown error").strip().splitlines()[0]
             console.print(escape(f"  {r.trial_id} {r.poison_method} rate={r.poison_rate:g} seed={r.seed}: {first_line}"),
                           highlight=False)
+
+
+def _print_warned(trials) -> None:
+    """``N trial(s) warned:`` and each warning once, with how many trials raised it."""
+    warned = summary.warned(trials)
+    if warned.empty:
+        return
+    counts = Counter(line for text in warned["warnings"] for line in dict.fromkeys(text.splitlines()))
+    console.print(f"[bold yellow]{len(warned)} trial(s) warned[/] (column 'warnings' in the trials table):")
+    for line, n in counts.most_common():
+        console.print(escape(f"  {n} trial(s): {line}"), highlight=False)
 
 
 @app.command()

@@ -42,7 +42,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("train_seconds", _F64), ("eval_seconds", _F64), ("detect_seconds", _F64), ("unlearn_seconds", _F64),
         ("total_seconds", _F64), ("node", _STR), ("node_ip", _STR), ("ray_node_id", _STR), ("device", _STR),
         ("pack_size", _I64), ("pack_note", _STR),  # resources.pack: models trained together, why alone
-        ("code_version", _STR),
+        ("code_version", _STR), ("warnings", _STR),  # the trial's TrialWarnings, one first line each
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ]),
     "detections": pa.schema(KEY_COLUMNS + [

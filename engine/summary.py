@@ -95,6 +95,14 @@ def failures(trials: pd.DataFrame) -> pd.DataFrame:
     return failed[["trial_id", "poison_method", "poison_rate", "seed", "error"]]
 
 
+def warned(trials: pd.DataFrame) -> pd.DataFrame:
+    """The ``ok`` trials whose ``warnings`` column holds something (an older record has no such column)."""
+    if "warnings" not in trials:
+        return trials.iloc[0:0].assign(warnings=pd.Series(dtype=object))
+    flagged = trials[(trials["status"] == "ok") & trials["warnings"].notna() & (trials["warnings"] != "")]
+    return flagged[["trial_id", "poison_method", "poison_rate", "seed", "warnings"]]
+
+
 def fmt(mean: float, std: float) -> str:
     """``0.912 ± 0.013``; no ± for a single value; ``–`` for undefined."""
     if pd.isna(mean):

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A config value that is not allowed; the message names the key and what is allowed."""
 
 
+class TrialWarning(UserWarning):
+    """A warning about a trial's science (e.g. an inverse-Hessian solver that has not converged): the
+    trial records it in its ``trials`` row (column ``warnings``) and the summary shows it."""
+
+
 @dataclass(frozen=True)
 class Interval:
     """A number in [low, high] (either bound may be None, meaning unbounded)."""

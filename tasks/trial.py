@@ -6,8 +6,10 @@ Ray Tune trial and hands it a Ray actor pool as ``map_shards``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,8 +22,11 @@ from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
 from poisonsweep.tasks.metrics import detection_metrics, poison_success
 from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.poisons import POISONS, apply_poison
+from poisonsweep.tasks.registry import TrialWarning
 from poisonsweep.tasks.train import TrainConfig, TrainHistory, accuracy, resolve_device, train_model
 
+
+WARNINGS_MAX_CHARS = 2000  # the trials row's ``warnings`` keeps this much of the trial's warnings
 
 
 @dataclass
@@ -108,9 +113,40 @@ def prepare_trial(config: dict, *, artifact_dir: str | None = None, data=None,
     return trial
 
 
+@contextlib.contextmanager
+def recorded_warnings():
+    """Collect the ``TrialWarning``s raised inside (every one, even a repeat); others pass through as usual.
+
+    Yields a list that holds, on exit, the de-duplicated first lines (``Category: message``)."""
+    found: list[str] = []
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TrialWarning)
+            yield found
+    finally:  # outside the catch (a failed trial too): sort what was caught
+        for warning in caught:
+            if issubclass(warning.category, TrialWarning):
+                line = f"{warning.category.__name__}: {str(warning.message).strip().splitlines()[0]}"
+                if line not in found:
+                    found.append(line)
+            else:  # not ours: hand it on to the filters outside
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
+                                       source=warning.source)
+
+
 def finish_trial(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable = serial_map,
                  log: Callable[[str], None] = lambda message: None) -> TrialResult:
-    """Evaluate the trained model, run the detectors and the unlearning, and return the rows."""
+    """Evaluate the trained model, run the detectors and the unlearning, and return the rows; the
+    ``TrialWarning``s raised meanwhile go into the ``trials`` row's ``warnings`` (None if none)."""
+    with recorded_warnings() as found:
+        result = _evaluate(trial, history, map_shards=map_shards, log=log)
+    result.tables["trials"][0]["warnings"] = "\n".join(found)[:WARNINGS_MAX_CHARS] or None
+    return result
+
+
+def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable, log: Callable) -> TrialResult:
+    """``finish_trial``'s work: evaluate, detect, unlearn, build the rows."""
     config, data, poisoned, model = trial.config, trial.data, trial.poisoned, trial.model
     seed, model_cfg, train_config = config["seed"], config["model"], trial.train_config
     clean_acc = accuracy(model, data.x_test, data.y_test)

@@ -123,3 +123,33 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     with run_guard(str(out)):  # a first run holds the lock
         code, output = cli("run", path, "--out", out)
     assert code == 2 and "another `poisonsweep run` is writing to" in output and ".run.lock" in output
+
+
+def test_a_trial_s_warnings_are_recorded_and_shown(tmp_path):
+    """LiSSA with lissa_depth 5 has not converged: the warning is in the trial's row and in ``show``."""
+    config = {**CONFIG, "sweep": {}, "detectors": [{"name": "influence", "label": "[b]lissa",
+                                                    "params": {"solver": "lissa", "lissa_depth": 5}}]}
+    out = str(tmp_path / "out")
+    row = record_trial(build_sweep(config).trials[0], out, version=resume.code_version())
+    assert row["status"] == "ok", row["error"]
+    recorded = sink.read_table(out, "trials", ["warnings"]).column("warnings").to_pylist()
+    assert len(recorded) == 1 and recorded[0].count("\n") == 0  # raised more than once, recorded once
+    assert recorded[0].startswith("LissaNotConverged: LiSSA has not converged: after lissa_depth 5 steps")
+    assert "raise lissa_depth to at least" in recorded[0]
+    code, output = cli("show", out)
+    assert code == 0 and "1 trial(s) warned" in output, output
+    assert "1 trial(s): LissaNotConverged: LiSSA has not converged" in output and "raise lissa_depth" in output
+
+
+def test_only_the_project_s_warnings_are_recorded(recwarn):
+    import warnings
+
+    from poisonsweep.tasks.influence.solvers import LissaNotConverged
+    from poisonsweep.tasks.trial import recorded_warnings
+
+    with recorded_warnings() as found:
+        warnings.warn("[red]first line\nsecond line", LissaNotConverged, stacklevel=2)
+        warnings.warn("[red]first line\nanother second line", LissaNotConverged, stacklevel=2)
+        warnings.warn("someone else's", DeprecationWarning, stacklevel=2)
+    assert found == ["LissaNotConverged: [red]first line"]
+    assert [str(w.message) for w in recwarn] == ["someone else's"]  # handed on, not swallowed

@@ -20,7 +20,7 @@ from poisonsweep.tasks.influence.gradients import (
 )
 from poisonsweep.tasks.influence.solvers import (
     CLOSED_FORM_SOLVERS, DEFAULT_DAMPING, SOLVERS, IdentityInverse,
-    IterativeInverse, arnoldi_inverse, exact_inverse, largest_eigenvalue,
+    IterativeInverse, arnoldi_inverse, exact_inverse, largest_eigenvalue, warn_if_lissa_too_shallow,
 )
 
 DEFAULT_SHARD_SIZE = 512
@@ -99,6 +99,8 @@ def _fit_inverse(gm: GradientModel, inputs: torch.Tensor, labels: torch.Tensor, 
         top = largest_eigenvalue(lambda v: hvp(gm, inputs, labels, v, shift), gm.p, dtype=gm.dtype,
                                  device=gm.device, seed=seed)
         scale = 2.0 * top
+    if settings.solver == "lissa":  # here, in the trial's process, so that the trial records the warning
+        warn_if_lissa_too_shallow(shift=shift, scale=float(scale), depth=settings.lissa_depth)
     return IterativeInverse(settings.solver, gm, inputs, labels, shift, settings.cg_tol, settings.cg_maxiter,
                             float(scale) if settings.solver == "lissa" else 10.0, settings.lissa_depth,
                             settings.lissa_repeats, settings.lissa_batch_size, seed)

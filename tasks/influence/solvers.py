@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from poisonsweep.tasks.influence.gradients import GradBatch, GradientModel, hvp
+from poisonsweep.tasks.registry import TrialWarning
 
 SOLVERS = ("exact", "cg", "lissa", "arnoldi", "grad_norm", "tracin")
 # On a linear head these need no iteration: closed-form gradients and Hessian in the model's own
@@ -198,7 +199,7 @@ def largest_eigenvalue(apply_a: Callable[[torch.Tensor], torch.Tensor], p: int, 
     return abs(value)
 
 
-def _warn_if_lissa_too_shallow(*, shift: float, scale: float, depth: int) -> None:
+def warn_if_lissa_too_shallow(*, shift: float, scale: float, depth: int) -> None:
     """The recursion shrinks its error along the flattest direction (eigenvalue ~ shift) by
     (1 - shift/scale) per step; warn when more than ``LISSA_RESIDUAL`` of it is left after ``depth``."""
     if shift >= scale:
@@ -217,7 +218,7 @@ def _warn_if_lissa_too_shallow(*, shift: float, scale: float, depth: int) -> Non
                       LissaNotConverged, stacklevel=3)
 
 
-class LissaNotConverged(UserWarning):
+class LissaNotConverged(TrialWarning):
     """LiSSA's depth is too small for its scale and damping: its estimate is biased toward v / scale."""
 
 
@@ -228,7 +229,7 @@ def lissa(gm: GradientModel, inputs: torch.Tensor, labels: torch.Tensor, vectors
     h_0 = v; h_t = v + h_{t-1} - (H_batch + shift I) h_{t-1} / scale with a fresh seeded
     mini-batch per step; the estimate h_depth / scale is averaged over ``repeats`` runs.
     """
-    _warn_if_lissa_too_shallow(shift=shift, scale=scale, depth=depth)
+    warn_if_lissa_too_shallow(shift=shift, scale=scale, depth=depth)
     g = torch.Generator().manual_seed(seed)
     n = len(inputs)
     v_norm = vectors.norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)
