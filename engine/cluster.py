@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -37,12 +38,35 @@ def init_ray(address: str | None, verbose: bool) -> None:
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    # a private local Ray advertises the loopback address; Ray 2.60's core servers still listen on every
-    # interface, and its token authentication (on by default for a new local Ray) guards them
-    # (README, "Running on a cluster", Security)
     local = {"_node_ip_address": "127.0.0.1"} if address == "local" else {}
-    ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=True,
-             logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)}, **local)
+    with loopback_node(address == "local"):
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=True,
+                 logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)}, **local)
+
+
+@contextlib.contextmanager
+def loopback_node(local: bool):
+    """While a private local Ray starts, make its node address the loopback, so that its servers
+    (GCS, raylet, workers, agents) listen on 127.0.0.1 only.
+
+    On Linux ``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it: Ray replaces a loopback
+    node address by the machine's own (``services.resolve_ip_for_localhost``), and its servers then
+    listen on every interface. Ray keeps the loopback where ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is
+    off (its default on macOS and Windows); that setting is read into ``ray_constants`` when ray is
+    imported, so it is set there for the start and restored after (a later ``ray.init`` that joins
+    a cluster in the same process must see the real address). RESULTS section 11 has the ``ss`` counts.
+    """
+    from ray._private import ray_constants
+
+    if not local or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def check_cluster_resources(resources: dict) -> None:
