@@ -139,6 +139,9 @@ def test_a_trial_s_warnings_are_recorded_and_shown(tmp_path):
     code, output = cli("show", out)
     assert code == 0 and "1 trial(s) warned" in output, output
     assert "1 trial(s): LissaNotConverged: LiSSA has not converged" in output and "raise lissa_depth" in output
+    code, output = cli("report", out, "--out", tmp_path / "report")
+    assert code == 0 and "1 trial(s) warned (see 'Trials that warned')" in output, output
+    assert "LissaNotConverged: LiSSA has not converged" in (tmp_path / "report" / "report.html").read_text()
 
 
 def test_only_the_project_s_warnings_are_recorded(recwarn):

@@ -208,6 +208,8 @@ def _status_tables(status: RecordStatus, setting: list[str]) -> list[tuple[str, 
         failed = status.failures.assign(error=status.failures["error"].fillna("unknown error").map(
             lambda e: e.strip().splitlines()[0] if e.strip() else "unknown error"))
         shown.append(("Failed trials", failed))
+    if not status.warned.empty:
+        shown.append(("Trials that warned", status.warned))
     return shown
 
 

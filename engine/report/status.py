@@ -33,6 +33,7 @@ class RecordStatus:
     missing: pd.DataFrame = field(default_factory=pd.DataFrame)  # planned, not yet recorded
     uneven: pd.DataFrame = field(default_factory=pd.DataFrame)  # settings with fewer ok seeds than others
     failures: pd.DataFrame = field(default_factory=pd.DataFrame)
+    warned: pd.DataFrame = field(default_factory=pd.DataFrame)  # ok trials whose row holds warnings
     versions_note: str | None = None  # set when the ok trials come from more than one code version
 
     def lines(self) -> list[str]:
@@ -52,6 +53,8 @@ class RecordStatus:
         if not self.uneven.empty:
             lines.append(f"{len(self.uneven)} setting(s) have fewer ok seeds than planned or than other settings "
                          "(see 'Seeds per setting').")
+        if not self.warned.empty:
+            lines.append(f"{len(self.warned)} trial(s) warned (see 'Trials that warned').")
         if self.versions_note:
             lines.append(f"Warning: {self.versions_note}")
         return lines
@@ -71,7 +74,7 @@ def record_status(trials: pd.DataFrame, plan: pd.DataFrame | None, other_ids: se
     ok = trials[trials["status"] == "ok"]
     status = RecordStatus(recorded=len(trials), ok=len(ok), failed=len(trials) - len(ok),
                           partial=len(other_ids - set(trials["trial_id"])),
-                          failures=summary.failures(trials))
+                          failures=summary.failures(trials), warned=summary.warned(trials))
     expected = trials
     if plan is not None:
         status.planned = len(plan)
