@@ -179,12 +179,12 @@ def write_plan(sweep) -> None:
 
     Call it when a run starts; the latest run's plan replaces an earlier one.
     """
-    from poisonsweep.engine.config import config_columns, trial_id
+    from poisonsweep.engine.config import config_columns
 
     trials = []
-    for config in sweep.trials:
-        columns = {k: v for k, v in config_columns(config).items() if k != "config_json"}
-        trials.append({"trial_id": trial_id(config), **columns})
+    for config, tid in zip(sweep.trials, sweep.ids):
+        columns = config_columns(config, with_json=False)
+        trials.append({"trial_id": tid, **columns})
     text = json.dumps({"name": sweep.name, "trials": trials}, indent=1)
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
