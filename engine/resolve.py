@@ -92,15 +92,23 @@ def _resolved_params(registry, name: str, params: dict) -> dict:
 
 
 def identity(config: dict) -> dict:
-    """The part of a trial config that determines its results (what ``trial_id`` hashes)."""
-    config = plain_copy(config)
-    config.pop("sweep", None)
+    """The part of a trial config that determines its results (what ``trial_id`` hashes). A new dict
+    that shares the unchanged parts with ``config``: read it (hash it, dump it), never change it."""
+    config = {key: value for key, value in config.items() if key != "sweep"}
     for section, key in NOT_IDENTITY:
-        config.get(section, {}).pop(key, None)
-    for params in [config.get(s, {}).get("params") or {} for s in ("poison", "model")] + [
-            d.get("params") or {} for d in config.get("detectors") or []]:
-        params.pop("device", None)  # where a poison or detector computes, not what
+        if isinstance(config.get(section), dict):
+            config[section] = _without(config[section], key)
+    for section in ("poison", "model"):  # where a poison or detector computes, not what
+        if isinstance(config.get(section), dict) and config[section].get("params"):
+            config[section] = {**config[section], "params": _without(config[section]["params"], "device")}
+    if config.get("detectors"):
+        config["detectors"] = [{**d, "params": _without(d["params"], "device")} if d.get("params") else d
+                               for d in config["detectors"]]
     return config
+
+
+def _without(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
 
 
 def trial_id(config: dict) -> str:
