@@ -185,7 +185,9 @@ def write_plan(sweep) -> None:
     for config, tid in zip(sweep.trials, sweep.ids):
         columns = config_columns(config, with_json=False)
         trials.append({"trial_id": tid, **columns})
-    text = json.dumps({"name": sweep.name, "trials": trials}, indent=1)
+    # one trial per line: json.dumps with indent= takes Python's slow encoder (0.25 s for 10,000 trials)
+    lines = ",\n".join(json.dumps(trial) for trial in trials)
+    text = f'{{"name": {json.dumps(sweep.name)}, "trials": [\n{lines}\n]}}\n'
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
     final = f"{root}/{PLAN_FILE}"
