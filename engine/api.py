@@ -69,13 +69,12 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
 
 
 def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
-    from poisonsweep.engine.config import trial_id
     from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trials_to_run
     from poisonsweep.engine.sweep import run_sweep
 
     for damaged, moved in quarantine(sweep.out):
         echo(f"moved {damaged} (not readable Parquet) to {moved}; its trial runs again")
-    ids, version = [trial_id(t) for t in sweep.trials], code_version()
+    ids, version = sweep.ids, code_version()
     stale = stale_trials(sweep.out, ids, version)
     if stale:
         listed = ", ".join(f"{v}: {n}" for v, n in stale.most_common())

@@ -199,8 +199,6 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     import ray
     from ray import tune
 
-    from poisonsweep.engine.config import trial_id
-
     start, began = time.perf_counter(), _now()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
@@ -209,7 +207,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them
     version = code_version()
-    ids = [trial_id(t) for t in sweep.trials]
+    ids = sweep.ids
     wanted = set(trials_to_run(sweep.out, ids, rerun, version))
     pending = [t for t, tid in zip(sweep.trials, ids) if tid in wanted]
     pending_ids = [tid for tid in ids if tid in wanted]
@@ -222,7 +220,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
         os.environ.setdefault(key, value)
     out = sweep.out if "://" in sweep.out else root  # workers chdir elsewhere: absolute paths only
     units = plan_units(pending, sweep.resources["pack"])
-    unit_ids = [[trial_id(c) for c in unit] for unit in units]
+    id_of = {id(config): tid for config, tid in zip(pending, pending_ids)}  # units hold the plan's own dicts
+    unit_ids = [[id_of[id(c)] for c in unit] for unit in units]
     plan = [ray.put(units)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources),
@@ -260,7 +259,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
                     error = f"{type(result.error).__name__}: {result.error}"
                     for config in units[result.config["index"]]:
                         record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
-                        log.failed[trial_id(config)] = error.strip().splitlines()[0]
+                        log.failed[id_of[id(config)]] = error.strip().splitlines()[0]
             if results.num_terminated + results.num_errors < len(chunk):  # Ctrl-C: Tune stopped early
                 break
     outcome.failed = dict(log.failed)

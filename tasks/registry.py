@@ -8,6 +8,7 @@ can check a whole sweep before any trial starts.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -101,6 +102,12 @@ def check_value(key: str, value: Any, allowed: list) -> str | None:
 NEEDS = ("checkpoints", "artifact_dir", "sample_losses")
 
 
+@functools.cache
+def _signature(fn: Callable) -> inspect.Signature:
+    """``inspect.signature``, once per function: a sweep resolves the same few entries for every trial."""
+    return inspect.signature(fn)
+
+
 @dataclass
 class Entry:
     """One registered function and what it declares about itself.
@@ -127,7 +134,7 @@ class Entry:
 
     def defaults(self) -> dict[str, Any]:
         """The keyword defaults of the function, for the constrained parameters."""
-        sig = inspect.signature(self.fn)
+        sig = _signature(self.fn)
         return {
             k: sig.parameters[k].default
             for k in self.constraints

@@ -118,3 +118,20 @@ def test_missing_data_is_reported_before_any_trial(tmp_path, monkeypatch):
     sweep = build_sweep({**BASE, "data": {"name": "mnist", "root": str(tmp_path)}})
     with pytest.raises(ConfigErrors, match="mnist"):
         check_data(sweep)
+
+
+def test_trial_ids_hashed_once_equal_each_trials_own_and_configs_share_nothing():
+    import copy
+    import json
+
+    from poisonsweep.engine.config import plain_copy
+
+    sweep = build_sweep({**BASE, "sweep": {"poison.rate": [0.1, 0.2], "seed": [0, 1, 2]}})
+    assert sweep.ids == [trial_id(t) for t in sweep.trials] and len(set(sweep.ids)) == 6
+    sweep.trials[0]["detectors"][0]["params"]["marker"] = 1  # one trial's nested dicts are its own
+    assert all("marker" not in t["detectors"][0]["params"] for t in sweep.trials[1:])
+    nested = {"a": [1, {"b": (2, 3)}, None], "c": {"d": 1.5, "e": "x", "f": True}}
+    copied = plain_copy(nested)
+    assert copied == copy.deepcopy(nested) and json.dumps(copied) == json.dumps(nested)
+    copied["a"][1]["b"] = 0
+    assert nested["a"][1]["b"] == (2, 3)

@@ -74,6 +74,15 @@ def test_a_compacted_file_is_sorted_by_trial_id_and_a_second_compaction_changes_
     assert {table: files(out, table) for table in TABLES} == names
 
 
+def test_more_per_trial_files_than_one_scan_reads_are_all_read_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(record, "FILES_PER_SCAN", 4)  # 10 files: scans of 4, 4 and 2
+    for i in range(10):
+        write_trial(str(tmp_path), f"t{i}", trial_rows(f"t{i}", acc=i / 10))
+    rows = record.read_table(str(tmp_path), "trials", ["trial_id", "clean_test_acc"]).to_pylist()
+    assert sorted((r["trial_id"], r["clean_test_acc"]) for r in rows) == [(f"t{i}", i / 10) for i in range(10)]
+    assert len(record.read_table(str(tmp_path), "scores", ["trial_id"])) == 70
+
+
 def test_halfway_through_a_compaction_a_reader_sees_each_trial_once(out, monkeypatch):
     # the compacted files are in place, the per-trial files not yet deleted (a compaction killed there)
     monkeypatch.setattr(record, "_delete_if_unchanged", lambda fs, infos: (0, 0))
