@@ -62,9 +62,9 @@ def collect(out: str) -> pd.DataFrame:
     ok = trials[trials["status"] == "ok"].copy()
     ok["setup"] = ok.apply(setup_name, axis=1)
     detections = load(out, "detections")
-    columns = ["trial_id", "setup", "n_poisoned", "clean_test_acc", "poison_success", "started_at"]
+    columns = ["trial_id", "setup", "n_poisoned", "clean_test_acc", "poison_success"]
     frame = detections.merge(ok[columns], on="trial_id", how="inner")
-    return frame.sort_values("started_at", kind="stable")  # set-ups in the order they ran
+    return frame.sort_values(["poison_method", "poison_rate", "setup"], kind="stable")  # detectors keep their order
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
