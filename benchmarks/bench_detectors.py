@@ -62,16 +62,28 @@ def collect(out: str) -> pd.DataFrame:
     ok = trials[trials["status"] == "ok"].copy()
     ok["setup"] = ok.apply(setup_name, axis=1)
     detections = load(out, "detections")
-    return detections.merge(ok[["trial_id", "setup", "n_poisoned"]], on="trial_id", how="inner")
+    columns = ["trial_id", "setup", "n_poisoned", "clean_test_acc", "poison_success"]
+    frame = detections.merge(ok[columns], on="trial_id", how="inner")
+    return frame.sort_values(["poison_method", "poison_rate", "setup"], kind="stable")  # detectors keep their order
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    lines = ["| set-up | detector | seeds | AUROC | precision@n | F1 (own flags) | flagged / poisoned |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| set-up | detector | seeds | AUROC | precision@n | F1 (own flags) | flagged / poisoned | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for (setup, detector), rows in frame.groupby(["setup", "detector"], sort=False):
         flags = f"{rows.n_flagged.mean():.0f} / {rows.n_poisoned.mean():.0f}"
         lines.append(f"| {setup} | {detector} | {len(rows)} | {mean_std(rows.auroc)} | {mean_std(rows.precision_at_n)} "
-                     f"| {mean_std(rows.f1)} | {flags} |")
+                     f"| {mean_std(rows.f1)} | {flags} | {mean_std(rows.seconds, 1)} |")
+    return "\n".join(lines)
+
+
+def setup_table(frame: pd.DataFrame) -> str:
+    """The victims: clean test accuracy and poison success (attack success rate) per set-up."""
+    victims = frame.drop_duplicates("trial_id")
+    lines = ["| set-up | seeds | clean test acc | poison success | poisoned |", "|---|---|---|---|---|"]
+    for setup, rows in victims.groupby("setup", sort=False):
+        lines.append(f"| {setup} | {len(rows)} | {mean_std(rows.clean_test_acc)} | {mean_std(rows.poison_success)} "
+                     f"| {rows.n_poisoned.mean():.0f} |")
     return "\n".join(lines)
 
 
@@ -102,6 +114,8 @@ def main() -> None:
             command += ["--set", override]
         subprocess.run(command, check=True)
     frame = collect(args.out)
+    print(setup_table(frame))
+    print()
     print(markdown_table(frame))
     print()
     print("\n".join(checks(frame)))
