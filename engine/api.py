@@ -69,22 +69,25 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
 
 
 def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
-    from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trials_to_run
+    from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trial_versions, trials_to_run
     from poisonsweep.engine.sweep import run_sweep
 
     for damaged, moved in quarantine(sweep.out):
         echo(f"moved {damaged} (not readable Parquet) to {moved}; its trial runs again")
-    ids, version = sweep.ids, code_version()
-    stale = stale_trials(sweep.out, ids, version)
+    # the record is read and the code hashed once here, for the notes, the bar and the sweep alike
+    ids, version, versions = sweep.ids, code_version(), trial_versions(sweep.out)
+    stale = stale_trials(sweep.out, ids, version, versions)
     if stale:
         listed = ", ".join(f"{v}: {n}" for v, n in stale.most_common())
         verb = "they run again (--rerun " + rerun + ")" if rerun != "failed" else "kept; --rerun stale reruns them"
         echo(f"{sum(stale.values())} ok trial(s) were recorded by other code versions ({listed}; this is {version}): "
              f"{verb}")
-    bar = progress(len(trials_to_run(sweep.out, ids, rerun, version))) if progress else contextlib.nullcontext()
+    # every damaged file was just moved aside, so none is left to send a trial back
+    to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[])
+    bar = progress(len(to_run)) if progress else contextlib.nullcontext()
     with bar as callback:  # a resumed sweep's bar counts only what is left to run
         outcome = run_sweep(sweep, address=address, verbose=verbose, progress=callback,
-                            reuse_actors=reuse_actors, rerun=rerun)
+                            reuse_actors=reuse_actors, rerun=rerun, to_run=to_run, version=version)
     outcome.out = sweep.out
     return outcome
 

@@ -75,34 +75,39 @@ def trial_versions(out: str) -> dict[str, tuple[str, str | None]]:
     return {row["trial_id"]: (row["status"], row["code_version"]) for row in rows}
 
 
-def complete_trials(out: str) -> set[str]:
+def complete_trials(out: str, versions: dict | None = None, damaged: list[str] | None = None) -> set[str]:
     """Trials whose row says ``ok`` and none of whose per-trial files is damaged.
 
     Every table gets a file per trial (empty tables too) and the ``trials`` row is written last,
     so an ``ok`` row means the trial's other files were written; a damaged one sends it back.
     Compacted files hold complete trials only (``poisonsweep.engine.record.compact``).
+    ``versions`` and ``damaged``, when the caller already has them, save reading the record again.
     """
-    ok = {tid for tid, (status, _) in trial_versions(out).items() if status == "ok"}
-    return ok - {PurePosixPath(path).stem for path in damaged_files(out)}
+    versions = trial_versions(out) if versions is None else versions
+    damaged = damaged_files(out) if damaged is None else damaged
+    ok = {tid for tid, (status, _) in versions.items() if status == "ok"}
+    return ok - {PurePosixPath(path).stem for path in damaged}
 
 
-def stale_trials(out: str, trial_ids: list[str], version: str) -> Counter:
+def stale_trials(out: str, trial_ids: list[str], version: str, versions: dict | None = None) -> Counter:
     """Code version -> number of the planned ``ok`` trials recorded by another code version."""
-    versions = trial_versions(out)
+    versions = trial_versions(out) if versions is None else versions
     return Counter(versions[tid][1] or "unknown" for tid in trial_ids
                    if tid in versions and versions[tid][0] == "ok" and versions[tid][1] != version)
 
 
-def trials_to_run(out: str, trial_ids: list[str], rerun: str, version: str) -> list[str]:
+def trials_to_run(out: str, trial_ids: list[str], rerun: str, version: str, versions: dict | None = None,
+                  damaged: list[str] | None = None) -> list[str]:
     """The planned trial ids that must run: ``failed`` (the default) runs every trial not done,
-    ``stale`` also those done by another code version, ``all`` every trial."""
+    ``stale`` also those done by another code version, ``all`` every trial. ``versions`` and
+    ``damaged`` as for :func:`complete_trials`."""
     if rerun not in RERUN_CHOICES:
         raise ValueError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
     if rerun == "all":
         return list(trial_ids)
-    done = complete_trials(out)
+    versions = trial_versions(out) if versions is None else versions
+    done = complete_trials(out, versions, damaged)
     if rerun == "stale":
-        versions = trial_versions(out)
         done = {tid for tid in done if versions[tid][1] == version}
     return [tid for tid in trial_ids if tid not in done]
 

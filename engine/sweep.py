@@ -188,9 +188,11 @@ def plan_units(pending: list[dict], pack: int) -> list[list[dict]]:
 
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
-              reuse_actors: bool = True, rerun: str = "failed") -> SweepOutcome:
-    """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``poisonsweep.engine.record.trials_to_run``:
-    ``rerun`` is ``failed``, ``stale`` or ``all``).
+              reuse_actors: bool = True, rerun: str = "failed", to_run: list[str] | None = None,
+              version: str | None = None) -> SweepOutcome:
+    """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``poisonsweep.engine.resume.trials_to_run``:
+    ``rerun`` is ``failed``, ``stale`` or ``all``). A caller that has already worked out ``to_run`` (the
+    trial ids) and the code ``version`` hands them over, so the record is not read again.
 
     ``reuse_actors`` keeps each trial process alive for the next trial of the same resources, so
     torch and the datasets are imported once per process rather than once per trial
@@ -206,9 +208,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
 
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them
-    version = code_version()
+    version = code_version() if version is None else version
     ids = sweep.ids
-    wanted = set(trials_to_run(sweep.out, ids, rerun, version))
+    wanted = set(trials_to_run(sweep.out, ids, rerun, version) if to_run is None else to_run)
     pending = [t for t, tid in zip(sweep.trials, ids) if tid in wanted]
     pending_ids = [tid for tid in ids if tid in wanted]
     outcome = SweepOutcome(total=len(sweep.trials), skipped=len(sweep.trials) - len(pending))
