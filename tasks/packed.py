@@ -34,10 +34,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from poisonsweep.tasks.data import load_dataset
 from poisonsweep.tasks.detect.base import serial_map
 from poisonsweep.tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device, train_model
-from poisonsweep.tasks.trial import PreparedTrial, TrialResult, finish_trial, prepare_trial
+from poisonsweep.tasks.trial import PreparedTrial, TrialResult, finish_trial, load_trial_data, prepare_trial
 
 # modules that draw random numbers in training and that packing does not reproduce per model
 UNPACKABLE_RANDOM = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -86,8 +85,7 @@ def _shared_datasets(configs: list[dict]) -> dict[str, tuple[object, float]]:
     for key in {k for k in keys if keys.count(k) > 1}:
         data_cfg, start = json.loads(key), time.perf_counter()
         try:
-            data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
-                                n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+            data = load_trial_data(data_cfg)
         except Exception:
             continue
         shared[key] = (data, (time.perf_counter() - start) / keys.count(key))
@@ -110,7 +108,7 @@ def _packs(prepared: dict[int, PreparedTrial]) -> dict[str, list[int]]:
 
 def _train_members(trials: list[PreparedTrial], log: Callable[[str], None]) -> list[TrainHistory | Exception]:
     """Train the trials' models together when there are several and they can be packed, else one by one."""
-    reason = why_not_packable(trials[0].model) if len(trials) > 1 else None
+    reason = (why_not_packable(trials[0].model) or _unmet_needs(trials)) if len(trials) > 1 else None
     if len(trials) > 1 and reason is None:
         seeds = [t.config["seed"] for t in trials]
         start = time.perf_counter()
@@ -137,6 +135,13 @@ def _train_members(trials: list[PreparedTrial], log: Callable[[str], None]) -> l
             histories.append(error)
         trial.lap("train_seconds")
     return histories
+
+
+def _unmet_needs(trials: list[PreparedTrial]) -> str | None:
+    """Packed training records no per-sample losses: a trial whose detectors need them trains alone."""
+    if any("sample_losses" in trial.needs for trial in trials):
+        return "a detector needs per-sample training losses (e.g. abl_isolation), which packed training does not record"
+    return None
 
 
 def why_not_packable(model: nn.Module) -> str | None:
@@ -185,7 +190,7 @@ def _functional_base(model: nn.Module) -> tuple[nn.Module, list[_PackedDropout]]
     return base, dropouts
 
 
-def _record_dropout_shapes(base: nn.Module, dropouts: list[_PackedDropout], sample_shape) -> None:
+def _record_dropout_shapes(base: nn.Module, sample_shape) -> None:
     base.train()
     with torch.no_grad():
         base(torch.empty((2, *sample_shape), device="meta"))
@@ -226,7 +231,7 @@ def train_packed(models: list[nn.Module], xs: list[torch.Tensor], ys: list[torch
     start = time.perf_counter()
     params, buffers = stack_module_state([m.to(device) for m in models])
     base, dropouts = _functional_base(models[0])
-    _record_dropout_shapes(base, dropouts, xs[0].shape[1:])
+    _record_dropout_shapes(base, xs[0].shape[1:])
     optimizer = make_optimizer(list(params.values()), config)
     shufflers = [torch.Generator().manual_seed(seed) for seed in seeds]
     droppers = [torch.Generator(device).manual_seed(seed) for seed in seeds]

@@ -74,8 +74,12 @@ class PreparedTrial:
                            seed=model_seed)
 
     @property
+    def needs(self) -> frozenset:
+        return trial_needs(self.config)
+
+    @property
     def keeps_checkpoints(self) -> bool:
-        return "checkpoints" in trial_needs(self.config)
+        return "checkpoints" in self.needs
 
 
 def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
@@ -93,6 +97,12 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
     return finish_trial(trial, history, map_shards=map_shards, log=log)
 
 
+def load_trial_data(data_cfg: dict):
+    """The dataset a trial's ``data`` section names (its subset drawn with the section's own seed)."""
+    return load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
+                        n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+
+
 def prepare_trial(config: dict, *, artifact_dir: str | None = None, data=None,
                   log: Callable[[str], None] = lambda message: None) -> PreparedTrial:
     """Load (unless ``data`` is the trial's dataset, already loaded) and poison the trial's data, and
@@ -100,8 +110,7 @@ def prepare_trial(config: dict, *, artifact_dir: str | None = None, data=None,
     started = time.perf_counter()
     data_cfg, poison_cfg = config["data"], config["poison"]
     if data is None:
-        data = load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
-                            n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+        data = load_trial_data(data_cfg)
     load_seconds = time.perf_counter() - started
     poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
                             params=poison_cfg.get("params"), artifact_dir=artifact_dir)

@@ -157,6 +157,19 @@ def test_trials_that_cannot_train_together_train_alone_and_say_why(monkeypatch):
     assert [r["pack_size"] for r in rows] == [1, 1] and rows[0]["pack_note"] == "not packable: a made-up reason"
 
 
+def test_trials_whose_detectors_need_per_sample_losses_train_alone():
+    """abl_isolation reads per-sample training losses, which packed training does not record."""
+    configs = build_sweep({"data": {"name": "digits", "n_train": 100, "n_test": 40},
+                           "poison": {"method": "one_shift", "rate": 0.1},
+                           "model": {"name": "mlp", "params": {"hidden": 8, "depth": 1}}, "train": {"epochs": 2},
+                           "detectors": ["abl_isolation"], "sweep": {"seed": [0, 1]}}).trials
+    results = run_pack(configs)
+    assert not any(isinstance(r, Exception) for r in results), results
+    rows = [r.tables["trials"][0] for r in results]
+    assert [r["pack_size"] for r in rows] == [1, 1] and all("per-sample training losses" in r["pack_note"] for r in rows)
+    assert [d["detector"] for r in results for d in r.tables["detections"]] == ["abl_isolation"] * 2
+
+
 # ----------------------------------------------------------------------------------- the engine
 
 PACK_SWEEP = {
