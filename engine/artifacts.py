@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from poisonsweep.engine.sink import filesystem
+from poisonsweep.tasks.files import atomic_write
 
 ARTIFACT_DIR = "_artifacts"
 
@@ -65,9 +65,8 @@ def download(out: str) -> tuple[Path, set[str]]:
     for name, info in _remote_files(fs, f"{root}/{ARTIFACT_DIR}").items():
         if name in present:
             continue
-        partial = local / f".{name}.{uuid.uuid4().hex}.tmp"
-        _fetch(fs, info.path, partial)
-        os.replace(partial, local / name)  # atomic: a concurrent trial sees the whole file or none
+        # atomic: a concurrent trial sees the whole file or none
+        atomic_write(local / name, lambda partial, path=info.path: _fetch(fs, path, partial))
         present.add(name)
     return local, present
 

@@ -106,9 +106,10 @@ def _read_files(fs, table: str, files: TableFiles, columns: list[str], trial_ids
                 continue
             condition = _among(trial_ids) if condition is None else _among(trial_ids) & condition
         part = ds.dataset(info.path, schema=schema, format="parquet", filesystem=fs)
-        pieces.append(part.to_table(columns=columns, filter=condition))
+        piece = part.to_table(columns=columns if "trial_id" in columns else [*columns, "trial_id"], filter=condition)
         if info is not files.compacted[-1]:  # an older compacted file must not add these trials again
-            taken |= set(pc.unique(part.to_table(columns=["trial_id"]).column(0)).to_pylist())
+            taken |= set(pc.unique(piece.column("trial_id")).to_pylist())
+        pieces.append(piece.select(columns))
     if not pieces:
         return schema.empty_table().select(columns)
     return pa.concat_tables(pieces)

@@ -1,5 +1,5 @@
 """How complete a sweep's record is: trials recorded, ok, failed, planned but missing, settings short
-of seeds, and whether the ok trials mix code versions (:func:`engine.record.version_note`)."""
+of seeds, and whether the ok trials mix code versions (:func:`poisonsweep.engine.resume.version_note`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pandas as pd
 
 from poisonsweep.engine import summary
 from poisonsweep.engine.resume import version_note
-from poisonsweep.engine.sink import PLAN_FILE, read_table
+from poisonsweep.engine.record import read_table
+from poisonsweep.engine.sink import PLAN_FILE
 
 
 class RecordError(ValueError):

@@ -1,8 +1,8 @@
 """The report's tables: detection, unlearning, found-vs-checked and influence summaries from the record,
 and their display forms (formatted frames and Markdown).
 
-The ``scores`` table can be large (every training sample × detector × trial), so it is read one
-trial file at a time, only the columns needed.
+The ``scores`` table can be large (every training sample × detector × trial), so it is read a batch
+of trials at a time (``summary.batches``), only the columns needed.
 """
 
 from __future__ import annotations

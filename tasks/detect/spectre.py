@@ -35,7 +35,7 @@ from numbers import Real
 import numpy as np
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top
+from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n
 from poisonsweep.tasks.detect.spectral import EPS_MULTIPLIER, spectral_flags
 from poisonsweep.tasks.registry import Interval
 
@@ -63,13 +63,6 @@ def centred_pca(points: np.ndarray, k: int) -> np.ndarray:
 def _inverse_sqrt(matrix: np.ndarray) -> np.ndarray:
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
     return (vectors / np.sqrt(np.maximum(values, RIDGE))) @ vectors.T
-
-
-def _lowest(values: np.ndarray, count: int) -> np.ndarray:
-    """Mask of the ``count`` smallest values (ties by index)."""
-    mask = np.zeros(len(values), dtype=bool)
-    mask[np.argsort(values, kind="stable")[:max(count, 0)]] = True
-    return mask
 
 
 def _tail_bound(t: float, eps: float) -> float:
@@ -107,7 +100,7 @@ def _filter_step(points: np.ndarray, eps: float, limit: int) -> np.ndarray | Non
     norms = np.einsum("ij,ij->i", white, white)
     far = norms >= FILTER_C * d * math.log(n / TAU)
     if far.any():  # gross outliers first
-        return ~far | _lowest(norms, n - limit)
+        return ~far | flag_top_n(-norms, n - limit)
 
     def fourth_moment(v: np.ndarray) -> np.ndarray:
         matrix = v.reshape(d, d)
@@ -130,7 +123,7 @@ def _filter_step(points: np.ndarray, eps: float, limit: int) -> np.ndarray | Non
         if threshold <= 0:
             continue
         if rank / n >= _tail_bound(threshold, eps):
-            return (deviations <= threshold) | _lowest(deviations, n - limit)
+            return (deviations <= threshold) | flag_top_n(-deviations, n - limit)
     return None
 
 
@@ -204,7 +197,7 @@ def spectre_class(features: np.ndarray, n_poison: float, *, alpha: float = QUE_A
     best = (-np.inf, None, 0)
     for k in candidates:
         scores = _quantum_filter(reps, n_poison, k, alpha)
-        kept = ~flag_top(scores, n_remove / len(scores))
+        kept = ~flag_top_n(scores, n_remove)
         statistic = que_scores(_whiten(reps, kept), alpha)[1]
         if statistic > best[0]:
             best = (statistic, scores, k)
