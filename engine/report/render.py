@@ -22,7 +22,7 @@ from poisonsweep.engine.report.galleries import MAX_SETTINGS, sample_figures, un
 from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
                                    figure_unlearning)
 from poisonsweep.engine.report.run import resolved_config, run_overview
-from poisonsweep.engine.report.status import RecordError, RecordStatus, _ids_in, _setting_columns, record_status
+from poisonsweep.engine.report.status import RecordError, RecordStatus, _setting_columns, record_status
 from poisonsweep.engine.report.tables import (INFLUENCE_SHOWN, TOP_HARMFUL, _display_influence, _display_setting,
                                               _display_stats,
                                   _display_unlearning, _setting_title, _slug, detection_table, found_vs_checked_table,
@@ -108,8 +108,9 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
 def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Report:
     directory.mkdir(parents=True)
     trials = summary.load(out, "trials")
+    detection_rows, unlearning_rows = summary.load(out, "detections"), summary.load(out, "unlearning")
     setting = _setting_columns(trials, plan)
-    status = record_status(trials, plan, _ids_in(out, ["detections", "unlearning"]), setting)
+    status = record_status(trials, plan, set(detection_rows["trial_id"]) | set(unlearning_rows["trial_id"]), setting)
     ok = trials[trials["status"] == "ok"]
     tables: list[Path] = []
     figures: list[Path] = []
@@ -127,7 +128,7 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
         per_setting = summary.trial_summary(ok, setting)
         table("trials", "Trials per setting", per_setting,
               _display_stats(per_setting, setting, [], ["clean_test_acc", "poison_success", "n_poisoned"]))
-        detections = detection_table(trials, summary.load(out, "detections"), setting)
+        detections = detection_table(trials, detection_rows, setting)
         if not detections.empty:
             table("detections", "Detectors", detections,
                   _display_stats(detections, setting, ["detector"], summary.DETECTION_METRICS
@@ -147,7 +148,7 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                 path = directory / f"found_vs_checked_{_slug(data)}_{_slug(poison)}.png"
                 figure(f"Poisons found vs data checked: {data} · {poison}",
                        figure_found_vs_checked(part, setting, f"{data} · {poison}", path))
-        unlearning = unlearning_table(trials, summary.load(out, "unlearning"), setting)
+        unlearning = unlearning_table(trials, unlearning_rows, setting)
         if not unlearning.empty:
             table("unlearning", "Unlearning", unlearning, _display_unlearning(unlearning, setting),
                   "Mean ± std over seeds; 'min retain acc' is the worst seed, so a collapse stays visible.")

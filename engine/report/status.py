@@ -9,7 +9,6 @@ import pandas as pd
 
 from poisonsweep.engine import summary
 from poisonsweep.engine.resume import version_note
-from poisonsweep.engine.record import read_table
 from poisonsweep.engine.sink import PLAN_FILE
 
 
@@ -108,10 +107,3 @@ def _uneven_settings(expected: pd.DataFrame, ok: pd.DataFrame, setting: list[str
             rows.append({**dict(zip(setting, key)), "ok_seeds": _seed_list(seeds_ok) or "none",
                          "expected": wanted, "missing_seeds": _seed_list(missing) or "–"})
     return pd.DataFrame(rows, columns=setting + ["ok_seeds", "expected", "missing_seeds"])
-
-
-def _ids_in(out: str, tables: list[str]) -> set[str]:
-    ids: set[str] = set()
-    for table in tables:
-        ids |= set(read_table(out, table, ["trial_id"]).column("trial_id").to_pylist())
-    return ids
