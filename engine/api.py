@@ -82,6 +82,8 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
         verb = "they run again (--rerun " + rerun + ")" if rerun != "failed" else "kept; --rerun stale reruns them"
         echo(f"{sum(stale.values())} ok trial(s) were recorded by other code versions ({listed}; this is {version}): "
              f"{verb}")
+    if note := cpu_pack_note(sweep.resources):
+        echo(note)
     # every damaged file was just moved aside, so none is left to send a trial back
     to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[])
     bar = progress(len(to_run)) if progress else contextlib.nullcontext()
@@ -90,6 +92,15 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
                             reuse_actors=reuse_actors, rerun=rerun, to_run=to_run, version=version)
     outcome.out = sweep.out
     return outcome
+
+
+def cpu_pack_note(resources: dict) -> str | None:
+    """A hint when packs train without a GPU share: there packing costs more than it saves."""
+    if resources.get("pack", 1) > 1 and not resources.get("gpu"):
+        return (f"resources.pack is {resources['pack']} but the trials get no GPU (resources.gpu 0): on a CPU packed "
+                "training is slower per model than solo training (0.59x the trials per hour at pack 8, "
+                "benchmarks/RESULTS.md section 14); packing pays on a GPU, so use pack: 1 here")
+    return None
 
 
 def check_writable(out: str) -> None:

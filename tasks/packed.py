@@ -236,8 +236,7 @@ def train_packed(models: list[nn.Module], xs: list[torch.Tensor], ys: list[torch
     shufflers = [torch.Generator().manual_seed(seed) for seed in seeds]
     droppers = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     shared_x = all(xi is xs[0] or torch.equal(xi, xs[0]) for xi in xs)  # label-only poisons: one input tensor
-    x = xs[0] if shared_x else torch.stack(xs)
-    y = torch.stack(ys)
+    x, y = _on_device_if_it_fits([xs[0] if shared_x else torch.stack(xs), torch.stack(ys)], device)
 
     def member_loss(p, b, noise, xb, yb):
         for dropout, n in zip(dropouts, noise):
@@ -276,9 +275,12 @@ def train_packed(models: list[nn.Module], xs: list[torch.Tensor], ys: list[torch
 def _train_epoch(step, params, buffers, x, shared_x, y, optimizer, batch_size, shufflers, droppers, dropouts,
                  device) -> tuple[list[float], list[float]]:
     k, n = y.shape
-    order = torch.stack([torch.randperm(n, generator=g) for g in shufflers])
-    rows = torch.arange(k)[:, None]
-    total_loss, correct = [0.0] * k, [0] * k
+    order = torch.stack([torch.randperm(n, generator=g) for g in shufflers]).to(x.device)
+    rows = torch.arange(k, device=x.device)[:, None]
+    # summed on the device and read once per epoch: a read per step would make the host wait for
+    # the accelerator at every step, instead of queueing the next step while this one runs
+    total_loss = torch.zeros(k, dtype=torch.float64, device=device)
+    correct = torch.zeros(k, dtype=torch.int64, device=device)
     for start in range(0, n, batch_size):
         batch = order[:, start:start + batch_size]
         xb = (x[batch] if shared_x else x[rows, batch]).to(device, non_blocking=True)
@@ -288,10 +290,20 @@ def _train_epoch(step, params, buffers, x, shared_x, y, optimizer, batch_size, s
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # model i's weights get the gradient of model i's own mean loss
         optimizer.step()
-        for i, (member_loss, hits) in enumerate(zip(loss.tolist(), (logits.argmax(2) == yb).sum(1).tolist())):
-            total_loss[i] += member_loss * batch.shape[1]
-            correct[i] += hits
-    return [t / n for t in total_loss], [c / n for c in correct]
+        total_loss += loss.detach().double() * batch.shape[1]
+        correct += (logits.argmax(2) == yb).sum(1)
+    return (total_loss / n).tolist(), (correct.double() / n).tolist()
+
+
+def _on_device_if_it_fits(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The training set moved to the accelerator once, if it takes at most a quarter of its free
+    memory; else left where it is and copied batch by batch, as a solo trial does."""
+    if device.type != "cuda":
+        return tensors
+    free, _ = torch.cuda.mem_get_info(device)
+    if sum(t.numel() * t.element_size() for t in tensors) > free / 4:
+        return tensors
+    return [t.to(device) for t in tensors]
 
 
 def _member_state(model: nn.Module, params: dict, buffers: dict, i: int) -> dict:

@@ -197,6 +197,13 @@ def test_plan_packs_groups_by_data_model_and_schedule():
     assert sorted(id(t) for p in packs for t in p) == sorted(id(t) for t in sweep.trials)
 
 
+def test_packing_without_a_gpu_share_is_pointed_out():
+    from poisonsweep.engine.api import cpu_pack_note
+
+    assert "slower per model" in cpu_pack_note({"pack": 8, "gpu": 0})
+    assert cpu_pack_note({"pack": 8, "gpu": 0.25}) is None and cpu_pack_note({"pack": 1, "gpu": 0}) is None
+
+
 def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
     import pandas as pd
     import yaml
@@ -210,6 +217,7 @@ def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
     run = poisonsweep("run", str(config), "--out", str(tmp_path / "packed"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "4 trials run" in run.stdout and "2 failed" in run.stdout
+    assert "resources.pack is 4 but the trials get no GPU" in run.stdout  # packing is slower on a CPU
     for trial in build_sweep(PACK_SWEEP).trials:  # what pack: 1 writes for each trial, without Ray
         record_trial(trial, str(tmp_path / "solo"))
     for table in ("trials", "detections", "scores"):
