@@ -132,13 +132,16 @@ def check_writable(out: str) -> None:
                           "(e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None
 
 
-def load(out: str, tables: Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,
+def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,
          as_pandas: bool = False) -> dict[str, pa.Table]:
     """The record's tables, ``{name: pyarrow.Table}`` (``as_pandas``: DataFrames), each trial's rows
-    once whether per-trial or compacted. ``tables``: which (default all); ``columns``: per table."""
+    once whether per-trial or compacted. ``tables``: which, one name or several (default all);
+    ``columns``: per table."""
     from poisonsweep.engine.record import read_table
     from poisonsweep.engine.sink import TABLES
 
+    if isinstance(tables, str):  # load(out, "trials") means that one table, not its letters
+        tables = [tables]
     names = list(tables) if tables is not None else list(TABLES)
     unknown = [name for name in names if name not in TABLES]
     if unknown:

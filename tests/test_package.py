@@ -159,6 +159,7 @@ def test_run_load_report_through_the_python_api(tmp_path, ray_stopped_after):
     assert tables["trials"].num_rows == 2 and set(tables["trials"].column("status").to_pylist()) == {"ok"}
     detections = poisonsweep.load(outcome.out, ["detections"], as_pandas=True)["detections"]
     assert list(detections["detector"]) == ["loss", "loss"]
+    assert list(poisonsweep.load(outcome.out, "trials")) == ["trials"]  # one name is one table
     again = poisonsweep.run(TINY, out=str(tmp_path / "out"))
     assert (again.ran, again.skipped) == (0, 2)  # resumed: nothing to do
     page = poisonsweep.report(outcome.out, tmp_path / "report").html
