@@ -25,27 +25,27 @@ def split_of(in_small: list[bool]) -> ClassSplit:
 def test_a_small_cluster_predicted_as_another_label_is_flagged():
     split = split_of([True] * 2 + [False] * 6)
     predicted = np.array([3, 3, 0, 0, 0, 0, 0, 3])  # label 0; one big-cluster member is misread
-    np.testing.assert_array_equal(judge_by_reclassification(predicted, 0, split), split.in_small)
+    np.testing.assert_array_equal(judge_by_reclassification(predicted, 0, split.in_small), split.in_small)
 
 
 def test_a_large_cluster_predicted_as_another_label_is_flagged_not_the_smaller_one():
     # the poisons are the majority of their class: the size rules would flag the clean cluster
     split = split_of([True] * 3 + [False] * 5)
     predicted = np.array([0, 0, 0, 4, 4, 4, 4, 0])
-    np.testing.assert_array_equal(judge_by_reclassification(predicted, 0, split), ~split.in_small)
+    np.testing.assert_array_equal(judge_by_reclassification(predicted, 0, split.in_small), ~split.in_small)
 
 
 def test_a_cluster_with_half_its_members_predicted_as_their_label_is_poisonous():
     split = split_of([True] * 4 + [False] * 6)
     predicted = np.array([0, 0, 7, 7, 0, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(judge_by_reclassification(predicted, 0, split), split.in_small)
+    np.testing.assert_array_equal(judge_by_reclassification(predicted, 0, split.in_small), split.in_small)
 
 
 @pytest.mark.parametrize("predicted", [[0, 0, 0, 0, 0, 0], [1, 2, 1, 1, 2, 1]])
 def test_nothing_is_flagged_when_both_clusters_agree(predicted):
     # both predicted as their label: a clean class; both as others: a class the vote cannot judge
     split = split_of([True] * 2 + [False] * 4)
-    assert not judge_by_reclassification(np.array(predicted), 0, split).any()
+    assert not judge_by_reclassification(np.array(predicted), 0, split.in_small).any()
 
 
 # ---------------------------------------------------------------- the detector on planted activations

@@ -15,7 +15,8 @@ from poisonsweep.tasks.trial import run_trial
 
 
 def context_with_features(features: np.ndarray, labels: np.ndarray) -> DetectionContext:
-    context = DetectionContext(model=nn.Identity(), x_train=torch.zeros(len(labels), 1), labels=labels,
+    """Planted features that are also the inputs, where SCAn's reclassifying vote is taken."""
+    context = DetectionContext(model=nn.Identity(), x_train=torch.as_tensor(features, dtype=torch.float32), labels=labels,
                                num_classes=int(labels.max()) + 1)
     context.features = features
     return context
@@ -108,6 +109,36 @@ def test_scan_flags_the_contaminated_class_and_exactly_its_planted_subgroup(seed
     assert np.all(np.delete(index, 3) < THRESHOLD)
     np.testing.assert_array_equal(detection.flagged, planted)
     assert roc_auc_score(planted, detection.scores) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scan_flags_the_poisons_where_they_are_most_of_their_class(seed):
+    # 60 of class 3's 100 samples come from class 7 (BadNets all-to-one at 10 % over ten classes
+    # makes the target about half poison): the global model fitted on the poisoned classes absorbs
+    # the gap, and the smaller subgroup is the clean one
+    features, labels, planted = relabelled_class(seed, n_poison=60)
+    context = context_with_features(features, labels)
+    detection = scan(context, seed=seed)
+    np.testing.assert_array_equal(detection.flagged, planted)
+    assert roc_auc_score(planted, detection.scores) == 1.0
+    smaller = scan(context, seed=seed, subgroup="smaller").flagged  # the toolkits' rule picks the clean 40
+    assert smaller.sum() == 40 and not (smaller & planted).any()
+
+
+def test_scan_ranks_a_few_mislabelled_samples_first_when_no_class_is_flagged():
+    # one-shift at 2 %: in every class, 2 of its 100 samples come from the next class. No class is
+    # an outlier among the others, but each of these samples is far from its class's identity
+    features, labels, _ = relabelled_class(5, n_poison=0)
+    rng = np.random.default_rng(5)
+    planted = np.zeros(len(labels), dtype=bool)
+    for label in range(10):
+        chosen = rng.choice(np.flatnonzero(labels == label), 2, replace=False)
+        features[chosen] = features[rng.choice(np.flatnonzero(labels == (label + 1) % 10), 2, replace=False)]
+        planted[chosen] = True
+    detection = scan(context_with_features(features, labels), seed=0)
+    assert not detection.flagged.any()
+    assert roc_auc_score(planted, detection.scores) == 1.0
+    assert detection.scores.min() >= 0 and detection.scores.max() < 1
 
 
 def test_scan_flags_nothing_on_clean_classes():

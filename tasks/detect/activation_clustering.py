@@ -122,7 +122,7 @@ def reclassify_by_neighbours(space: np.ndarray, labels: np.ndarray, num_classes:
     return plurality_labels(neighbour_labels, num_classes), disagreement
 
 
-def judge_by_reclassification(predicted: np.ndarray, label: int, split: ClassSplit) -> np.ndarray:
+def judge_by_reclassification(predicted: np.ndarray, label: int, in_small: np.ndarray) -> np.ndarray:
     """Exclusionary reclassification of one class's two clusters: which members to flag.
 
     A cluster is poisonous when its members are mostly predicted as a label other than
@@ -136,13 +136,14 @@ def judge_by_reclassification(predicted: np.ndarray, label: int, split: ClassSpl
     predicted : ndarray of shape (n_class,), int
         The reclassified labels of the class's members.
     label : int
-    split : ClassSplit
+    in_small : ndarray of shape (n_class,), bool
+        Which members are in one cluster (the rest are in the other).
 
     Returns
     -------
     flagged : ndarray of shape (n_class,), bool
     """
-    clusters = (split.in_small, ~split.in_small)
+    clusters = (in_small, ~in_small)
     poisonous = [2 * np.count_nonzero(predicted[members] == label) <= members.sum() for members in clusters]
     flagged = np.zeros(len(predicted), dtype=bool)
     if not all(poisonous):
@@ -276,7 +277,7 @@ default="exclusionary_reclassification"
         if split is None:
             continue
         if by_reclassification:
-            flagged[members] = judge_by_reclassification(predicted[members], label, split)
+            flagged[members] = judge_by_reclassification(predicted[members], label, split.in_small)
         else:
             scores[members] = (1 - 2 * split.small_fraction) * (1 + split.margin) / 2
             flagged[members[split.in_small]] = is_poison_cluster(
