@@ -36,9 +36,10 @@ The paper fits the global model on a trusted clean subset; we have none, and tha
 - **A class is flagged only when its statistic is unusually large** (the toolkits take |J*|,
   which would also flag a class whose statistic is unusually small, i.e. unusually homogeneous).
 
-Per-sample scores are ours (the paper decides per class): j_i + m_i / (1 + m_i), where j_i is 1
-for the flagged samples and 0 otherwise, and m_i is sample i's squared Mahalanobis distance from
-its class's mean under F, i.e. how badly the one-identity model of its class explains it. Every
+Per-sample scores are ours (the paper decides per class): j_i + m_i / (m_i + r), where j_i is 1
+for the flagged samples and 0 otherwise, m_i is sample i's squared Mahalanobis distance from its
+class's mean under F, i.e. how badly the one-identity model of its class explains it, and r the
+rank of F, the value m takes on average under that model (so a typical sample scores about 0.5). Every
 flagged sample therefore outranks every other, as in ``activation_clustering``. (The first form,
 membership of the smaller subgroup times 1 + J*, ranked poisons *below* clean samples wherever no
 class was flagged, AUROC 0.29-0.44 at one-shift 1 % and random flip 10 % on MNIST and
@@ -243,8 +244,9 @@ def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, 
     -------
     detection : Detection
         ``flagged``: the poisonous subgroup of every class with J* > threshold. ``scores`` (float64
-        in [0, 2)): j_i + m_i / (1 + m_i), j_i = 1 for flagged samples, m_i the squared Mahalanobis
-        distance from the class mean under the global model (see the module's notes).
+        in [0, 2)): j_i + m_i / (m_i + r), j_i = 1 for flagged samples, m_i the squared Mahalanobis
+        distance from the class mean under the global model, r the rank of its precision (see the
+        module's notes).
     """
     labels = np.asarray(context.labels)
     result = scan_classes(context.features, labels, seed=seed)
@@ -253,4 +255,5 @@ def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, 
         judge_space=lambda: reclassification_space(context, representation))
     features = np.asarray(context.features, dtype=np.float64)
     distance = _mahalanobis(features - features.mean(axis=0), labels, result["model"].precision)
-    return Detection(scores=flagged + distance / (1 + distance), flagged=flagged)
+    expected = max(np.linalg.matrix_rank(result["model"].precision), 1)  # E[m] under the model
+    return Detection(scores=flagged + distance / (distance + expected), flagged=flagged)
