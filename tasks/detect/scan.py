@@ -160,19 +160,10 @@ def best_split(x: np.ndarray, model: GlobalModel, rng: np.random.Generator,
     return max(splits, key=lambda group: split_statistic(x, group, model))
 
 
-def _mahalanobis(x: np.ndarray, labels: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Each sample's squared distance from its class's mean under ``precision``."""
-    distances = np.zeros(len(x))
-    for label in np.unique(labels):
-        rows = labels == label
-        offsets = x[rows] - x[rows].mean(axis=0)
-        distances[rows] = np.einsum("ij,jk,ik->i", offsets, precision, offsets)
-    return distances
-
-
 def scan_classes(features: np.ndarray, labels: np.ndarray, *, seed: int) -> dict:
     """Global models, per-class splits and statistics: ``{"classes", "index": J* per class,
-    "group": each sample's subgroup (bool) in its class's split, "model": the subgroup-level model}``."""
+    "group": each sample's subgroup (bool) in its class's split, "model": the subgroup-level model,
+    "distance": each sample's squared Mahalanobis distance from its class's mean under that model}``."""
     features = np.asarray(features, dtype=np.float64)
     classes, inverse = np.unique(np.asarray(labels), return_inverse=True)
     x = features - features.mean(axis=0)
@@ -187,7 +178,12 @@ def scan_classes(features: np.ndarray, labels: np.ndarray, *, seed: int) -> dict
     model = fit_global_model(features, 2 * inverse + group)
     statistics = np.array([split_statistic(x[rows], group[rows], model) if len(rows) >= 2 else 0.0
                            for rows in members])
-    return {"classes": classes, "index": anomaly_index(statistics), "group": group, "model": model}
+    distance = np.zeros(len(inverse))
+    for rows in members:
+        offsets = x[rows] - x[rows].mean(axis=0)
+        distance[rows] = np.einsum("ij,jk,ik->i", offsets, model.precision, offsets)
+    return {"classes": classes, "index": anomaly_index(statistics), "group": group, "model": model,
+            "distance": distance}
 
 
 def poisonous_subgroups(result: dict, labels: np.ndarray, contaminated: np.ndarray, *, rule: str,
@@ -253,7 +249,6 @@ def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, 
     flagged = poisonous_subgroups(
         result, labels, result["index"] > threshold, rule=subgroup, num_classes=context.num_classes, k=k,
         judge_space=lambda: reclassification_space(context, representation))
-    features = np.asarray(context.features, dtype=np.float64)
-    distance = _mahalanobis(features - features.mean(axis=0), labels, result["model"].precision)
+    distance = result["distance"]
     expected = max(np.linalg.matrix_rank(result["model"].precision), 1)  # E[m] under the model
     return Detection(scores=flagged + distance / (distance + expected), flagged=flagged)
