@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from poisonsweep.tasks.detect.base import serial_map
-from poisonsweep.tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device, train_model
+from poisonsweep.tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device
 from poisonsweep.tasks.trial import PreparedTrial, TrialResult, finish_trial, load_trial_data, prepare_trial
 
 # modules that draw random numbers in training and that packing does not reproduce per model
@@ -128,12 +128,9 @@ def _train_members(trials: list[PreparedTrial], log: Callable[[str], None]) -> l
         trial.pack_note = trial.pack_note or (f"not packable: {reason}" if reason else None)
         trial.clock = time.perf_counter()
         try:
-            histories.append(train_model(trial.model, trial.poisoned.x_train, trial.poisoned.labels,
-                                         trial.train_config, seed=trial.config["seed"],
-                                         keep_checkpoints=trial.keeps_checkpoints))
+            histories.append(trial.train_alone())
         except Exception as error:
             histories.append(error)
-        trial.lap("train_seconds")
     return histories
 
 

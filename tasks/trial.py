@@ -11,6 +11,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -73,13 +74,21 @@ class PreparedTrial:
         return build_model(model_cfg["name"], self.data.in_shape, self.data.num_classes, model_cfg.get("params"),
                            seed=model_seed)
 
-    @property
+    @cached_property
     def needs(self) -> frozenset:
         return trial_needs(self.config)
 
     @property
     def keeps_checkpoints(self) -> bool:
         return "checkpoints" in self.needs
+
+    def train_alone(self, on_epoch=None) -> TrainHistory:
+        """Train this trial's model by itself (as a solo trial does), timed as ``train_seconds``."""
+        try:
+            return train_model(self.model, self.poisoned.x_train, self.poisoned.labels, self.train_config,
+                               seed=self.config["seed"], keep_checkpoints=self.keeps_checkpoints, on_epoch=on_epoch)
+        finally:
+            self.lap("train_seconds")
 
 
 def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
@@ -90,10 +99,7 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
     records the trial as failed with the error text.
     """
     trial = prepare_trial(config, artifact_dir=artifact_dir, log=log)
-    history = train_model(trial.model, trial.poisoned.x_train, trial.poisoned.labels, trial.train_config,
-                          seed=config["seed"], keep_checkpoints=trial.keeps_checkpoints,
-                          on_epoch=lambda e, loss, acc: log(f"epoch {e + 1}: loss {loss:.4f} acc {acc:.3f}"))
-    trial.lap("train_seconds")
+    history = trial.train_alone(on_epoch=lambda e, loss, acc: log(f"epoch {e + 1}: loss {loss:.4f} acc {acc:.3f}"))
     return finish_trial(trial, history, map_shards=map_shards, log=log)
 
 

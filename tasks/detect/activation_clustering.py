@@ -33,7 +33,8 @@ SPREAD_RTOL = 1e-12  # a class whose activations vary less than this (relative) 
 SILHOUETTE_MAX_SAMPLES = 5_000  # silhouette is O(n²): larger classes use a seeded sample
 
 __all__ = ["ANALYSES", "REDUCERS", "REPRESENTATIONS", "ClassSplit", "split_class", "is_poison_cluster",
-           "reclassify_by_neighbours", "judge_by_reclassification", "activation_clustering"]
+           "reclassify_by_neighbours", "cached_reclassification", "judge_by_reclassification",
+           "activation_clustering"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,16 @@ def judge_by_reclassification(predicted: np.ndarray, label: int, in_small: np.nd
     return flagged
 
 
+def cached_reclassification(context: DetectionContext, representation: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``reclassify_by_neighbours`` of the trial's samples, computed once per (representation, k):
+    activation clustering and SCAn take the same vote."""
+    key = ("reclassify_by_neighbours", representation, int(k))
+    if key not in context.cache:
+        context.cache[key] = reclassify_by_neighbours(reclassification_space(context, representation),
+                                                      np.asarray(context.labels), context.num_classes, k)
+    return context.cache[key]
+
+
 def reclassification_space(context: DetectionContext, representation: str) -> np.ndarray:
     """The samples as the reclassifier sees them: flattened inputs or penultimate activations."""
     if representation == "features":
@@ -265,8 +276,7 @@ default="exclusionary_reclassification"
     flagged = np.zeros(len(features), dtype=bool)
     by_reclassification = analysis == "exclusionary_reclassification"
     if by_reclassification:
-        predicted, disagreement = reclassify_by_neighbours(
-            reclassification_space(context, representation), labels, context.num_classes, k)
+        predicted, disagreement = cached_reclassification(context, representation, k)
         scores = disagreement * k / (k + 1)
     else:
         scores = np.zeros(len(features))

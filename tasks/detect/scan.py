@@ -55,8 +55,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from poisonsweep.tasks.detect.activation_clustering import (REPRESENTATIONS, judge_by_reclassification,
-                                                             reclassification_space, reclassify_by_neighbours)
+from poisonsweep.tasks.detect.activation_clustering import (REPRESENTATIONS, cached_reclassification,
+                                                             judge_by_reclassification)
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
 from poisonsweep.tasks.registry import Interval, Options
 
@@ -187,12 +187,12 @@ def scan_classes(features: np.ndarray, labels: np.ndarray, *, seed: int) -> dict
 
 
 def poisonous_subgroups(result: dict, labels: np.ndarray, contaminated: np.ndarray, *, rule: str,
-                        judge_space, num_classes: int, k: int) -> np.ndarray:
+                        reclassify) -> np.ndarray:
     """Which samples to flag: in each ``contaminated`` class, the subgroup judged poisonous.
 
     ``rule="smaller"``: the smaller subgroup. ``rule="reclassification"``: the subgroup that
     exclusionary reclassification judges poisonous (none when it judges both or neither);
-    ``judge_space()`` gives the samples for the neighbour vote, taken only if some class is flagged.
+    ``reclassify()`` gives every sample's reclassified label, asked for only if some class is flagged.
     """
     group, classes = result["group"], result["classes"]
     flagged = np.zeros(len(labels), dtype=bool)
@@ -204,7 +204,7 @@ def poisonous_subgroups(result: dict, labels: np.ndarray, contaminated: np.ndarr
             flagged[rows] = smaller
             continue
         if predicted is None:  # one vote over the whole training set
-            predicted, _ = reclassify_by_neighbours(judge_space(), labels, num_classes, k)
+            predicted = reclassify()
         flagged[rows] = judge_by_reclassification(predicted[rows], label, smaller)
     return flagged
 
@@ -247,8 +247,8 @@ def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, 
     labels = np.asarray(context.labels)
     result = scan_classes(context.features, labels, seed=seed)
     flagged = poisonous_subgroups(
-        result, labels, result["index"] > threshold, rule=subgroup, num_classes=context.num_classes, k=k,
-        judge_space=lambda: reclassification_space(context, representation))
+        result, labels, result["index"] > threshold, rule=subgroup,
+        reclassify=lambda: cached_reclassification(context, representation, k)[0])
     distance = result["distance"]
     expected = max(np.linalg.matrix_rank(result["model"].precision), 1)  # E[m] under the model
     return Detection(scores=flagged + distance / (distance + expected), flagged=flagged)
