@@ -83,10 +83,6 @@ def filesystem(out: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(out)
 
 
-def trial_path(out: str, table: str, trial_id: str) -> str:
-    return f"{filesystem(out)[1]}/{table}/{trial_id}.parquet"
-
-
 def to_table(table: str, rows: list[dict]) -> pa.Table:
     """Rows -> a typed Arrow table; unknown keys are an error (a typo would otherwise vanish)."""
     schema = SCHEMAS[table]

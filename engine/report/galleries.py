@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from poisonsweep.engine.report.figures import _legend, _new_figure, _save, _suptitle
-from poisonsweep.engine.report.samples import (flag_threshold, gallery_rows, read_scores, read_unlearning, rebuild_images,
+from poisonsweep.engine.report.samples import (flag_threshold, gallery_rows, read_scores, rebuild_images,
                                    rebuild_success_set, representative_trials, unlearning_examples)
 from poisonsweep.engine.report.tables import _setting_title, _slug
 
@@ -220,13 +220,15 @@ def figure_unlearning_examples(runs: pd.DataFrame, success, title: str, path: Pa
     return _save(figure, path)
 
 
-def unlearning_example_figures(out: str, trials: pd.DataFrame, setting: list[str], directory: Path, *,
-                               max_settings: int = MAX_SETTINGS) -> list[tuple[str, Path]]:
-    """Per setting that unlearns (one trial, the lowest seed): the before/after picture."""
+def unlearning_example_figures(out: str, trials: pd.DataFrame, unlearning_rows: pd.DataFrame, setting: list[str],
+                               directory: Path, *, max_settings: int = MAX_SETTINGS) -> list[tuple[str, Path]]:
+    """Per setting that unlearns (one trial, the lowest seed): the before/after picture, from the
+    record's ``unlearning`` rows (read once by the report)."""
     figures = []
+    recorded = "success_predictions_after" in unlearning_rows
     for trial in representative_trials(trials, setting).head(max_settings).itertuples(index=False):
-        rows = read_unlearning(out, trial.trial_id)
-        runs = unlearning_examples(rows) if rows is not None and "success_predictions_after" in rows else None
+        rows = unlearning_rows[unlearning_rows["trial_id"] == trial.trial_id] if recorded else None
+        runs = unlearning_examples(rows) if rows is not None and not rows.empty else None
         if runs is None or runs.empty:
             continue
         success = rebuild_success_set(trial.config_json, out, len(runs["success_predictions_before"].iloc[0]))

@@ -156,7 +156,7 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                 title = _setting_title(key, setting)
                 name = "unlearning_" + "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
                 figure(f"Unlearning: {title}", figure_unlearning(part, title, directory / f"{name}.png"))
-            for heading, path in unlearning_example_figures(out, trials, setting, directory):
+            for heading, path in unlearning_example_figures(out, trials, unlearning_rows, setting, directory):
                 figure(heading, path)
         influence = influence_table(out, trials, summary.load(out, "influence"), setting)
         if not influence.empty:

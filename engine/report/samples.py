@@ -172,11 +172,6 @@ def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None
     return SuccessSet(poisoned.success_x[:n].numpy(), poisoned.success_y[:n].numpy(), poisoned.success_kind)
 
 
-def read_unlearning(out: str, trial_id: str) -> pd.DataFrame | None:
-    """One trial's ``unlearning`` rows, or None when its file is absent."""
-    return _read_trial_file(out, "unlearning", trial_id)
-
-
 def unlearning_examples(rows: pd.DataFrame) -> pd.DataFrame:
     """The unlearning runs worth a picture: the oracle at its largest fraction and every detector's
     flagged selection, each method once; rows without recorded predictions are dropped."""

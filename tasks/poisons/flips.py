@@ -20,7 +20,7 @@ def no_poison(data: Dataset, *, rate: float, seed: int) -> PoisonedData:
     if rate != 0:
         raise ConfigError(f"poison.method 'none' needs poison.rate 0; got {rate}")
     return relabelled(data, np.array([], dtype=int), torch.tensor([], dtype=torch.int64),
-                 success_x=data.x_test, success_y=data.y_test, success_kind="miss")
+                       success_x=data.x_test, success_y=data.y_test, success_kind="miss")
 
 
 @POISONS.register("one_shift", {"shift": [Interval(Integral, 1)]}, eligible=eligible_all)
@@ -31,11 +31,11 @@ def one_shift(data: Dataset, *, rate: float, seed: int, shift: int = 1) -> Poiso
         raise ConfigError(f"poison.params.shift {shift} is a multiple of the {k} classes: nothing would flip")
     poisoned = choose(np.arange(n), n_to_poison(rate, n, n, "one_shift"), seed)
     return relabelled(data, poisoned, (data.y_train[poisoned] + shift) % k,
-                 success_x=data.x_test, success_y=(data.y_test + shift) % k)
+                       success_x=data.x_test, success_y=(data.y_test + shift) % k)
 
 
 @POISONS.register("random_flip", eligible=eligible_all)
-def randomrelabelled(data: Dataset, *, rate: float, seed: int) -> PoisonedData:
+def random_flip(data: Dataset, *, rate: float, seed: int) -> PoisonedData:
     """Relabel to a uniformly chosen *other* class; success = the test error rate (no fixed mapping)."""
     n, k = len(data.y_train), data.num_classes
     poisoned = choose(np.arange(n), n_to_poison(rate, n, n, "random_flip"), seed)
@@ -50,7 +50,7 @@ def _source_count(class_counts, *, source: int = 0, **_) -> int:
 
 @POISONS.register("pair_flip", {"source": [Interval(Integral, 0)], "target": [Interval(Integral, 0)]},
                   eligible=_source_count)
-def pairrelabelled(data: Dataset, *, rate: float, seed: int, source: int = 0, target: int = 1) -> PoisonedData:
+def pair_flip(data: Dataset, *, rate: float, seed: int, source: int = 0, target: int = 1) -> PoisonedData:
     """Relabel samples of ``source`` as ``target``; success = source test images predicted as target."""
     check_classes(data.num_classes, source=source, target=target)
     if source == target:
@@ -59,5 +59,5 @@ def pairrelabelled(data: Dataset, *, rate: float, seed: int, source: int = 0, ta
     poisoned = choose(candidates, n_to_poison(rate, len(data.y_train), len(candidates), "pair_flip"), seed)
     from_source = data.y_test == source
     return relabelled(data, poisoned, torch.full((len(poisoned),), target),
-                 success_x=data.x_test[from_source], success_y=torch.full((int(from_source.sum()),), target))
+                       success_x=data.x_test[from_source], success_y=torch.full((int(from_source.sum()),), target))
 
