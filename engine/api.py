@@ -55,17 +55,10 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
     sweep = load_config(config, overrides, out=out, data_root=data_root)
     check_data(sweep)
     check_writable(sweep.out)
-    from filelock import Timeout
-
-    lock = run_guard(sweep.out, echo)
-    try:
-        with lock:  # a file lock (local directory) or a lease (object store): one run per output
-            if announce is not None:
-                announce(sweep)
-            return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress)
-    except Timeout:
-        raise OutputBusy(f"another `poisonsweep run` is writing to {sweep.out} (it holds {lock.lock_file}); wait "
-                         "for it to finish, or choose another --out") from None
+    with run_guard(sweep.out, echo):  # a file lock (local directory) or a lease (object store): one run per output
+        if announce is not None:
+            announce(sweep)
+        return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress)
 
 
 def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):

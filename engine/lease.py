@@ -15,6 +15,7 @@ says so). Either way no row is duplicated, since every trial's file is replaced,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -127,10 +128,24 @@ class Lease:
 
 
 def run_guard(out: str, echo=print):
-    """The guard ``run`` holds while it writes to ``out``: a ``filelock`` for a local directory
-    (``timeout=0``: a held lock raises ``filelock.Timeout``), a :class:`Lease` for an object store."""
+    """The guard ``run`` holds while it writes to ``out``: a :class:`Lease` for an object store, a
+    ``filelock`` for a local directory; either raises ``OutputBusy`` on entry if another run holds it."""
     if "://" in out:
         return Lease(out, echo=echo)
-    from filelock import FileLock
+    return _local_lock(out, f"{filesystem(out)[1]}/{LOCK_FILE}")
 
-    return FileLock(f"{filesystem(out)[1]}/{LOCK_FILE}", timeout=0)
+
+@contextlib.contextmanager
+def _local_lock(out: str, path: str):
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:  # only the acquisition: a Timeout raised by the run itself is not "busy"
+        raise OutputBusy(f"another `poisonsweep run` is writing to {out} (it holds {path}); wait for it to finish, "
+                         "or choose another --out") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
