@@ -28,8 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from poisonsweep.tasks.files import atomic_write
-from poisonsweep.engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, readable_files
+from poisonsweep.engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, publish, readable_files
 
 COMPACTED = re.compile(r"compacted-(\d+)-[0-9a-f]+\.parquet")
 # rows per row group of a compacted file: large enough for fast scans, small enough that a query for
@@ -181,9 +180,7 @@ def _write_batches(fs, path: str, batches, schema: pa.Schema) -> int:
 
 def _write_atomically(fs, final: str, batches, schema: pa.Schema) -> int:
     """Write ``batches`` (Arrow tables) to ``final``, visible only when complete; returns the rows written."""
-    if not isinstance(fs, pafs.LocalFileSystem):  # object stores publish an object only once its upload completes
-        return _write_batches(fs, final, batches, schema)
-    return atomic_write(final, lambda temporary: _write_batches(fs, str(temporary), batches, schema))
+    return publish(fs, final, lambda path: _write_batches(fs, path, batches, schema))
 
 
 def _new_name(files: TableFiles) -> str:

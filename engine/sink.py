@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable, TypeVar
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from poisonsweep.tasks.files import atomic_write, atomic_write_bytes
+from poisonsweep.tasks.files import atomic_write
+
+T = TypeVar("T")
 
 _STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 
@@ -96,12 +99,20 @@ def write_trial_table(out: str, table: str, trial_id: str, rows: list[dict]) -> 
     """Write (or replace) one trial's rows of one table, atomically."""
     fs, root = filesystem(out)
     fs.create_dir(f"{root}/{table}", recursive=True)
-    final = f"{root}/{table}/{trial_id}.parquet"
+    publish(fs, f"{root}/{table}/{trial_id}.parquet",
+            lambda path: pq.write_table(to_table(table, rows), path, filesystem=fs))
+
+
+def publish(fs: pafs.FileSystem, final: str, write: Callable[[str], T]) -> T:
+    """Call ``write(path)`` so that ``final`` is seen only whole, and return what it returned.
+
+    On a local disk ``write`` fills a dot-prefixed temporary (skipped by pyarrow, pandas, polars and
+    DuckDB globs) that is then renamed onto ``final``; an object store publishes an object only once
+    its upload completes, so there ``write`` writes ``final`` itself.
+    """
     if isinstance(fs, pafs.LocalFileSystem):
-        # a dot-prefixed temporary name is skipped by pyarrow, pandas, polars and DuckDB globs
-        atomic_write(final, lambda temporary: pq.write_table(to_table(table, rows), str(temporary), filesystem=fs))
-    else:  # object stores publish an object only once its upload completes
-        pq.write_table(to_table(table, rows), final, filesystem=fs)
+        return atomic_write(final, lambda temporary: write(str(temporary)))
+    return write(final)
 
 
 def remove_temporaries(out: str) -> int:
@@ -186,12 +197,12 @@ def write_plan(sweep) -> None:
     text = f'{{"name": {json.dumps(sweep.name)}, "trials": [\n{lines}\n]}}\n'
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
-    final = f"{root}/{PLAN_FILE}"
-    if isinstance(fs, pafs.LocalFileSystem):
-        atomic_write_bytes(final, text.encode())
-    else:
-        with fs.open_output_stream(final) as stream:
+
+    def write(path: str) -> None:
+        with fs.open_output_stream(path) as stream:
             stream.write(text.encode())
+
+    publish(fs, f"{root}/{PLAN_FILE}", write)
 
 
 def read_plan(out: str) -> pd.DataFrame | None:
