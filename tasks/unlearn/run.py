@@ -64,7 +64,7 @@ def run_unlearning(model: nn.Module, poisoned: PoisonedData, x_test: torch.Tenso
         base = {**_describe_selection(selection, forget, poisoned.is_poison), **before,
                 **_set_accuracies(model, split, "before")}
         for name, params in methods:
-            rows.append({**base, **_run_method(model, name, params, split, x_test, y_test, poisoned,
+            rows.append({**base, **_run_method(model, name, params, split, base, x_test, y_test, poisoned,
                                                train_config, model_factory, seed, max_drop)})
     return rows
 
@@ -107,53 +107,44 @@ def _describe_selection(selection: dict, forget: np.ndarray, is_poison: np.ndarr
     }
 
 
-def _set_accuracies(model: nn.Module, split: dict, when: str) -> dict:
+def _set_accuracies(model: nn.Module, split: dict, when: str, retain_acc: float | None = None) -> dict:
+    """Retain, forget and forget-true accuracy (``retain_acc``: already measured)."""
     return {
-        f"retain_acc_{when}": accuracy(model, split["retain_x"], split["retain_y"]),
+        f"retain_acc_{when}": accuracy(model, split["retain_x"], split["retain_y"]) if retain_acc is None else retain_acc,
         f"forget_acc_{when}": accuracy(model, split["forget_x"], split["forget_y"]),
         f"forget_true_acc_{when}": accuracy(model, split["forget_x"], split["forget_true_y"]),
     }
 
 
-def _run_method(model, name, params, split, x_test, y_test, poisoned, train_config, model_factory,
+def _run_method(model, name, params, split, before, x_test, y_test, poisoned, train_config, model_factory,
                 seed, max_drop: float | None = None) -> dict:
+    """One method's row; ``before`` holds the model's ``*_before`` values, which a kept model reuses."""
     entry = UNLEARNERS.get(name)
     row = {"method": name, "params": json.dumps({**entry.defaults(), **params}, sort_keys=True),
            "guard_max_retain_drop": float("nan") if max_drop is None else float(max_drop),
            "guard_refused": False, "refused_retain_acc": float("nan"), "refused_clean_test_acc": float("nan"),
            "refused_poison_success": float("nan")}
-    if len(split["forget_x"]) == 0:
-        # nothing identified: nothing to unlearn, the model stays as it is
-        row.update(clean_test_acc_after=accuracy(model, x_test, y_test),
-                   poison_success_after=poison_success(model, poisoned), seconds=0.0,
-                   success_predictions_after=success_predictions(model, poisoned),
-                   **_set_accuracies(model, split, "after"))
-        return row
+    if len(split["forget_x"]) == 0:  # nothing identified: nothing to unlearn, the model stays as it is
+        return {**row, "seconds": 0.0, **_kept(before)}
     start = time.perf_counter()
     unlearned = entry.fn(model, retain_x=split["retain_x"], retain_y=split["retain_y"],
                          forget_x=split["forget_x"], forget_y=split["forget_y"], train_config=train_config,
                          seed=seed, model_factory=model_factory, **params)
     row["seconds"] = time.perf_counter() - start
-    if max_drop is not None:
-        unlearned = _guard(model, unlearned, split, max_drop, row, x_test, y_test, poisoned)
+    retain_after = accuracy(unlearned, split["retain_x"], split["retain_y"])
+    if max_drop is not None and before["retain_acc_before"] - retain_after > max_drop:
+        # the guard refuses the update: the model before it is kept, and the refused one recorded
+        row.update(guard_refused=True, refused_retain_acc=retain_after,
+                   refused_clean_test_acc=accuracy(unlearned, x_test, y_test),
+                   refused_poison_success=poison_success(unlearned, poisoned))
+        return {**row, **_kept(before)}
     row.update(clean_test_acc_after=accuracy(unlearned, x_test, y_test),
                poison_success_after=poison_success(unlearned, poisoned),
                success_predictions_after=success_predictions(unlearned, poisoned),
-               **_set_accuracies(unlearned, split, "after"))
+               **_set_accuracies(unlearned, split, "after", retain_acc=retain_after))
     return row
 
 
-def _guard(model: nn.Module, unlearned: nn.Module, split: dict, max_drop: float, row: dict, x_test, y_test,
-           poisoned: PoisonedData) -> nn.Module:
-    """``unlearned``, or ``model`` when the update costs more than ``max_drop`` retain accuracy.
-
-    A refused update is recorded in ``row`` (``guard_refused`` and the refused model's accuracies).
-    """
-    retain_after = accuracy(unlearned, split["retain_x"], split["retain_y"])
-    if accuracy(model, split["retain_x"], split["retain_y"]) - retain_after <= max_drop:
-        return unlearned
-    row.update(guard_refused=True, refused_retain_acc=retain_after,
-               refused_clean_test_acc=accuracy(unlearned, x_test, y_test),
-               refused_poison_success=poison_success(unlearned, poisoned))
-    return model
-
+def _kept(before: dict) -> dict:
+    """The ``*_after`` values of a model left as it was: its ``*_before`` values (evaluation is deterministic)."""
+    return {key.replace("_before", "_after"): value for key, value in before.items() if key.endswith("_before")}
