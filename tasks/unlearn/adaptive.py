@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from poisonsweep.tasks.train import TrainConfig, accuracy, copy_model
-from poisonsweep.tasks.unlearn.methods import UNLEARNERS, minibatch_importance, ssd_dampen
+from poisonsweep.tasks.unlearn.methods import UNLEARNERS, dampen_, minibatch_importance, reference_set
 from poisonsweep.tasks.registry import Interval, Options
 
 __all__ = ["adaptive_alpha", "assd", "potion", "forget_share"]
@@ -75,22 +75,11 @@ class _Dampener:
 
     def at_share(self, share: float) -> nn.Module:
         alpha = adaptive_alpha(self.forget, self.reference, selection_percentile(share))
-        dampened_model = copy_model(self.model)
-        params = dict(dampened_model.named_parameters())
-        dampened = ssd_dampen({k: p.detach() for k, p in params.items()}, self.forget, self.reference,
-                              alpha=alpha, dampening=1.0)
-        with torch.no_grad():
-            for name, value in dampened.items():
-                params[name].copy_(value)
-        dampened_model.eval()
-        return dampened_model
+        return dampen_(copy_model(self.model), self.forget, self.reference, alpha=alpha, dampening=1.0)
 
 
 def _dampener(model, retain_x, retain_y, forget_x, forget_y, importance_on: str, batch_size: int) -> _Dampener:
-    if importance_on == "full":
-        reference_x, reference_y = torch.cat([retain_x, forget_x]), torch.cat([retain_y, forget_y])
-    else:
-        reference_x, reference_y = retain_x, retain_y
+    reference_x, reference_y = reference_set(retain_x, retain_y, forget_x, forget_y, importance_on)
     return _Dampener(model, reference_x, reference_y, forget_x, forget_y, batch_size)
 
 

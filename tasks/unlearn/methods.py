@@ -111,19 +111,29 @@ def ssd(model: nn.Module, *, retain_x: torch.Tensor, retain_y: torch.Tensor, for
     unlearned = copy_model(model)
     if len(forget_x) == 0:
         return unlearned
-    if importance_on == "full":
-        reference_x, reference_y = torch.cat([retain_x, forget_x]), torch.cat([retain_y, forget_y])
-    else:
-        reference_x, reference_y = retain_x, retain_y
+    reference_x, reference_y = reference_set(retain_x, retain_y, forget_x, forget_y, importance_on)
     forget_importance = minibatch_importance(unlearned, forget_x, forget_y, batch_size=batch_size)
     reference_importance = minibatch_importance(unlearned, reference_x, reference_y, batch_size=batch_size)
-    params = dict(unlearned.named_parameters())
-    dampened = ssd_dampen({k: p.detach() for k, p in params.items()}, forget_importance,
-                          reference_importance, alpha=alpha, dampening=dampening)
+    return dampen_(unlearned, forget_importance, reference_importance, alpha=alpha, dampening=dampening)
+
+
+def reference_set(retain_x, retain_y, forget_x, forget_y, importance_on: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD's reference set: the full training set (retain then forget) or the retain set only."""
+    if importance_on == "full":
+        return torch.cat([retain_x, forget_x]), torch.cat([retain_y, forget_y])
+    return retain_x, retain_y
+
+
+def dampen_(model: nn.Module, forget_importance: dict[str, torch.Tensor],
+            reference_importance: dict[str, torch.Tensor], *, alpha: float, dampening: float) -> nn.Module:
+    """Apply SSD's dampening (:func:`ssd_dampen`) to ``model``'s parameters in place; returns it in eval mode."""
+    params = dict(model.named_parameters())
+    dampened = ssd_dampen({k: p.detach() for k, p in params.items()}, forget_importance, reference_importance,
+                          alpha=alpha, dampening=dampening)
     with torch.no_grad():
         for name, value in dampened.items():
             params[name].copy_(value)
-    return unlearned
+    return model.eval()
 
 
 def minibatch_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
