@@ -23,14 +23,12 @@ def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out
                 data_root: str | None = None):
     """A validated ``poisonsweep.engine.config.Sweep`` from a YAML path or a dict in the same shape, with
     ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied."""
-    from poisonsweep.engine.config import apply_overrides, build_sweep, load_sweep
+    from poisonsweep.engine.config import load_sweep, sweep_from_mapping
 
     if not isinstance(config, dict):
         return load_sweep(config, list(overrides), out=out, data_root=data_root)
-    raw = apply_overrides(dict(config), list(overrides))
-    if data_root is not None and isinstance(raw.get("data"), dict):
-        raw["data"] = {**raw["data"], "root": data_root}
-    return build_sweep(raw, default_name=str(raw.get("name") or "sweep"), out=out, source="config")
+    return sweep_from_mapping(config, overrides, data_root=data_root, default_name=str(config.get("name") or "sweep"),
+                              out=out)
 
 
 def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterable[str] = (),

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -153,12 +153,16 @@ def load_sweep(path: str | Path, overrides: list[str] = (), out: str | None = No
         raise ConfigErrors([f"not valid YAML: {error}"], str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigErrors(["the top level must be a mapping of keys to values"], str(path))
+    return sweep_from_mapping(raw, overrides, data_root=data_root, default_name=path.stem, out=out, source=str(path))
+
+
+def sweep_from_mapping(raw: dict, overrides: Iterable[str] = (), *, data_root: str | None = None,
+                       default_name: str = "sweep", out: str | None = None, source: str = "config") -> Sweep:
+    """``build_sweep`` of a config mapping (left unchanged) with ``--set`` overrides and ``--data-root`` applied."""
     raw = apply_overrides(raw, list(overrides))
     if data_root is not None:
-        raw["data"] = raw.get("data") if isinstance(raw.get("data"), dict) else (raw.get("data") or {})
-        if isinstance(raw["data"], dict):
-            raw["data"]["root"] = data_root
-    return build_sweep(raw, default_name=path.stem, out=out, source=str(path))
+        set_dotted(raw, "data.root", data_root)  # a `data` that is not a mapping is reported by build_sweep
+    return build_sweep(raw, default_name=default_name, out=out, source=source)
 
 
 def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = None, source: str = "config") -> Sweep:
