@@ -23,13 +23,12 @@ from typing import Any, Iterable
 
 import yaml
 
-from poisonsweep.engine.resolve import (  # noqa: F401  (re-exported: callers import these from poisonsweep.engine.config)
-    NOT_IDENTITY, config_columns, identity, key_columns, merge_defaults, normalise_detector, plain_copy, resolve,
-    trial_id,
+from poisonsweep.engine.resolve import (  # noqa: F401  (config_columns, key_columns, trial_id: re-exported for callers)
+    config_columns, identity, key_columns, merge_defaults, plain_copy, resolve, trial_id,
 )
-from poisonsweep.engine.schema import (  # noqa: F401  (re-exported, as above)
-    DETECTOR_KEYS, NAME_PATTERN, NAME_RULE, RESOURCE_CONSTRAINTS, RESOURCE_DEFAULTS, SECTION_KEYS, SEED,
-    TOP_LEVEL_KEYS, TRIAL_DEFAULTS, check_name, check_resources, check_shape, check_trial,
+from poisonsweep.engine.schema import (
+    RESOURCE_CONSTRAINTS, RESOURCE_DEFAULTS, TOP_LEVEL_KEYS, TRIAL_DEFAULTS, check_name, check_resources, check_shape,
+    check_trial,
 )
 from poisonsweep.tasks.registry import ConfigError
 

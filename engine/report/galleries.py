@@ -16,7 +16,7 @@ import pandas as pd
 from poisonsweep.engine.report.figures import _legend, _new_figure, _save, _suptitle
 from poisonsweep.engine.report.samples import (flag_threshold, gallery_rows, read_scores, rebuild_images,
                                    rebuild_success_set, representative_trials, unlearning_examples)
-from poisonsweep.engine.report.tables import _setting_title, _slug
+from poisonsweep.engine.report.tables import _setting_stem, _setting_title
 
 HISTOGRAM_BINS = 40
 # scores beyond these quantiles are counted in the outermost bins, so one extreme score
@@ -175,7 +175,7 @@ def sample_figures(out: str, trials: pd.DataFrame, setting: list[str], directory
             continue
         key = tuple(getattr(trial, c) for c in setting)
         title = f"{_setting_title(key, setting)}, seed {trial.seed}"
-        stem = "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
+        stem = _setting_stem(key)
         figures.append((f"Score distributions: {title}",
                         figure_score_histograms(scores, title, directory / f"scores_{stem}.png")))
         rows = gallery_rows(scores, top, missed)
@@ -236,7 +236,7 @@ def unlearning_example_figures(out: str, trials: pd.DataFrame, unlearning_rows: 
             continue
         key = tuple(getattr(trial, c) for c in setting)
         title = f"{_setting_title(key, setting)}, seed {trial.seed}"
-        stem = "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
+        stem = _setting_stem(key)
         figures.append((f"Unlearning at a glance: {title}",
                         figure_unlearning_examples(runs, success, title, directory / f"unlearning_examples_{stem}.png")))
     return figures

@@ -23,10 +23,11 @@ from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_a
                                    figure_unlearning)
 from poisonsweep.engine.report.run import resolved_config, run_overview
 from poisonsweep.engine.report.status import RecordError, RecordStatus, _setting_columns, record_status
-from poisonsweep.engine.report.tables import (INFLUENCE_SHOWN, TOP_HARMFUL, _display_influence, _display_setting,
-                                              _display_stats,
-                                  _display_unlearning, _setting_title, _slug, detection_table, found_vs_checked_table,
-                                  influence_table, markdown_table, unlearning_table)
+from poisonsweep.engine.report.tables import (
+    INFLUENCE_SHOWN, TOP_HARMFUL, _display_influence, _display_setting, _display_stats, _display_unlearning,
+    _setting_stem, _setting_title, _slug, detection_table, found_vs_checked_table, influence_table, markdown_table,
+    unlearning_table,
+)
 from poisonsweep.engine.sink import PLAN_FILE, filesystem, read_plan
 from poisonsweep.tasks.files import atomic_write
 
@@ -154,7 +155,7 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                   "Mean ± std over seeds; 'min retain acc' is the worst seed, so a collapse stays visible.")
             for key, part in unlearning.groupby(setting, dropna=False):
                 title = _setting_title(key, setting)
-                name = "unlearning_" + "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
+                name = "unlearning_" + _setting_stem(key)
                 figure(f"Unlearning: {title}", figure_unlearning(part, title, directory / f"{name}.png"))
             for heading, path in unlearning_example_figures(out, trials, unlearning_rows, setting, directory):
                 figure(heading, path)

@@ -160,6 +160,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
 
 
+def _setting_stem(key: tuple) -> str:
+    """A setting's values as a file-name stem (``mnist_badnets_0.1``)."""
+    return "_".join(_slug(f"{v:g}" if isinstance(v, float) else str(v)) for v in key)
+
+
 def _setting_title(key: tuple, setting: list[str]) -> str:
     values = dict(zip(setting, key))
     extras = [f"{c}={values[c]}" for c in setting[3:]]
