@@ -93,8 +93,6 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
     Checks the rebuilt given label, true label and poison flag of every row against the record.
     A dataset that cannot be loaded gives an empty result whose ``note`` says why.
     """
-    from poisonsweep.tasks.poisons import apply_poison
-
     if not isinstance(config_json, str):  # a row written without its config (older or hand-made records)
         return Rebuilt(note="images not shown: the trial's row holds no config to rebuild them from")
     config = json.loads(config_json)
@@ -112,8 +110,7 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
         x, agree = data.x_train, true_ok
         note = f"clean images ({poison_cfg['method']} changes labels only); true labels checked"
     else:
-        poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
-                                params=poison_cfg.get("params"), artifact_dir=_artifact_dir(out))
+        poisoned = _poisoned(config_json, _artifact_dir(out))
         x = poisoned.x_train
         agree = (true_ok & (poisoned.labels.numpy()[indices] == rows["label_given"].to_numpy())
                  & (poisoned.is_poison[indices] == rows["is_poison"].to_numpy()))
@@ -136,6 +133,17 @@ def _dataset(name: str, n_train: int | None, n_test: int | None, seed: int):
     return load_dataset(name, n_train=n_train, n_test=n_test, seed=seed)
 
 
+@lru_cache(maxsize=2)
+def _poisoned(config_json: str, artifact_dir: str | None):
+    """The trial's poisoned data rebuilt from its config: once for its gallery and its unlearning picture."""
+    from poisonsweep.tasks.poisons import apply_poison
+
+    config = json.loads(config_json)
+    poison_cfg = config["poison"]
+    return apply_poison(_dataset(**_data_key(config)), poison_cfg["method"], rate=poison_cfg["rate"],
+                        seed=config["seed"], params=poison_cfg.get("params"), artifact_dir=artifact_dir)
+
+
 def _artifact_dir(out: str) -> str | None:
     """The sweep's shared artifacts (FLIP's experts), when the record is a local directory."""
     fs, root = filesystem(out)
@@ -154,8 +162,6 @@ class SuccessSet:
 def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None:
     """The first ``n`` inputs of the trial's success set, or None where they cannot be rebuilt cheaply
     (no data here, or a FLIP trial without its cached expert artifact)."""
-    from poisonsweep.tasks.poisons import apply_poison
-
     if not isinstance(config_json, str):  # no config recorded: nothing to rebuild from
         return None
     config = json.loads(config_json)
@@ -164,11 +170,10 @@ def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None
     if poison_cfg["method"] in LABEL_ONLY_EXPENSIVE and not (artifacts and list(Path(artifacts).glob("flip-*.npz"))):
         return None
     try:
-        data = _dataset(**_data_key(config))
+        _dataset(**_data_key(config))  # loaded here to tell missing data apart; _poisoned reuses it
     except (OSError, ValueError):
         return None
-    poisoned = apply_poison(data, poison_cfg["method"], rate=poison_cfg["rate"], seed=config["seed"],
-                            params=poison_cfg.get("params"), artifact_dir=artifacts)
+    poisoned = _poisoned(config_json, artifacts)
     return SuccessSet(poisoned.success_x[:n].numpy(), poisoned.success_y[:n].numpy(), poisoned.success_kind)
 
 
