@@ -29,14 +29,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], T],
 
     When ``write`` raises a ``discard_on`` exception the temporary is removed; other exceptions (the
     default: ``KeyboardInterrupt``, as for a killed process) leave it, hidden, for whoever tidies up
-    (:func:`engine.sink.remove_temporaries`). A folder replaces an earlier one at ``path`` whole: the
-    old one is moved aside first (a rename cannot replace a folder that is not empty), then deleted.
+    (:func:`engine.sink.remove_temporaries`). A folder may take the place of a missing or empty folder
+    only: one that holds files is never moved aside or deleted (``OSError``, the temporary removed).
     """
     path = Path(path)
     temporary = temporary_path(path)
     try:
         result = write(temporary)
-        _replace(temporary, path)
+        os.replace(temporary, path)  # onto a folder only when it is empty: the rename fails otherwise
     except discard_on:
         _remove(temporary)
         raise
@@ -46,16 +46,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], T],
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     atomic_write(path, lambda temporary: temporary.write_bytes(data))
-
-
-def _replace(temporary: Path, path: Path) -> None:
-    if temporary.is_dir() and path.exists():
-        old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
-        path.rename(old)
-        temporary.rename(path)
-        _remove(old)
-    else:
-        os.replace(temporary, path)
 
 
 def _remove(path: Path) -> None:

@@ -31,17 +31,21 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, error, temporary_left):
     assert all(name.startswith(".a.bin.") and name.endswith(".tmp") for name in left)
 
 
-def test_a_folder_replaces_an_earlier_folder_whole(tmp_path):
+def test_a_folder_never_replaces_a_folder_that_holds_files(tmp_path):
+    """Issue 22: the old folder (whoever's it was) is neither moved aside nor deleted; an empty one may be replaced."""
     target = tmp_path / "report"
     target.mkdir()
-    (target / "stale.txt").write_text("from the earlier report")
+    (target / "keep.txt").write_text("the user's")
 
     def folder(temporary):
         temporary.mkdir()
         (temporary / "page.html").write_text("new")
         return temporary
 
-    written = atomic_write(target, folder)
-    assert written.name.startswith(".report.") and not written.exists()
+    with pytest.raises(OSError):
+        atomic_write(target, folder)
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the temporary is gone too
+    (target / "keep.txt").unlink()
+    atomic_write(target, folder)
     assert sorted(p.name for p in target.iterdir()) == ["page.html"]
-    assert [p.name for p in tmp_path.iterdir()] == ["report"]

@@ -21,6 +21,7 @@ from poisonsweep.engine import summary
 from poisonsweep.engine.report.galleries import MAX_SETTINGS, sample_figures, unlearning_example_figures
 from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
                                    figure_unlearning)
+from poisonsweep.engine.report.folder import write_report_folder
 from poisonsweep.engine.report.run import resolved_config, run_overview
 from poisonsweep.engine.report.status import RecordError, RecordStatus, _setting_columns, record_status
 from poisonsweep.engine.report.tables import (
@@ -29,7 +30,6 @@ from poisonsweep.engine.report.tables import (
     unlearning_table,
 )
 from poisonsweep.engine.sink import PLAN_FILE, filesystem, read_plan
-from poisonsweep.tasks.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # the report
@@ -73,9 +73,11 @@ def default_report_dir(out: str) -> Path:
 def write_report(out: str, directory: str | Path | None = None) -> Report:
     """Write the tables, figures, ``report.md`` and ``report.html`` of the sweep recorded in ``out``.
 
-    The report is built in a hidden folder beside ``directory`` and renamed into place at the end, so a
-    crash never leaves a half-written report (an earlier report stays as it was). Config text is shown
-    as written: matplotlib does not read ``$...$`` in a label as mathematics.
+    ``directory`` must be new, empty or hold an earlier report of ours, outside the record's own folders
+    (:mod:`engine.report.folder`; else ``ReportFolderError``, before anything is written). The report is
+    built in a hidden folder inside it and its files moved into place at the end, so a crash never leaves
+    a half-written file (an earlier report stays as it was). Config text is shown as written: matplotlib
+    does not read ``$...$`` in a label as mathematics.
 
     Parameters
     ----------
@@ -94,20 +96,19 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
     plan = read_plan(out)
     _check_record(out, plan)
     final = Path(directory) if directory is not None else default_report_dir(out)
-    final.parent.mkdir(parents=True, exist_ok=True)
 
     def write(staging: Path) -> Report:
         with rc_context({"text.parse_math": False}):
             return _write_report(out, plan, staging)
 
-    report = atomic_write(final, write, discard_on=BaseException)
+    report = write_report_folder(final, out, write)
     moved = lambda path: final / path.relative_to(report.directory)  # noqa: E731
     return Report(final, moved(report.html), moved(report.markdown), [moved(p) for p in report.tables],
                   [moved(p) for p in report.figures], report.status)
 
 
 def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Report:
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     trials = summary.load(out, "trials")
     detection_rows, unlearning_rows = summary.load(out, "detections"), summary.load(out, "unlearning")
     setting = _setting_columns(trials, plan)
