@@ -8,6 +8,7 @@ with its key, the bad value and what is allowed) before Ray starts.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable
 
@@ -95,18 +96,21 @@ def cpu_pack_note(resources: dict) -> str | None:
 
 
 def check_writable(out: str) -> None:
-    """Write and delete a probe file in ``out`` (a directory or a URI), so that a read-only path or
-    missing cloud credentials fail now, not after the first trial."""
+    """Create and delete a probe file in ``out`` (a directory or a URI), so that a read-only path or
+    missing cloud credentials fail now, not after the first trial. A local probe has a name of its
+    own, is created exclusively and never through a link, and the record's own entries in ``out`` must
+    not be links (:func:`engine.sink.refuse_links`): nothing outside ``out`` is written or truncated."""
     from pyarrow import ArrowException
 
-    from poisonsweep.engine.sink import filesystem
+    from poisonsweep.engine.sink import filesystem, probe_name, refuse_links
 
     if "://" not in out:
         path = Path(filesystem(out)[1])
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-check"
-            probe.write_text("")
+            refuse_links(path)
+            probe = path / probe_name()
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
             probe.unlink()
         except OSError as error:
             raise ConfigError(f"output directory {str(path)!r} cannot be written: {error.strerror or error}; "
@@ -115,9 +119,10 @@ def check_writable(out: str) -> None:
     try:
         fs, root = filesystem(out)
         fs.create_dir(root, recursive=True)
-        with fs.open_output_stream(f"{root}/.write-check"):
+        probe = f"{root}/{probe_name()}"
+        with fs.open_output_stream(probe):
             pass
-        fs.delete_file(f"{root}/.write-check")
+        fs.delete_file(probe)
     except (OSError, ArrowException, ValueError) as error:
         raise ConfigError(f"output URI {out!r} cannot be written: {error}; check the URI and the credentials "
                           "(e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None

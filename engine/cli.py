@@ -92,7 +92,13 @@ def repair(out: str = typer.Argument(..., help="A sweep's output directory (or U
     """Move every file of the record that is not readable Parquet to DIR/_quarantine/ (the next `run`
     recomputes its trial)."""
     from poisonsweep.engine.resume import QUARANTINE_DIR, quarantine
+    from poisonsweep.engine.sink import filesystem, refuse_links
 
+    if "://" not in out and os.path.isdir(out):
+        try:
+            refuse_links(filesystem(out)[1])  # a linked _quarantine would move files out of the record
+        except ConfigError as error:
+            _fail(str(error))
     moved = quarantine(out)
     for damaged, target in moved:
         console.print(escape(f"moved {damaged} to {target}"), highlight=False)

@@ -145,6 +145,10 @@ def _local_lock(out: str, path: str):
     except Timeout:  # only the acquisition: a Timeout raised by the run itself is not "busy"
         raise OutputBusy(f"another `poisonsweep run` is writing to {out} (it holds {path}); wait for it to finish, "
                          "or choose another --out") from None
+    except OSError as error:  # e.g. a planted link (filelock opens with O_NOFOLLOW: Errno 40)
+        raise ConfigError(f"cannot take the lock {path}: {error.strerror or error}"
+                          + (" (it is a link: remove it)" if os.path.islink(path) else "")
+                          + "; choose another --out") from None
     try:
         yield lock
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Callable, TypeVar
 
 import pandas as pd
@@ -84,6 +85,24 @@ def filesystem(out: str) -> tuple[pafs.FileSystem, str]:
     if "://" in out:
         return pafs.FileSystem.from_uri(out)
     return pafs.LocalFileSystem(), os.path.abspath(out)
+
+
+def probe_name() -> str:
+    """A name of its own for a write probe (``.write-check.<random>``): never one a planted file could hold."""
+    return f".write-check.{uuid.uuid4().hex}"
+
+
+def refuse_links(root: str | os.PathLike) -> None:
+    """Raise ``ConfigError`` if an entry of the local record ``root`` that a command writes or reads (a
+    table, ``sweep.json``, a ``_`` folder, a ``.`` file such as ``.run.lock``) is a link: writing through
+    it would create, truncate or delete a file outside the output."""
+    from poisonsweep.tasks.registry import ConfigError
+
+    for entry in os.scandir(root):
+        ours = entry.name in TABLES or entry.name == PLAN_FILE or entry.name.startswith(("_", "."))
+        if ours and entry.is_symlink():
+            raise ConfigError(f"{entry.path} is a link ({os.readlink(entry.path)}); poisonsweep never writes "
+                              "through a link out of its output: remove the link or choose another --out")
 
 
 def to_table(table: str, rows: list[dict]) -> pa.Table:

@@ -105,3 +105,53 @@ def test_a_killed_reports_staging_folder_is_removed_by_the_next_report(record, t
     (left / "report.html").write_text("half")
     assert cli("report", record, "--out", target)[0] == 0
     assert not left.exists()
+
+
+# ------------------------------------------------------------ point 2: nothing written through a planted link
+
+
+def _config(folder):
+    import yaml
+
+    path = folder / "safe.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return path
+
+
+@pytest.mark.parametrize("planted", [".write-check", ".run.lock", "trials", "sweep.json", "_tune"])
+def test_run_refuses_a_planted_link_in_its_output_and_leaves_the_target_intact(tmp_path, monkeypatch, planted):
+    import poisonsweep.engine.sweep as sweep
+
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: pytest.fail("Ray must not start"))
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "rec"
+    out.mkdir()
+    (out / planted).symlink_to(victim)
+    code, output = cli("run", _config(tmp_path), "--out", out)
+    assert code == 2, output
+    message = " ".join(output.split())
+    assert f"{out / planted} is a link" in message and "Traceback" not in output and "Errno" not in output
+    assert victim.read_text() == "precious"
+
+
+def test_the_run_lock_refuses_a_link_in_one_line(tmp_path):
+    from poisonsweep.engine.lease import run_guard
+    from poisonsweep.tasks.registry import ConfigError
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / ".run.lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match=r"cannot take the lock .*\.run\.lock: .*it is a link"):
+        with run_guard(str(tmp_path)):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_the_write_probe_has_a_name_of_its_own_and_leaves_nothing(tmp_path):
+    from poisonsweep.engine.api import check_writable
+
+    (tmp_path / ".write-check").write_text("the user's")  # a plain file of that name is neither truncated nor removed
+    check_writable(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write-check"]
+    assert (tmp_path / ".write-check").read_text() == "the user's"
