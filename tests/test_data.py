@@ -14,7 +14,8 @@ import torch
 
 from poisonsweep.tasks.data import sources
 from poisonsweep.tasks.data import (
-    DATASETS, DataNotFoundError, DatasetFileError, data_sources, load_dataset, resolve_root, stratified_subset,
+    DATASETS, DataNotFoundError, DatasetFileError, data_sources, load_dataset, read_idx, resolve_root,
+    stratified_subset,
 )
 from poisonsweep.tasks.registry import ConfigError
 
@@ -351,3 +352,49 @@ def test_successful_download_is_read_from_the_root(monkeypatch, tmp_path):
                         lambda name, root: tiny_idx_set(Path(root) / "MNIST" / "raw", gz=True, seed=9))
     d = load_dataset("mnist", root=str(tmp_path))
     assert d.x_train.shape == (30, 1, 28, 28)
+
+
+def test_an_idx_bomb_is_inflated_only_up_to_its_headers_size_and_names_the_file(tmp_path, monkeypatch):
+    """Issue 22: a small gzipped IDX file that inflates far beyond the size its header declares stops there."""
+    import poisonsweep.tasks.data.readers as readers
+
+    declared = np.zeros((10, 28, 28), np.uint8)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">III", *declared.shape)
+    path.write_bytes(gzip.compress(header + bytes(20 * 2**20), compresslevel=1))  # 20 MB of zeros behind it
+    inflated, real_open = [], gzip.open
+
+    class Counting:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def read(self, size=-1):
+            piece = self.stream.read(size)
+            inflated.append(len(piece))
+            return piece
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    monkeypatch.setattr(readers.gzip, "open", lambda *a, **k: Counting(real_open(*a, **k)))
+    with pytest.raises(DatasetFileError, match=r"train-images-idx3-ubyte\.gz.*holds more than 7840") as info:
+        read_idx(path)
+    assert info.value.path == path
+    assert sum(inflated) <= len(header) + declared.size + 1
+
+
+def test_a_pickle_bomb_and_an_unreadable_file_are_errors_naming_the_file(tmp_path, monkeypatch):
+    import poisonsweep.tasks.data.readers as readers
+
+    monkeypatch.setattr(readers, "PICKLE_MAX_BYTES", 1000)
+    path = tmp_path / "test_batch"
+    path.write_bytes(gzip.compress(bytes(5000)))
+    with pytest.raises(DatasetFileError, match=r"test_batch is unreadable: it holds more than 1000 bytes"):
+        readers._unpickle(path, "bytes")
+    folder = tmp_path / "t10k-labels-idx1-ubyte"
+    folder.mkdir()
+    with pytest.raises(DatasetFileError, match=r"t10k-labels-idx1-ubyte is unreadable: read error"):
+        read_idx(folder)

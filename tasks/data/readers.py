@@ -7,6 +7,7 @@ import gzip
 import io
 import pickle
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,50 @@ class DatasetFileError(ValueError):
                          f"Delete or replace it (e.g. re-download or reinstall its package).")
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it starts with the gzip magic (whatever its name)."""
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+# inflated in pieces of this size, so a file never costs more memory than what it may hold
+_CHUNK = 1 << 24
+# a dataset pickle (CIFAR-10's batches: 31 MB each; mnist.pkl.gz: 220 MB) never inflates beyond this
+PICKLE_MAX_BYTES = 1 << 30
+
+
+def _gzipped(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(2) == b"\x1f\x8b"
+
+
+@contextmanager
+def _opened(path: Path):
+    """The file's content as a stream, gunzipped when it starts with the gzip magic (whatever its name);
+    any read error becomes a ``DatasetFileError`` naming the file."""
     try:
-        return gzip.decompress(raw)
+        with (gzip.open(path, "rb") if _gzipped(path) else open(path, "rb")) as stream:
+            yield stream
+    except DatasetFileError:
+        raise
     except (OSError, EOFError, zlib.error) as error:
-        raise DatasetFileError(path, f"broken gzip stream ({error})") from error
+        what = "broken gzip stream" if isinstance(error, (gzip.BadGzipFile, EOFError, zlib.error)) else "read error"
+        raise DatasetFileError(path, f"{what} ({error})") from error
+
+
+def _read_at_most(stream, limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes of ``stream``, read in pieces: one byte more than ``limit`` says there is more."""
+    chunks, total = [], 0
+    while total <= limit:
+        chunk = stream.read(min(_CHUNK, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The (gunzipped) content of a file that may hold at most ``limit`` bytes, inflating no more than that."""
+    with _opened(path) as stream:
+        data = _read_at_most(stream, limit)
+    if len(data) > limit:
+        raise DatasetFileError(path, f"it holds more than {limit} bytes (inflated), more than any such file")
+    return data
 
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -41,24 +77,29 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: Path | str) -> np.ndarray:
     """Read one IDX file (the MNIST format: 2 zero bytes, dtype code, ndim, big-endian int32 dims, data).
 
-    Gzipped and plain files are both accepted. Raises ``DatasetFileError`` naming the file if the
-    header is invalid or the data is shorter or longer than the header says.
+    Gzipped and plain files are both accepted. The header is read first and the data inflated only up to
+    the size it declares (a small file that inflates to gigabytes stops there). Raises
+    ``DatasetFileError`` naming the file if the header is invalid or the data is shorter or longer than
+    the header says.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES:
-        raise DatasetFileError(path, f"not an IDX file (header bytes {data[:4]!r})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DatasetFileError(path, f"truncated IDX header ({len(data)} bytes, need {header})")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) - header != expected:
+    with _opened(path) as stream:
+        start = _read_at_most(stream, 3)
+        if len(start) < 4 or start[:2] != b"\x00\x00" or start[2] not in _IDX_DTYPES:
+            raise DatasetFileError(path, f"not an IDX file (header bytes {start[:4]!r})")
+        ndim = start[3]
+        dims = _read_at_most(stream, 4 * ndim - 1) if ndim else b""
+        if len(dims) < 4 * ndim:
+            raise DatasetFileError(path, f"truncated IDX header ({4 + len(dims)} bytes, need {4 + 4 * ndim})")
+        shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4", count=ndim))
+        dtype = np.dtype(_IDX_DTYPES[start[2]])
+        expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        data = _read_at_most(stream, expected)
+    if len(data) != expected:
+        held = f"more than {expected}" if len(data) > expected else f"{len(data)}"
         raise DatasetFileError(path, f"header says shape {shape} ({expected} data bytes) but the file holds "
-                                     f"{len(data) - header} (truncated or not an IDX file)")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+                                     f"{held} (truncated or not an IDX file)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _checked_labels(path: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -124,7 +165,7 @@ class _DatasetUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path, encoding: str):
     """Load a (possibly gzipped) dataset pickle with ``_DatasetUnpickler``."""
-    data = _read_bytes(path)
+    data = _read_bytes(path, PICKLE_MAX_BYTES)
     try:
         return _DatasetUnpickler(io.BytesIO(data), encoding=encoding).load()
     except _RefusedGlobal as error:
