@@ -79,11 +79,31 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
     # every damaged file was just moved aside, so none is left to send a trial back
     to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[])
     bar = progress(len(to_run)) if progress else contextlib.nullcontext()
-    with bar as callback:  # a resumed sweep's bar counts only what is left to run
+    with bar as callback, _unwritable_output_named(sweep.out):  # a resumed sweep's bar counts only what is left
         outcome = run_sweep(sweep, address=address, verbose=verbose, progress=callback,
                             reuse_actors=reuse_actors, rerun=rerun, to_run=to_run, version=version)
     outcome.out = sweep.out
     return outcome
+
+
+@contextlib.contextmanager
+def _unwritable_output_named(out: str):
+    """An error that escapes the sweep (Ray Tune's own state truncated by a full disk, a record that an
+    object store no longer serves) becomes ``OutputError``, one line naming the path and the cause,
+    when the output cannot be written now; any other error passes as it is."""
+    from poisonsweep.engine.sink import OutputError
+
+    try:
+        yield
+    except (ConfigError, OutputError):
+        raise
+    except Exception as error:
+        try:
+            check_writable(out)
+        except ConfigError as unwritable:
+            raise OutputError(f"{unwritable}; the trials not recorded run again with the same command once it "
+                              "can be written (finished trials are kept)") from error
+        raise
 
 
 def cpu_pack_note(resources: dict) -> str | None:
@@ -95,6 +115,9 @@ def cpu_pack_note(resources: dict) -> str | None:
     return None
 
 
+PROBE_BYTES = 4096  # what the local write probe writes: one block
+
+
 def check_writable(out: str) -> None:
     """Create and delete a probe file in ``out`` (a directory or a URI), so that a read-only path or
     missing cloud credentials fail now, not after the first trial. A local probe has a name of its
@@ -102,7 +125,7 @@ def check_writable(out: str) -> None:
     not be links (:func:`engine.sink.refuse_links`): nothing outside ``out`` is written or truncated."""
     from pyarrow import ArrowException
 
-    from poisonsweep.engine.sink import filesystem, probe_name, refuse_links
+    from poisonsweep.engine.sink import filesystem, masked, probe_name, refuse_links
 
     if "://" not in out:
         path = Path(filesystem(out)[1])
@@ -110,8 +133,13 @@ def check_writable(out: str) -> None:
             path.mkdir(parents=True, exist_ok=True)
             refuse_links(path)
             probe = path / probe_name()
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
-            probe.unlink()
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                os.write(fd, bytes(PROBE_BYTES))  # a full disk still creates an empty file
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink()
         except OSError as error:
             raise ConfigError(f"output directory {str(path)!r} cannot be written: {error.strerror or error}; "
                               "choose another with --out") from None
@@ -124,8 +152,8 @@ def check_writable(out: str) -> None:
             pass
         fs.delete_file(probe)
     except (OSError, ArrowException, ValueError) as error:
-        raise ConfigError(f"output URI {out!r} cannot be written: {error}; check the URI and the credentials "
-                          "(e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None
+        raise ConfigError(f"output URI {masked(out)!r} cannot be written: {masked(str(error))}; check the URI and "
+                          "the credentials (e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None
 
 
 def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,

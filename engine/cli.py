@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from poisonsweep.engine import summary
+from poisonsweep.engine.sink import masked
 from poisonsweep.tasks.registry import ConfigError
 from rich.console import Console
 from rich.markup import escape
@@ -24,7 +25,7 @@ console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # config text is not markup
+    console.print(f"[bold red]error:[/] {escape(masked(message))}", highlight=False)  # config text is not markup
     raise typer.Exit(code=2)
 
 
@@ -55,17 +56,24 @@ def run(
     try:
         outcome = api.run(config, out=out, overrides=set_, address=address, data_root=data_root, rerun=rerun,
                           verbose=verbose, reuse_actors=reuse_actors,
-                          echo=lambda note: console.print(escape(note), highlight=False),
+                          echo=lambda note: console.print(escape(masked(note)), highlight=False),
                           progress=lambda total: SweepProgress(total, console),
-                          announce=lambda sweep: console.print(
-                              f"sweep [bold]{escape(sweep.name)}[/]: {len(sweep.trials)} trials -> {escape(sweep.out)}"))
+                          announce=lambda sweep: console.print(f"sweep [bold]{escape(sweep.name)}[/]: "
+                                                               f"{len(sweep.trials)} trials -> {escape(masked(sweep.out))}"))
     except (ConfigError, RuntimeError) as error:
         _fail(str(error))
     retried = sum(outcome.retried.values())
     console.print(f"{outcome.ran} trials run, {outcome.skipped} already done"
                   + (f", {len(outcome.failed)} failed" if outcome.failed else "")
                   + (f", {retried} attempt(s) retried after a worker died" if retried else "")
+                  + (f", {outcome.retried_after_error} attempt(s) retried after an error"
+                     if outcome.retried_after_error else "")
                   + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
+    if outcome.output_error:  # the record may not even be readable now: no summary
+        console.print(f"[bold red]error:[/] {escape(masked(outcome.output_error))}; {outcome.not_recorded} trial(s) "
+                      "not recorded: they run again with the same command once the output can be written",
+                      highlight=False)
+        raise typer.Exit(code=1)
     print_summary(outcome.out)
     if outcome.interrupted:
         console.print(f"[bold yellow]interrupted:[/] {outcome.interrupted} trial(s) not finished. Run the same "
@@ -82,7 +90,7 @@ def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI
     from pyarrow.fs import FileType
 
     if fs.get_file_info(f"{root}/trials").type != FileType.Directory:
-        _fail(f"{out!r} holds no trials table: is it a sweep's output directory?")
+        _fail(f"{out!r} holds no trials table: is it a sweep's output directory?")  # _fail masks it
     with _damage_reported(out):
         print_summary(out)
 

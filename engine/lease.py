@@ -24,7 +24,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from poisonsweep.engine.sink import filesystem
+from poisonsweep.engine.sink import filesystem, join_uri, masked
 from poisonsweep.tasks.registry import ConfigError
 
 LOCK_FILE = ".run.lock"
@@ -58,7 +58,7 @@ class Lease:
     def __init__(self, out: str, *, heartbeat: float = HEARTBEAT_SECONDS, expiry: float | None = None,
                  clock=time.time, echo=print):
         self.fs, root = filesystem(out)
-        self.uri = f"{out.rstrip('/')}/{LEASE_FILE}"
+        self.out, self.uri = masked(out), masked(join_uri(out, LEASE_FILE))  # for messages: no secret shows
         self.path = f"{root}/{LEASE_FILE}"
         self.heartbeat = heartbeat
         self.expiry = EXPIRY_HEARTBEATS * heartbeat if expiry is None else expiry
@@ -96,7 +96,7 @@ class Lease:
         holder = f"pid {held.get('pid')} on {held.get('host')}, started {held.get('started')}"
         if age < self.expiry:
             raise OutputBusy(
-                f"another `poisonsweep run` is writing to {self.uri.rsplit('/', 1)[0]} (its lease {self.uri}: "
+                f"another `poisonsweep run` is writing to {self.out} (its lease {self.uri}: "
                 f"{holder}, heartbeat {max(age, 0):.0f} s ago); wait for it to finish, or if that run is dead, "
                 f"wait {self.expiry:.0f} s for the lease to expire or delete it: {delete_command(self.uri)}")
         self.echo(f"took over the expired lease {self.uri} ({holder}, last heartbeat {age:.0f} s ago)")

@@ -28,7 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from poisonsweep.engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, publish, readable_files
+from poisonsweep.engine.sink import SCHEMAS, TABLES, DamagedFile, filesystem, masked, publish, readable_files
 
 COMPACTED = re.compile(r"compacted-(\d+)-[0-9a-f]+\.parquet")
 # rows per row group of a compacted file: large enough for fast scans, small enough that a query for
@@ -254,7 +254,7 @@ def compact(out: str) -> list[Compacted]:
     """
     fs, root = filesystem(out)
     if fs.get_file_info(f"{root}/trials").type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{out!r} holds no trials table: is it a sweep's output directory?")
+        raise FileNotFoundError(f"{masked(out)!r} holds no trials table: is it a sweep's output directory?")
     complete = recorded_trials(out, "trials")
     # the trials table last: until then every trial merged elsewhere still has its per-trial trials row
     return [compact_table(out, table, complete) for table in [t for t in TABLES if t != "trials"] + ["trials"]]

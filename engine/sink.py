@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from typing import Callable, TypeVar
 
@@ -78,6 +79,40 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 TABLES = list(SCHEMAS)
 PLAN_FILE = "sweep.json"  # the trials the latest run planned, for the report
+
+
+def join_uri(out: str, *parts: str) -> str:
+    """``out`` with ``parts`` appended to its path, before a URI's query string: ``s3://b/d?region=x``
+    and ``_tune`` give ``s3://b/d/_tune?region=x`` (pyarrow and Ray read the query as options)."""
+    base, mark, query = out.partition("?") if "://" in out else (out, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
+
+
+def uri_name(uri: str) -> str:
+    """The last folder of a URI's path, without its query string."""
+    return uri.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+# a URI's password (``s3://key:SECRET@bucket``) and the values of query options that hold secrets
+_URI_PASSWORD = re.compile(r"\b([A-Za-z][\w+.-]*://[^:@/?\s]*):[^@\s]*@")
+_SECRET_OPTION = re.compile(r"([?&][^=&\s]*(?:secret|token|password|credential)[^=&\s]*=)[^&\s]*", re.IGNORECASE)
+
+
+def masked(text: str) -> str:
+    """``text`` (a URI, or a message that may hold one) fit to print or record: every URI's password and
+    secret query values become ``***``. Everything that prints or records an output URI goes through it."""
+    return _SECRET_OPTION.sub(r"\1***", _URI_PASSWORD.sub(r"\1:***@", text))
+
+
+class OutputError(RuntimeError):
+    """The output cannot be written (a full disk, an object store that does not answer): one line that
+    names the path and the cause; the trials it hit are left to run again."""
+
+    @classmethod
+    def of(cls, out: str, error: BaseException) -> "OutputError":
+        where = getattr(error, "filename", None) or out
+        cause = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        return cls(masked(f"cannot write to {where}: {cause}"))
 
 
 def filesystem(out: str) -> tuple[pafs.FileSystem, str]:
@@ -173,7 +208,7 @@ class DamagedFile(UserWarning):
 
     def __init__(self, path: str, out: str):
         self.path = path
-        super().__init__(f"{path} is not readable Parquet and is skipped; `poisonsweep repair {out}` moves it "
+        super().__init__(f"{path} is not readable Parquet and is skipped; `poisonsweep repair {masked(out)}` moves it "
                          "aside, and the next `run` of the sweep recomputes its trial")
 
 

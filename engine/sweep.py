@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ray.tune import Callback
+from ray.tune.stopper import Stopper
 from ray.tune.search import Searcher
 
 from poisonsweep.engine.cluster import check_cluster_resources, init_ray, trial_resources
 from poisonsweep.engine.resume import code_version, trials_to_run
-from poisonsweep.engine.sink import filesystem, remove_temporaries
+from poisonsweep.engine.sink import OutputError, filesystem, join_uri, remove_temporaries
 from poisonsweep.engine.worker import UNKNOWN_NODE, _now, record_trial, tune_trainable
 
 if TYPE_CHECKING:
@@ -46,6 +47,10 @@ class SweepOutcome:
     seconds: float = 0.0
     interrupted: int = 0  # trials left unfinished by Ctrl-C
     out: str = ""  # where the record is
+    retried_after_error: int = 0  # attempts Tune restarted after the engine raised (no worker died)
+    unwritten: dict[str, str] = field(default_factory=dict)  # trial_id -> why its rows could not be written
+    output_error: str = ""  # the output could not be written (one line: path and cause); the sweep stopped
+    not_recorded: int = 0  # trials left to run again because of output_error
 
 
 class PlanSearcher(Searcher):
@@ -81,14 +86,62 @@ class TrialLog(Callback):
 
     def __init__(self):
         self.retried: dict[str, int] = {}
+        self.retried_after_error = 0
         self.failed: dict[str, str] = {}
+        self.unwritten: dict[str, str] = {}  # trials whose rows the output refused (full disk, store down)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        if not _worker_died(trial):
+            self.retried_after_error += 1
+            return
         for tid in trial.config["trial_ids"]:  # one, or every member of a pack
             self.retried[tid] = self.retried.get(tid, 0) + 1
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.failed.update(result.get("failures") or {})
+        self.unwritten.update(result.get("unwritten") or {})
+
+
+def _worker_died(trial) -> bool:
+    """Whether the error Tune just recorded for ``trial`` is its process dying (``RayActorError``),
+    not an exception the trainable raised; unknown counts as died, as Tune assumes."""
+    import cloudpickle
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        with open(trial.pickled_error_file, "rb") as stream:
+            error = cloudpickle.load(stream)
+    except Exception:  # no file, or not readable: Tune's default reading
+        return True
+    if isinstance(error, RayTaskError):
+        return isinstance(error.as_instanceof_cause(), RayActorError)
+    return isinstance(error, RayActorError) or not isinstance(error, Exception)
+
+
+class _StopWhenUnwritable(Stopper):
+    """Stops the sweep once a trial's rows could not be written: the next trials would fail the same way."""
+
+    def __init__(self, log: TrialLog):
+        self.log = log
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return bool(self.log.unwritten)
+
+
+class _OneLineTrialErrors(logging.Filter):
+    """Without --verbose, Tune's "Trial task failed" log keeps its first line and the error's last,
+    not the full Ray traceback (the trial's row and --verbose have it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith("Trial task failed"):
+            error = record.exc_info[1]
+            cause = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            record.msg, record.args = f"{record.getMessage()}: {type(error).__name__}: {cause}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _short_name(trial) -> str:
@@ -158,16 +211,20 @@ class CtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _fit(tuner):
+def _fit(tuner, verbose: bool = False):
     analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
     analysis_log.addFilter(_without_missing_metrics_warning)
     restore_hint = _HideRestoreHint()  # Tune's "Tuner.restore(...)" is not how a sweep resumes
     logging.getLogger("ray.tune.tune").addFilter(restore_hint)
+    controller_log, short_errors = logging.getLogger("ray.tune.execution.tune_controller"), _OneLineTrialErrors()
+    if not verbose:
+        controller_log.addFilter(short_errors)
     try:
         return tuner.fit()
     finally:
         analysis_log.removeFilter(_without_missing_metrics_warning)
         logging.getLogger("ray.tune.tune").removeFilter(restore_hint)
+        controller_log.removeFilter(short_errors)
 
 
 class _HideRestoreHint(logging.Filter):
@@ -241,8 +298,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
                                         reuse_actors=reuse_actors,
                                         trial_name_creator=_short_name, trial_dirname_creator=_short_name),
             run_config=tune.RunConfig(
-                name=name if first == 0 else f"{name}-{first}", storage_path=f"{out}/{TUNE_DIR}",
+                name=name if first == 0 else f"{name}-{first}", storage_path=join_uri(out, TUNE_DIR),
                 failure_config=tune.FailureConfig(max_failures=sweep.resources["max_failures"]),
+                stop=_StopWhenUnwritable(log),
                 verbose=2 if verbose else 0, callbacks=callbacks,
                 progress_reporter=None,
             ),
@@ -250,23 +308,32 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
 
     with CtrlC() as ctrl_c:
         for first in range(0, len(unit_ids), TRIALS_PER_TUNER):
-            if ctrl_c.pressed:
+            if ctrl_c.pressed or log.unwritten:
                 break
             chunk = unit_ids[first:first + TRIALS_PER_TUNER]
-            results = _fit(tuner(first, chunk))  # a finished chunk's trials then leave the driver's memory
+            results = _fit(tuner(first, chunk), verbose)  # a finished chunk's trials then leave the driver's memory
             ctrl_c.listen()  # Tune leaves its finished experiment's handler installed
             for result in results:
                 if result.error is not None:
                     # its worker died more often than max_failures allows, so it never wrote its row: record it now
                     error = f"{type(result.error).__name__}: {result.error}"
                     for config in units[result.config["index"]]:
-                        record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
+                        try:
+                            record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
+                        except OutputError as unwritable:
+                            log.unwritten[id_of[id(config)]] = str(unwritable)
+                            continue
                         log.failed[id_of[id(config)]] = error.strip().splitlines()[0]
-            if results.num_terminated + results.num_errors < len(chunk):  # Ctrl-C: Tune stopped early
+            if results.num_terminated + results.num_errors < len(chunk):  # Ctrl-C or unwritable: Tune stopped early
                 break
     outcome.failed = dict(log.failed)
-    outcome.retried = dict(log.retried)
+    outcome.retried, outcome.retried_after_error = dict(log.retried), log.retried_after_error
+    outcome.unwritten = dict(log.unwritten)
     outcome.ran = _recorded_since(sweep.out, began, set(pending_ids))
-    outcome.interrupted = len(pending_ids) - outcome.ran
+    left = len(pending_ids) - outcome.ran
+    if outcome.unwritten:  # not an interruption: the output refused the rows, and the sweep stopped there
+        outcome.output_error, outcome.not_recorded = next(iter(outcome.unwritten.values())), left
+    else:
+        outcome.interrupted = left
     outcome.seconds = time.perf_counter() - start
     return outcome

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from poisonsweep.engine import artifacts
 from poisonsweep.engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
-from poisonsweep.engine.sink import filesystem, write_trial
+from pyarrow import ArrowException
+
+from poisonsweep.engine.sink import OutputError, filesystem, masked, write_trial
 
 # engine.config (and through it torch, scikit-learn, every registry) is imported inside the
 # functions that need it: a trial process then starts in 1-2 s and imports the science
@@ -66,6 +68,8 @@ def write_record(config: dict, out: str, outcome, *, started: dt.datetime, versi
     else:
         tables = outcome.tables
         row = {**base, **tables["trials"][0], "status": "ok", "error": None}
+    if row["error"]:
+        row["error"] = masked(row["error"])  # an error may quote the output URI, with its password
     row["finished_at"] = _now()
     row["total_seconds"] = (row["finished_at"] - started).total_seconds()
     keys = {"trial_id": tid, **key_columns(config)}
@@ -76,7 +80,10 @@ def write_record(config: dict, out: str, outcome, *, started: dt.datetime, versi
         "scores": [{"trial_id": tid, **r} for r in tables.get("scores", [])],
         "influence": [{"trial_id": tid, **r} for r in tables.get("influence", [])],
     }
-    write_trial(out, tid, rows)
+    try:
+        write_trial(out, tid, rows)
+    except (OSError, ArrowException) as error:  # a full disk, an object store that does not answer
+        raise OutputError.of(out, error) from error
     return row
 
 
@@ -121,13 +128,19 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
     or a pack of them with ``resources.pack`` > 1), report a small summary."""
     _set_threads(resources["cpu"])
     unit = _plan_of(plan)[config["index"]]
-    with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
-        if resources["pack"] > 1:
-            from poisonsweep.engine.packs import record_pack
+    try:
+        with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
+            if resources["pack"] > 1:
+                from poisonsweep.engine.packs import record_pack
 
-            rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
-        else:
-            rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir)]
+                rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
+            else:
+                rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir)]
+    except OutputError as error:  # the output cannot be written: no retry helps, the next run does
+        from poisonsweep.engine.config import trial_id
+
+        ids = [trial_id(c) for c in unit]
+        return {"trial_id": ids[0], "members": len(ids), "failures": {}, "unwritten": dict.fromkeys(ids, str(error))}
     failures = {row["trial_id"]: ((row.get("error") or "").strip().splitlines() or ["see the trials table"])[0]
                 for row in rows if row["status"] != "ok"}
     return {"trial_id": rows[0]["trial_id"], "members": len(rows), "failures": failures}

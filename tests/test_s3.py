@@ -23,11 +23,13 @@ from poisonsweep.engine import artifacts, lease  # noqa: E402
 from poisonsweep.engine.cli import app  # noqa: E402
 from poisonsweep.engine.record import compact, read_table, table_files  # noqa: E402
 from poisonsweep.engine.resume import complete_trials  # noqa: E402
-from poisonsweep.engine.sink import filesystem, write_trial  # noqa: E402
+from poisonsweep.engine.sink import filesystem, join_uri, write_trial  # noqa: E402
+from pyarrow.fs import FileSelector  # noqa: E402
 from test_record import trial_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "sweeps"
+SECRET = "SECRETvalue42"  # moto takes any credentials
 
 
 def _free_port() -> int:
@@ -60,7 +62,7 @@ def s3_env():
                 os.environ[key] = value
 
 
-def test_the_record_compacts_and_reads_back_from_s3(s3_env, tmp_path):
+def test_the_record_compacts_and_reads_back_from_s3(s3_env, tmp_path, monkeypatch):
     out = f"s3://{BUCKET}/record"
     for i in range(4):
         write_trial(out, f"t{i}", trial_rows(f"t{i}", status="failed" if i == 3 else "ok"))
@@ -76,6 +78,13 @@ def test_the_record_compacts_and_reads_back_from_s3(s3_env, tmp_path):
     assert reported.exit_code == 0, reported.output
     assert "4 trials recorded: 3 ok, 1 failed" in reported.output
     assert (tmp_path / "report" / "report.html").is_file()
+    # issue 22: the default report folder (./record-report) is refused when it holds the user's files
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "record-report").mkdir()
+    (tmp_path / "record-report" / "keep").write_text("x")
+    refused = CliRunner().invoke(app, ["report", out])
+    assert refused.exit_code == 2 and "report folder 'record-report' holds files" in refused.output, refused.output
+    assert [p.name for p in (tmp_path / "record-report").iterdir()] == ["keep"]
 
 
 def test_artifacts_are_shared_through_the_bucket_and_a_node_local_cache(s3_env, tmp_path, monkeypatch):
@@ -95,31 +104,44 @@ def test_artifacts_are_shared_through_the_bucket_and_a_node_local_cache(s3_env, 
 
 
 def test_a_sweep_writes_to_s3_resumes_and_is_reported(s3_env, tmp_path):
+    """The output URI carries its endpoint, region and credentials (issue 22): the CLI is given no
+    AWS_* variables, every command works, and the secret is printed and recorded nowhere."""
     config = tmp_path / "s3.yaml"
     config.write_text(yaml.safe_dump({
         "name": "s3", "data": {"name": "digits", "n_train": 100, "n_test": 50},
         "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp", "params": {"hidden": 8, "depth": 1}},
         "train": {"epochs": 1}, "detectors": ["loss"], "sweep": {"seed": [0, 1]}, "resources": {"max_failures": 0}}))
-    out = f"s3://{BUCKET}/sweeps/s3"
-    env = {**os.environ, **s3_env, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}
+    endpoint = s3_env["AWS_ENDPOINT_URL"].removeprefix("http://")
+    path = f"{BUCKET}/sweeps/s3?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    out = f"s3://AKIDKEY:{SECRET}@{path}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "AWS_EC2_METADATA_DISABLED": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
+           "COLUMNS": "200", "RAY_USAGE_STATS_ENABLED": "0"}
 
     def cli(*args):
         result = subprocess.run([sys.executable, "-m", "poisonsweep.engine.cli", *args], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert SECRET not in result.stdout + result.stderr
         return result.stdout
 
-    assert "2 trials run, 0 already done" in cli("run", str(config), "--out", out)
-    assert not _exists(f"{out}/{lease.LEASE_FILE}")  # the run's lease is gone with it
+    ran = cli("run", str(config), "--out", out)
+    assert "2 trials run, 0 already done" in ran and f"-> s3://AKIDKEY:***@{path}" in ran, ran
+    assert not _exists(join_uri(out, lease.LEASE_FILE))  # the run's lease is gone with it
     assert len(table_files(out, "trials").per_trial) == 2
-    assert [r.files_merged for r in compact(out)] == [2] * 5
+    assert "trials: 2 trial files" in cli("compact", out)
     assert "0 trials run, 2 already done" in cli("run", str(config), "--out", out)  # resume reads the compacted record
-    shown = CliRunner().invoke(app, ["show", out], env={"COLUMNS": "300"})
-    assert shown.exit_code == 0 and "digits one_shift 0.1" in shown.output, shown.output
-    reported = CliRunner().invoke(app, ["report", out, "--out", str(tmp_path / "report")])
-    assert "2 trials recorded: 2 ok, 0 failed; 2 planned, 0 not yet recorded" in reported.output, reported.output
+    shown = cli("show", out)
+    assert "digits one_shift 0.1" in shown, shown
+    reported = cli("report", out, "--out", str(tmp_path / "report"))
+    assert "2 trials recorded: 2 ok, 0 failed; 2 planned, 0 not yet recorded" in reported, reported
     trials = read_table(out, "trials", ["trial_id", "status", "seed"]).to_pandas()
     assert sorted(trials.seed) == [0, 1] and set(trials.status) == {"ok"}
+    fs, root = filesystem(out)  # the secret is in none of our files (Ray Tune's own state under _tune aside)
+    ours = [info.path for info in fs.get_file_info(FileSelector(root, recursive=True))
+            if info.type.name == "File" and "/_tune/" not in info.path]
+    assert ours and not [p for p in ours if SECRET.encode() in fs.open_input_stream(p).read()]
+    assert not [p for p in (tmp_path / "report").iterdir() if SECRET.encode() in p.read_bytes()]
 
 
 def _exists(uri: str) -> bool:

@@ -45,7 +45,8 @@ def record(tmp_path_factory):
 def _one_line_refusal(code: int, output: str, folder) -> None:
     assert code == 2, output
     assert output.startswith("error: ") and output.count("error:") == 1 and "Traceback" not in output, output
-    assert f"report folder '{folder}'" in " ".join(output.split()) and "nothing was written" in output
+    message = " ".join(output.split())
+    assert f"report folder '{folder}'" in message and "nothing was written" in message
 
 
 def test_report_refuses_a_folder_that_holds_the_users_files(record, tmp_path):
@@ -155,3 +156,97 @@ def test_the_write_probe_has_a_name_of_its_own_and_leaves_nothing(tmp_path):
     check_writable(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".write-check"]
     assert (tmp_path / ".write-check").read_text() == "the user's"
+
+
+# ------------------------------------------------------- point 7: a full disk or a store outage is one line
+
+NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/full/rec/scores/.x.parquet.tmp")
+
+
+def test_a_trial_whose_rows_cannot_be_written_is_left_to_rerun_not_retried(tmp_path, monkeypatch):
+    """The trial process reports the unwritable output instead of raising (Tune would retry it as if its
+    worker had died) and names the path and the cause."""
+    import poisonsweep.engine.worker as worker
+
+    trial = build_sweep(CONFIG).trials[0]
+    monkeypatch.setattr(worker, "write_trial", _disk_full)
+    monkeypatch.setattr(worker, "_plan_of", lambda plan: [[trial]])
+    resources = {"cpu": 1, "pack": 1, "influence_actors": 0}
+    result = worker.tune_trainable({"index": 0}, plan=None, out=str(tmp_path), version="", resources=resources)
+    assert result["failures"] == {}
+    assert list(result["unwritten"].values()) == [
+        "cannot write to /full/rec/scores/.x.parquet.tmp: No space left on device"]
+
+
+def test_an_error_escaping_the_sweep_on_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    import pickle
+
+    import poisonsweep.engine.api as api
+    import poisonsweep.engine.sweep as sweep
+
+    def truncated_state(*args, **kwargs):
+        monkeypatch.setattr(api.os, "fsync", lambda fd: _disk_full())  # the disk is full from now on
+        raise pickle.UnpicklingError("pickle data was truncated")  # what Ray Tune said of its own state
+
+    monkeypatch.setattr(sweep, "run_sweep", truncated_state)
+    out = tmp_path / "rec"
+    code, output = cli("run", _config(tmp_path), "--out", out)
+    assert code == 2 and output.count("error: ") == 1 and "Traceback" not in output, output
+    message = " ".join(output.split())
+    assert f"error: output directory '{out}' cannot be written: No space left on device" in message
+    assert "run again with the same command" in message and "Unpickling" not in message
+
+
+def test_the_summary_says_the_output_refused_the_rows_not_that_a_worker_died(tmp_path, monkeypatch):
+    import poisonsweep.engine.api as api
+    from poisonsweep.engine.sweep import SweepOutcome
+
+    outcome = SweepOutcome(total=3, skipped=0, ran=1, retried_after_error=0, out=str(tmp_path),
+                           unwritten={"t1": "cannot write to s3://b/rec/scores/t1.parquet: Couldn't connect to server"},
+                           output_error="cannot write to s3://b/rec/scores/t1.parquet: Couldn't connect to server",
+                           not_recorded=2)
+    monkeypatch.setattr(api, "run", lambda *a, **k: outcome)
+    code, output = cli("run", _config(tmp_path), "--out", tmp_path / "rec")
+    message = " ".join(output.split())
+    assert code == 1 and "Traceback" not in output, output
+    assert "worker died" not in message and "interrupted" not in message
+    assert ("error: cannot write to s3://b/rec/scores/t1.parquet: Couldn't connect to server; 2 trial(s) not "
+            "recorded: they run again") in message
+
+
+def test_a_retry_counts_as_a_dead_worker_only_when_its_process_died(tmp_path):
+    from types import SimpleNamespace
+
+    import cloudpickle
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from poisonsweep.engine.sweep import _worker_died
+
+    def trial_with(error):
+        path = tmp_path / "error.pkl"
+        path.write_bytes(cloudpickle.dumps(error))
+        return SimpleNamespace(pickled_error_file=str(path))
+
+    raised = RayTaskError("tune_trainable", "Traceback ...", OSError("No space left on device"))
+    assert not _worker_died(trial_with(raised))
+    assert _worker_died(trial_with(RayActorError()))
+
+
+def test_without_verbose_a_trial_error_is_logged_in_one_line():
+    import logging
+    import sys
+
+    from poisonsweep.engine.sweep import _OneLineTrialErrors
+
+    try:
+        raise RuntimeError("Traceback (most recent call last):\n  File ...\nActorDiedError: the worker died")
+    except RuntimeError:
+        record = logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, "Trial task failed for trial %s", ("t1",),
+                                   sys.exc_info())
+    assert _OneLineTrialErrors().filter(record) and record.exc_info is None
+    assert logging.Formatter().format(record) == ("Trial task failed for trial t1: RuntimeError: ActorDiedError: "
+                                                  "the worker died")

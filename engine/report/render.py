@@ -29,7 +29,7 @@ from poisonsweep.engine.report.tables import (
     _setting_stem, _setting_title, _slug, detection_table, found_vs_checked_table, influence_table, markdown_table,
     unlearning_table,
 )
-from poisonsweep.engine.sink import PLAN_FILE, filesystem, read_plan
+from poisonsweep.engine.sink import PLAN_FILE, filesystem, masked, read_plan, uri_name
 
 # ---------------------------------------------------------------------------------------------
 # the report
@@ -58,15 +58,15 @@ def _write_table(frame: pd.DataFrame, directory: Path, name: str, shown: pd.Data
 def _check_record(out: str, plan: pd.DataFrame | None) -> None:
     fs, root = filesystem(out)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise RecordError(f"{out!r} does not exist")
+        raise RecordError(f"{masked(out)!r} does not exist")
     if plan is None and fs.get_file_info(f"{root}/trials").type != pafs.FileType.Directory:
-        raise RecordError(f"{out!r} holds no trials table and no {PLAN_FILE}: is it a sweep's output directory?")
+        raise RecordError(f"{masked(out)!r} holds no trials table and no {PLAN_FILE}: is it a sweep's output directory?")
 
 
 def default_report_dir(out: str) -> Path:
     """``<out>/report`` for a local sweep; ``./<name>-report`` for a URI."""
     if "://" in out:
-        return Path(f"{out.rstrip('/').rsplit('/', 1)[-1]}-report")
+        return Path(f"{uri_name(out)}-report")
     return Path(out) / "report"
 
 
@@ -217,7 +217,7 @@ def _status_tables(status: RecordStatus, setting: list[str]) -> list[tuple[str, 
 
 
 def _markdown(out: str, status: RecordStatus, setting: list[str], sections, header=()) -> str:
-    parts = [f"# Sweep report: {out}", "", *[f"- {line}" for line in status.lines()], ""]
+    parts = [f"# Sweep report: {masked(out)}", "", *[f"- {line}" for line in status.lines()], ""]
     for heading, frame in [*header, *_status_tables(status, setting)]:
         parts += [f"## {heading}", "", markdown_table(frame), ""]
     if not sections:
@@ -241,7 +241,7 @@ th{background:#f2f2f2;text-align:left}td{font-variant-numeric:tabular-nums}img{m
 
 def _html(out: str, status: RecordStatus, setting: list[str], sections, header=()) -> str:
     e = html.escape
-    body = [f"<h1>Sweep report: {e(out)}</h1>", "<ul>" + "".join(f"<li>{e(line)}</li>" for line in status.lines())
+    body = [f"<h1>Sweep report: {e(masked(out))}</h1>", "<ul>" + "".join(f"<li>{e(line)}</li>" for line in status.lines())
             + "</ul>"]
     for heading, frame in [*header, *_status_tables(status, setting)]:
         body += [f"<h2>{e(heading)}</h2>", frame.to_html(index=False, escape=True, border=0)]
@@ -257,5 +257,5 @@ def _html(out: str, status: RecordStatus, setting: list[str], sections, header=(
             if note:
                 body.append(f'<p class="note">{e(note)}</p>')
             body.append(shown.to_html(index=False, escape=True, border=0))
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Sweep report: {e(out)}</title>"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Sweep report: {e(masked(out))}</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
