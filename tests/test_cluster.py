@@ -236,6 +236,7 @@ def test_a_killed_trial_worker_is_retried_up_to_max_failures_and_the_sweep_compl
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, output
+    assert "Traceback" not in output, output  # issue 22: without --verbose, no Ray traceback (one line per error)
     counts = output[output.index("2 trials run"):].splitlines()[0]
     # Tune's own record of the lost attempt: the worker died (the trial did not raise)
     errors = list((out / "_tune").glob("*/*/error.txt"))
