@@ -24,6 +24,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from pyarrow import ArrowException
+
 from poisonsweep.engine.sink import filesystem, join_uri, masked
 from poisonsweep.tasks.registry import ConfigError
 
@@ -103,12 +105,15 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            held = self.read()
-            if held is not None and held.get("token") != self.token:
-                self.echo(f"warning: another run took over {self.uri} ({held.get('host')}, pid {held.get('pid')}); "
-                          "two runs now write the same trials (no row is duplicated)")
-                return
-            self._write()
+            try:
+                held = self.read()
+                if held is not None and held.get("token") != self.token:
+                    self.echo(f"warning: another run took over {self.uri} ({held.get('host')}, pid {held.get('pid')}); "
+                              "two runs now write the same trials (no row is duplicated)")
+                    return
+                self._write()
+            except (OSError, ArrowException):  # the store does not answer: the run itself will say so
+                continue
 
     def __enter__(self) -> "Lease":
         self.check()
@@ -122,9 +127,14 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        held = self.read()
-        if held is not None and held.get("token") == self.token:
-            self.fs.delete_file(self.path)
+        try:
+            held = self.read()
+            if held is not None and held.get("token") == self.token:
+                self.fs.delete_file(self.path)
+        except (OSError, ArrowException) as error:  # an outage must not hide the run's own error under a traceback
+            cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.echo(masked(f"could not delete the lease {self.uri} ({cause}); it expires {self.expiry:.0f} s after "
+                             f"its last heartbeat, or delete it: {delete_command(self.uri)}"))
 
 
 def run_guard(out: str, echo=print):

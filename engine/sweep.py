@@ -131,12 +131,12 @@ class _StopWhenUnwritable(Stopper):
         return bool(self.log.unwritten)
 
 
-class _OneLineTrialErrors(logging.Filter):
-    """Without --verbose, Tune's "Trial task failed" log keeps its first line and the error's last,
-    not the full Ray traceback (the trial's row and --verbose have it)."""
+class _OneLineErrors(logging.Filter):
+    """Without --verbose, an error Ray logs with its traceback ("Trial task failed", a failed sync of
+    Tune's state) keeps its message and the error's last line: the trial's row and --verbose have the rest."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.getMessage().startswith("Trial task failed"):
+        if record.exc_info and record.exc_info[1] is not None:
             error = record.exc_info[1]
             cause = (str(error).strip().splitlines() or [type(error).__name__])[-1]
             record.msg, record.args = f"{record.getMessage()}: {type(error).__name__}: {cause}", ()
@@ -216,15 +216,17 @@ def _fit(tuner, verbose: bool = False):
     analysis_log.addFilter(_without_missing_metrics_warning)
     restore_hint = _HideRestoreHint()  # Tune's "Tuner.restore(...)" is not how a sweep resumes
     logging.getLogger("ray.tune.tune").addFilter(restore_hint)
-    controller_log, short_errors = logging.getLogger("ray.tune.execution.tune_controller"), _OneLineTrialErrors()
-    if not verbose:
-        controller_log.addFilter(short_errors)
+    # Ray prints its loggers' records through handlers on the "ray" logger: a filter there sees them all
+    handlers, short_errors = [] if verbose else list(logging.getLogger("ray").handlers), _OneLineErrors()
+    for handler in handlers:
+        handler.addFilter(short_errors)
     try:
         return tuner.fit()
     finally:
         analysis_log.removeFilter(_without_missing_metrics_warning)
         logging.getLogger("ray.tune.tune").removeFilter(restore_hint)
-        controller_log.removeFilter(short_errors)
+        for handler in handlers:
+            handler.removeFilter(short_errors)
 
 
 class _HideRestoreHint(logging.Filter):

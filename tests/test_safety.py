@@ -240,13 +240,13 @@ def test_without_verbose_a_trial_error_is_logged_in_one_line():
     import logging
     import sys
 
-    from poisonsweep.engine.sweep import _OneLineTrialErrors
+    from poisonsweep.engine.sweep import _OneLineErrors
 
     try:
         raise RuntimeError("Traceback (most recent call last):\n  File ...\nActorDiedError: the worker died")
     except RuntimeError:
         record = logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, "Trial task failed for trial %s", ("t1",),
                                    sys.exc_info())
-    assert _OneLineTrialErrors().filter(record) and record.exc_info is None
+    assert _OneLineErrors().filter(record) and record.exc_info is None
     assert logging.Formatter().format(record) == ("Trial task failed for trial t1: RuntimeError: ActorDiedError: "
                                                   "the worker died")
