@@ -99,8 +99,10 @@ def _read_per_trial(fs, table: str, chunk: dict[str, str], columns: list[str]) -
     read = columns if not checked or "trial_id" in columns else [*columns, "trial_id"]
     piece = ds.dataset(list(chunk.values()), schema=SCHEMAS[table], format="parquet", filesystem=fs).to_table(
         columns=read)
-    if checked and not set(pc.unique(piece.column("trial_id")).to_pylist()) <= chunk.keys():
-        raise ForeignRows(f"a file of table {table!r} holds rows of another trial")
+    if checked:
+        ids = set(pc.unique(piece.column("trial_id")).to_pylist())
+        if len(ids) != piece.num_rows or not ids <= chunk.keys():  # one row per trial, under its own name
+            raise ForeignRows(f"a file of table {table!r} holds rows of another trial")
     return piece.select(columns)
 
 
