@@ -17,7 +17,7 @@ import pyarrow as pa
 from poisonsweep.engine.lease import OutputBusy
 from poisonsweep.tasks.registry import ConfigError
 
-__all__ = ["OutputBusy", "load", "load_config", "report", "run", "run_trial"]
+__all__ = ["OutputBusy", "load", "load_config", "repair", "report", "run", "run_trial"]
 
 
 def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
@@ -64,8 +64,9 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
     from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trial_versions, trials_to_run
     from poisonsweep.engine.sweep import run_sweep
 
-    for damaged, moved in quarantine(sweep.out):
-        echo(f"moved {damaged} (not readable Parquet) to {moved}; its trial runs again")
+    quarantined = quarantine(sweep.out)
+    for damaged, moved, problem in quarantined:
+        echo(f"moved {damaged} ({problem}) to {moved}; its trial runs again")
     # the record is read and the code hashed once here, for the notes, the bar and the sweep alike
     ids, version, versions = sweep.ids, code_version(), trial_versions(sweep.out)
     stale = stale_trials(sweep.out, ids, version, versions)
@@ -76,8 +77,8 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
              f"{verb}")
     if note := cpu_pack_note(sweep.resources):
         echo(note)
-    # every damaged file was just moved aside, so none is left to send a trial back
-    to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[])
+    # the files just moved aside send their trials back (and so does any table a trial lists but lacks)
+    to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[path for path, *_ in quarantined])
     bar = progress(len(to_run)) if progress else contextlib.nullcontext()
     with bar as callback, _unwritable_output_named(sweep.out):  # a resumed sweep's bar counts only what is left
         outcome = run_sweep(sweep, address=address, verbose=verbose, progress=callback,
@@ -179,7 +180,43 @@ def report(out: str, directory: str | Path | None = None):
     in ``out``; returns ``poisonsweep.engine.report.Report`` (its ``html`` is the page's path)."""
     from poisonsweep.engine.report import write_report
 
-    return write_report(out, directory)
+    with _report_guard(out, directory):
+        return write_report(out, directory)
+
+
+@contextlib.contextmanager
+def _report_guard(out: str, directory: str | Path | None):
+    """While a report is written into a local record (its default place): the record's report lock
+    (``OutputBusy`` if another report holds it), and the temporaries of killed reports removed. A
+    read-only record, or a report written elsewhere, takes neither."""
+    from poisonsweep.engine.lease import BESIDE_A_RUN, remove_dead_temporaries, run_guard
+
+    root = Path(out).resolve() if "://" not in out else None
+    inside = root is not None and root.is_dir() and (
+        directory is None or root in Path(directory).resolve().parents)
+    if not inside or not os.access(root, os.W_OK):
+        yield
+        return
+    with run_guard(out, command="report"):
+        remove_dead_temporaries(out, held="report", kinds=BESIDE_A_RUN)
+        yield
+
+
+def repair(out: str) -> tuple[list[tuple[str, str, str]], int]:
+    """Move every file of the record in ``out`` that is not readable Parquet of its table's schema to
+    ``<out>/_quarantine/`` (the next ``run`` recomputes its trial) and remove the temporaries killed
+    commands left. Returns the moves (from, to, what was wrong) and how many temporaries were removed.
+    Holds the record as ``compact`` does (``OutputBusy`` while a ``compact`` runs)."""
+    from poisonsweep.engine.lease import remove_dead_temporaries, run_guard
+    from poisonsweep.engine.resume import quarantine
+    from poisonsweep.engine.sink import filesystem
+
+    root = filesystem(out)[1]
+    if "://" not in out and not os.path.isdir(root):
+        raise ConfigError(f"{out!r} is not a directory: is it a sweep's output directory?")
+    with run_guard(out, command="compact"):
+        removed = remove_dead_temporaries(out, held="compact")
+        return quarantine(out), removed
 
 
 def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index: int = 0, log=print):

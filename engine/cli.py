@@ -97,32 +97,35 @@ def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI
 
 @app.command()
 def repair(out: str = typer.Argument(..., help="A sweep's output directory (or URI).")):
-    """Move every file of the record that is not readable Parquet to DIR/_quarantine/ (the next `run`
-    recomputes its trial)."""
-    from poisonsweep.engine.resume import QUARANTINE_DIR, quarantine
+    """Move every file of the record that is not readable Parquet of its table's schema to DIR/_quarantine/
+    (the next `run` recomputes its trial), and remove the temporaries of killed commands."""
+    from poisonsweep.engine.api import repair as repair_record
+    from poisonsweep.engine.resume import QUARANTINE_DIR
     from poisonsweep.engine.sink import filesystem, refuse_links
 
-    if "://" not in out and os.path.isdir(out):
-        try:
+    try:
+        if "://" not in out and os.path.isdir(out):
             refuse_links(filesystem(out)[1])  # a linked _quarantine would move files out of the record
-        except ConfigError as error:
-            _fail(str(error))
-    moved = quarantine(out)
-    for damaged, target in moved:
-        console.print(escape(f"moved {damaged} to {target}"), highlight=False)
+        moved, removed = repair_record(out)
+    except ConfigError as error:
+        _fail(str(error))
+    for damaged, target, problem in moved:
+        console.print(escape(f"moved {damaged} ({problem}) to {target}"), highlight=False)
+    if removed:
+        console.print(f"removed {removed} temporary file(s) of killed commands", highlight=False)
     console.print(escape(f"{len(moved)} damaged file(s) moved to {QUARANTINE_DIR}/" if moved
-                         else "every file is readable Parquet; nothing to repair")
+                         else "every file is readable Parquet of its table's schema; nothing to repair")
                   + (": run the sweep again to recompute their trials" if moved else ""), highlight=False)
 
 
 @contextlib.contextmanager
 def _damage_reported(out: str):
     """Name every damaged file of the record once (readers skip them, each with a warning)."""
-    from poisonsweep.engine.resume import damaged_files
+    from poisonsweep.engine.resume import damage
     from poisonsweep.engine.sink import DamagedFile
 
-    for path in damaged_files(out):
-        console.print(f"[bold yellow]warning:[/] {escape(str(DamagedFile(path, out)))}", highlight=False)
+    for path, problem in damage(out).items():
+        console.print(f"[bold yellow]warning:[/] {escape(str(DamagedFile(path, out, problem)))}", highlight=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DamagedFile)
         yield
@@ -218,12 +221,13 @@ def report(
                                               "(default: DIR/report; for a URI, ./<name>-report)."),
 ):
     """Write summary tables (CSV, Markdown), figures (PNG) and one self-contained report.html."""
-    from poisonsweep.engine.report import RecordError, write_report
+    from poisonsweep.engine import api
+    from poisonsweep.engine.report import RecordError
 
     try:
         with _damage_reported(out):
-            written = write_report(out, report_dir)
-    except RecordError as error:
+            written = api.report(out, report_dir)  # also removes the temporaries of killed reports
+    except (RecordError, ConfigError) as error:
         _fail(str(error))
     for line in written.status.lines():
         console.print(escape(line), highlight=False)
@@ -239,7 +243,7 @@ def compact(out: str = typer.Argument(..., help="A sweep's output directory (or 
 
     try:
         results = compact_record(out)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ConfigError) as error:
         _fail(str(error))
     for done in results:
         if done.written:

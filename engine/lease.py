@@ -1,4 +1,10 @@
-"""One ``run`` per output: a file lock for a local directory, a lease for an object store.
+"""One ``run`` per output, and one ``compact`` (or ``repair``) per record: a file lock for a local
+directory, a lease for an object store.
+
+Each command has its own: ``run`` holds ``.run.lock`` / ``.run.lease``, ``compact`` and ``repair``
+hold ``.compact.lock`` / ``.compact.lease``, ``report`` holds ``.report.lock`` while it writes into a
+local record; :func:`remove_dead_temporaries` removes only the temporaries of commands whose lock
+is free (their writers are dead). Below, for ``run``:
 
 A local directory gets ``DIR/.run.lock`` (``filelock``: the operating system releases it when the
 process dies). An object store (``s3://``, ``gs://``) has no locks and pyarrow offers no atomic
@@ -31,12 +37,13 @@ from poisonsweep.tasks.registry import ConfigError
 
 LOCK_FILE = ".run.lock"
 LEASE_FILE = ".run.lease"
+GUARDED = ("run", "compact", "report")  # the commands with a lock (lease) of their own: .<command>.lock
 HEARTBEAT_SECONDS = 30.0
 EXPIRY_HEARTBEATS = 3
 
 
 class OutputBusy(ConfigError):
-    """Another ``run`` holds the output's lock or a fresh lease on it."""
+    """Another ``run`` (``compact``, ...) holds the output's lock or a fresh lease on it."""
 
 
 def _iso(seconds: float) -> str:
@@ -58,10 +65,12 @@ class Lease:
     """
 
     def __init__(self, out: str, *, heartbeat: float = HEARTBEAT_SECONDS, expiry: float | None = None,
-                 clock=time.time, echo=print):
+                 clock=time.time, echo=print, command: str = "run"):
         self.fs, root = filesystem(out)
-        self.out, self.uri = masked(out), masked(join_uri(out, LEASE_FILE))  # for messages: no secret shows
-        self.path = f"{root}/{LEASE_FILE}"
+        self.command = command
+        name = LEASE_FILE if command == "run" else f".{command}.lease"
+        self.out, self.uri = masked(out), masked(join_uri(out, name))  # for messages: no secret shows
+        self.path = f"{root}/{name}"
         self.heartbeat = heartbeat
         self.expiry = EXPIRY_HEARTBEATS * heartbeat if expiry is None else expiry
         self.clock, self.echo = clock, echo
@@ -98,7 +107,7 @@ class Lease:
         holder = f"pid {held.get('pid')} on {held.get('host')}, started {held.get('started')}"
         if age < self.expiry:
             raise OutputBusy(
-                f"another `poisonsweep run` is writing to {self.out} (its lease {self.uri}: "
+                f"{_another(self.command)} {self.out} (its lease {self.uri}: "
                 f"{holder}, heartbeat {max(age, 0):.0f} s ago); wait for it to finish, or if that run is dead, "
                 f"wait {self.expiry:.0f} s for the lease to expire or delete it: {delete_command(self.uri)}")
         self.echo(f"took over the expired lease {self.uri} ({holder}, last heartbeat {age:.0f} s ago)")
@@ -137,24 +146,34 @@ class Lease:
                              f"its last heartbeat, or delete it: {delete_command(self.uri)}"))
 
 
-def run_guard(out: str, echo=print):
-    """The guard ``run`` holds while it writes to ``out``: a :class:`Lease` for an object store, a
-    ``filelock`` for a local directory; either raises ``OutputBusy`` on entry if another run holds it."""
+def _another(command: str) -> str:
+    return {"run": "another `poisonsweep run` is writing to",
+            "compact": "another `poisonsweep compact` or `repair` is working on",
+            "report": "another `poisonsweep report` is writing into"}[command]
+
+
+def run_guard(out: str, echo=print, command: str = "run"):
+    """The guard ``run`` (or ``command``) holds while it writes to ``out``: a :class:`Lease` for an object
+    store, a ``filelock`` for a local directory; either raises ``OutputBusy`` on entry if another holds it."""
     if "://" in out:
-        return Lease(out, echo=echo)
-    return _local_lock(out, f"{filesystem(out)[1]}/{LOCK_FILE}")
+        return Lease(out, echo=echo, command=command)
+    return _local_lock(out, _lock_path(out, command), command)
+
+
+def _lock_path(out: str, command: str) -> str:
+    return f"{filesystem(out)[1]}/{LOCK_FILE if command == 'run' else f'.{command}.lock'}"
 
 
 @contextlib.contextmanager
-def _local_lock(out: str, path: str):
+def _local_lock(out: str, path: str, command: str = "run"):
     from filelock import FileLock, Timeout
 
     lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
     except Timeout:  # only the acquisition: a Timeout raised by the run itself is not "busy"
-        raise OutputBusy(f"another `poisonsweep run` is writing to {out} (it holds {path}); wait for it to finish, "
-                         "or choose another --out") from None
+        hint = "or choose another --out" if command == "run" else "then try again"
+        raise OutputBusy(f"{_another(command)} {out} (it holds {path}); wait for it to finish, {hint}") from None
     except OSError as error:  # e.g. a planted link (filelock opens with O_NOFOLLOW: Errno 40)
         raise ConfigError(f"cannot take the lock {path}: {error.strerror or error}"
                           + (" (it is a link: remove it)" if os.path.islink(path) else "")
@@ -163,3 +182,33 @@ def _local_lock(out: str, path: str):
         yield lock
     finally:
         lock.release()
+
+
+def remove_dead_temporaries(out: str, held: str | None = None, kinds=GUARDED) -> int:
+    """Remove the temporaries that killed commands of ``kinds`` (``run``, ``compact``, ``report``) left in
+    the local record ``out``; a command's own are removed only while its lock is free (no live writer
+    of them) or ``held`` (by the caller). Returns how many were removed."""
+    from filelock import FileLock, Timeout
+
+    from poisonsweep.engine.sink import remove_temporaries
+
+    if "://" in out or not os.path.isdir(filesystem(out)[1]):
+        return 0
+    with contextlib.ExitStack() as locks:
+        free = []
+        for command in kinds:
+            if command != held:
+                path = _lock_path(out, command)
+                if os.path.islink(path):  # never open a planted link
+                    continue
+                try:
+                    locks.enter_context(FileLock(path, timeout=0))
+                except (Timeout, OSError):  # busy, or a read-only record: leave that command's temporaries
+                    continue
+            free.append(command)
+        return remove_temporaries(out, free)
+
+
+# what ``compact`` and ``report`` tidy: they run beside a live sweep, whose writers' temporaries they leave
+# to ``run`` and ``repair`` (the run lock alone cannot vouch for workers on other nodes)
+BESIDE_A_RUN = ("compact", "report")

@@ -6,11 +6,14 @@ which trials are really done, damaged files moved aside, and one writer per outp
   (the ``.py`` files of ``tasks/``, as imported). It needs no ``.git``, so a wheel on a cluster node
   reports the same value as the checkout it was built from, and an uncommitted edit (a dirty tree)
   gives a different hash. The driver computes it once and every trial row records it.
-* **Done.** A trial is done when its ``trials`` row says ``ok``, every table's file of that trial is
-  readable Parquet, and (``rerun="stale"``) its code version is the current one.
-* **Damage.** A file in a table directory that is not readable Parquet (a truncated copy, a stray
-  file) is never fatal: readers skip it with a warning that names it, ``poisonsweep repair DIR`` and
-  every ``run`` move it to ``DIR/_quarantine/``, and ``run`` recomputes its trial.
+* **Done.** A trial is done when its ``trials`` row says ``ok``, every table its row lists in
+  ``tables`` (those it wrote rows to) still holds its rows in readable Parquet, and
+  (``rerun="stale"``) its code version is the current one. A row without ``tables`` (a record
+  written before the column existed) is done unless one of its per-trial files is damaged.
+* **Damage.** A file in a table directory that is not readable Parquet of the table's schema (a
+  truncated copy, a stray file, another program's Parquet) is never fatal: readers skip it with a
+  warning that names it, ``poisonsweep repair DIR`` and every ``run`` move it to
+  ``DIR/_quarantine/``, and ``run`` recomputes its trial (its rows are then missing).
 * **One writer.** ``run`` holds ``DIR/.run.lock`` (``filelock``) for a local directory and a lease,
   ``<out>/.run.lease``, on an object store (``poisonsweep.engine.lease``).
 """
@@ -22,7 +25,7 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
-from poisonsweep.engine.sink import TABLES, filesystem, read_table, readable_files
+from poisonsweep.engine.sink import TABLES, file_problems, filesystem, read_table
 
 QUARANTINE_DIR = "_quarantine"
 RERUN_CHOICES = ("failed", "stale", "all")
@@ -48,45 +51,59 @@ def code_version() -> str:
     return f"{version}+src.{source_hash()}"
 
 
-def damaged_files(out: str) -> list[str]:
-    """Every file in a table directory that is not readable Parquet."""
-    damaged = []
+def damage(out: str) -> dict[str, str]:
+    """Every file in a table directory that is not readable Parquet of its table's schema, and why."""
+    found = {}
     for table in TABLES:
-        damaged += readable_files(out, table)[1]
-    return damaged
+        found.update(file_problems(out, table)[1])
+    return found
 
 
-def quarantine(out: str) -> list[tuple[str, str]]:
-    """Move every damaged file to ``<out>/_quarantine/<table>/``; returns (from, to) pairs."""
+def damaged_files(out: str) -> list[str]:
+    """Every file in a table directory that is not readable Parquet of its table's schema."""
+    return list(damage(out))
+
+
+def quarantine(out: str) -> list[tuple[str, str, str]]:
+    """Move every damaged file to ``<out>/_quarantine/<table>/``; returns (from, to, what was wrong)."""
     fs, root = filesystem(out)
     moved = []
-    for path in damaged_files(out):
+    for path, problem in damage(out).items():
         table, name = path.rsplit("/", 2)[-2:]
         target = f"{root}/{QUARANTINE_DIR}/{table}/{name}"
         fs.create_dir(f"{root}/{QUARANTINE_DIR}/{table}", recursive=True)
         fs.move(path, target)
-        moved.append((path, target))
+        moved.append((path, target, problem))
     return moved
 
 
-def trial_versions(out: str) -> dict[str, tuple[str, str | None]]:
-    """trial_id -> (status, code_version) of every readable trials row."""
-    rows = read_table(out, "trials", ["trial_id", "status", "code_version"]).to_pylist()
-    return {row["trial_id"]: (row["status"], row["code_version"]) for row in rows}
+def trial_versions(out: str) -> dict[str, tuple[str, str | None, list[str] | None]]:
+    """trial_id -> (status, code_version, tables) of every readable trials row (``tables``: those it
+    wrote rows to; None in a record from before the column)."""
+    rows = read_table(out, "trials", ["trial_id", "status", "code_version", "tables"]).to_pylist()
+    return {row["trial_id"]: (row["status"], row["code_version"], row["tables"]) for row in rows}
 
 
 def complete_trials(out: str, versions: dict | None = None, damaged: list[str] | None = None) -> set[str]:
-    """Trials whose row says ``ok`` and none of whose per-trial files is damaged.
+    """Trials whose row says ``ok``, none of whose per-trial files is damaged, and whose rows are in
+    every table their row lists (a file lost or quarantined since sends the trial back).
 
     Every table gets a file per trial (empty tables too) and the ``trials`` row is written last,
-    so an ``ok`` row means the trial's other files were written; a damaged one sends it back.
+    so an ``ok`` row means the trial's other files were written; its ``tables`` say which hold rows.
     Compacted files hold complete trials only (``poisonsweep.engine.record.compact``).
     ``versions`` and ``damaged``, when the caller already has them, save reading the record again.
     """
+    from poisonsweep.engine.record import trials_with_rows
+
     versions = trial_versions(out) if versions is None else versions
     damaged = damaged_files(out) if damaged is None else damaged
-    ok = {tid for tid, (status, _) in versions.items() if status == "ok"}
-    return ok - {PurePosixPath(path).stem for path in damaged}
+    ok = {tid for tid, (status, *_) in versions.items() if status == "ok"}
+    ok -= {PurePosixPath(path).stem for path in damaged}
+    for table in TABLES:
+        listed = {tid for tid in ok if table in (versions[tid][2] or ())}
+        if listed:
+            ok -= listed - trials_with_rows(out, table, listed, damaged)
+    return ok
 
 
 def stale_trials(out: str, trial_ids: list[str], version: str, versions: dict | None = None) -> Counter:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from typing import Callable, TypeVar
 
@@ -48,6 +49,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("total_seconds", _F64), ("node", _STR), ("node_ip", _STR), ("ray_node_id", _STR), ("device", _STR),
         ("pack_size", _I64), ("pack_note", _STR),  # resources.pack: models trained together, why alone
         ("code_version", _STR), ("warnings", _STR),  # the trial's TrialWarnings, one first line each
+        ("tables", pa.list_(_STR)),  # the other tables holding rows of this trial: resume checks they are there
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ]),
     "detections": pa.schema(KEY_COLUMNS + [
@@ -78,6 +80,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
 }
 TABLES = list(SCHEMAS)
+COMPACTED = re.compile(r"compacted-(\d+)-[0-9a-f]+\.parquet")  # a compacted file's name (engine.record)
 PLAN_FILE = "sweep.json"  # the trials the latest run planned, for the report
 
 
@@ -169,30 +172,59 @@ def publish(fs: pafs.FileSystem, final: str, write: Callable[[str], T]) -> T:
     return write(final)
 
 
-def remove_temporaries(out: str) -> int:
-    """Delete the temporary files of writers that were killed mid-write (local directories only:
-    object stores never show an unfinished upload). Returns how many were removed."""
+# the hidden names ``tasks.files.atomic_write`` gives its temporaries (and a replaced folder, moved aside)
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}\.(tmp|old)")
+# who writes which temporaries: a run (trials' files, sweep.json), compact (compacted files), report
+TEMPORARY_KINDS = ("run", "compact", "report")
+
+
+def temporary_kind(name: str, in_table: bool) -> str | None:
+    """Which command writes a file or folder of this name (``in_table``: in a table's folder, else in the
+    record's root), or None when it is not one of our temporaries."""
+    match = TEMPORARY.fullmatch(name)
+    if match is None:
+        return None
+    if in_table:
+        return "compact" if COMPACTED.fullmatch(match["name"]) else "run"
+    return {PLAN_FILE: "run", "report": "report"}.get(match["name"])
+
+
+def remove_temporaries(out: str, kinds=TEMPORARY_KINDS) -> int:
+    """Delete the temporaries that killed writers of ``kinds`` left (local directories only: object
+    stores never show an unfinished upload). Only our own temporary names, only in the record's root and
+    its table folders, and a link is never followed nor removed. The caller makes sure no live writer
+    of those kinds is at work (``poisonsweep.engine.lease.remove_dead_temporaries``). Returns how many
+    were removed."""
     fs, root = filesystem(out)
     if not isinstance(fs, pafs.LocalFileSystem):
         return 0
     removed = 0
-    for table in TABLES:
-        directory = f"{root}/{table}"
-        if fs.get_file_info(directory).type != pafs.FileType.Directory:
+    for directory, in_table in [(root, False)] + [(f"{root}/{table}", True) for table in TABLES]:
+        if os.path.islink(directory) or not os.path.isdir(directory):
             continue
-        for info in fs.get_file_info(pafs.FileSelector(directory)):
-            if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
-                fs.delete_file(info.path)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_symlink() or temporary_kind(entry.name, in_table) not in kinds:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed += 1
     return removed
 
 
 def write_trial(out: str, trial_id: str, tables: dict[str, list[dict]]) -> None:
-    """Write every table of a trial; ``trials`` last, so a trial counts as done only when all its rows exist."""
+    """Write every table of a trial; ``trials`` last, so a trial counts as done only when all its rows exist.
+
+    The ``trials`` row's ``tables`` lists the other tables that received rows, so that resume can tell a
+    trial whose file of one of them was lost later (``poisonsweep.engine.resume.complete_trials``).
+    """
     for table in TABLES:
         if table != "trials":
             write_trial_table(out, table, trial_id, tables.get(table, []))
-    write_trial_table(out, "trials", trial_id, tables["trials"])
+    written = [table for table in TABLES if table != "trials" and tables.get(table)]
+    write_trial_table(out, "trials", trial_id, [{**row, "tables": written} for row in tables["trials"]])
 
 
 def read_table(out: str, table: str, columns: list[str] | None = None) -> pa.Table:
@@ -204,31 +236,77 @@ def read_table(out: str, table: str, columns: list[str] | None = None) -> pa.Tab
 
 
 class DamagedFile(UserWarning):
-    """A file in a table directory that is not readable Parquet: skipped, named, and how to fix it."""
+    """A file in a table directory that is not readable Parquet of the table's schema: skipped, named,
+    and how to fix it."""
 
-    def __init__(self, path: str, out: str):
+    def __init__(self, path: str, out: str, problem: str = "not readable Parquet"):
         self.path = path
-        super().__init__(f"{path} is not readable Parquet and is skipped; `poisonsweep repair {masked(out)}` moves it "
+        super().__init__(f"{path} is {problem} and is skipped; `poisonsweep repair {masked(out)}` moves it "
                          "aside, and the next `run` of the sweep recomputes its trial")
 
 
-def readable_files(out: str, table: str) -> tuple[list[str], list[str]]:
-    """The table's files that are readable Parquet, and those that are not (a truncated copy, a stray
-    file). Hidden names (``.``, ``_``: temporaries) are neither, as for every Parquet reader."""
+UNREADABLE = "not readable Parquet"
+
+
+def schema_problem(metadata: pq.FileMetaData, table: str, trial_id: str | None) -> str | None:
+    """Why a readable Parquet file is not one of ``table``'s, or None when it is.
+
+    Its columns must be the table's, with the table's types (a file may lack columns: older records had
+    fewer); a per-trial file (``trial_id``: its name) must hold that trial's rows only, as its
+    row groups' statistics tell without reading the rows.
+    """
+    expected = SCHEMAS[table]
+    found = metadata.schema.to_arrow_schema()
+    if "trial_id" not in found.names:
+        return "not of the table's schema (no trial_id column)"
+    for column in found:
+        index = expected.get_field_index(column.name)
+        if index < 0:
+            return f"not of the table's schema (column {column.name!r} is not one of its)"
+        if column.type != expected.field(index).type:
+            return (f"not of the table's schema (column {column.name!r} is {column.type}, "
+                    f"not {expected.field(index).type})")
+    if trial_id is None:
+        return None
+    position = found.get_field_index("trial_id")
+    for group in range(metadata.num_row_groups):
+        stats = metadata.row_group(group).column(position).statistics
+        if stats is not None and stats.has_min_max and {stats.min, stats.max} != {trial_id}:
+            return f"not trial {trial_id}'s file (it holds rows of trial {stats.min!r})"
+    return None
+
+
+def file_problems(out: str, table: str) -> tuple[list[str], dict[str, str]]:
+    """The table's files that are readable Parquet of its schema, and every other one with what is wrong
+    with it (a truncated copy, a stray file, another table's or program's Parquet). Hidden names (``.``,
+    ``_``: temporaries) are neither, as for every Parquet reader."""
     fs, root = filesystem(out)
     directory = f"{root}/{table}"
     if fs.get_file_info(directory).type != pafs.FileType.Directory:
-        return [], []
-    good, damaged = [], []
+        return [], {}
+    good, damaged = [], {}
     for info in fs.get_file_info(pafs.FileSelector(directory)):
-        if info.base_name.startswith((".", "_")):
+        name = info.base_name
+        if name.startswith((".", "_")):
             continue
         try:
-            pq.read_metadata(info.path, filesystem=fs)
-            good.append(info.path)
+            metadata = pq.read_metadata(info.path, filesystem=fs)
         except (OSError, ValueError, pa.ArrowException):  # pyarrow's error for "not Parquet" varies by damage
-            damaged.append(info.path)
-    return sorted(good), sorted(damaged)
+            damaged[info.path] = UNREADABLE
+            continue
+        per_trial = name.endswith(".parquet") and not COMPACTED.fullmatch(name)
+        problem = schema_problem(metadata, table, name[: -len(".parquet")] if per_trial else None)
+        if problem is None:
+            good.append(info.path)
+        else:
+            damaged[info.path] = problem
+    return sorted(good), dict(sorted(damaged.items()))
+
+
+def readable_files(out: str, table: str) -> tuple[list[str], list[str]]:
+    """The table's files that are readable Parquet of its schema, and the others (:func:`file_problems`)."""
+    good, damaged = file_problems(out, table)
+    return good, list(damaged)
 
 
 # ---------------------------------------------------------------------------------------------

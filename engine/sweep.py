@@ -28,8 +28,9 @@ from ray.tune.search import Searcher
 
 from poisonsweep.engine.cluster import check_cluster_resources, init_ray, trial_resources
 from poisonsweep.engine.resume import code_version, trials_to_run
-from poisonsweep.engine.sink import OutputError, filesystem, join_uri, remove_temporaries
-from poisonsweep.engine.worker import UNKNOWN_NODE, _now, record_trial, tune_trainable
+from poisonsweep.engine.lease import remove_dead_temporaries
+from poisonsweep.engine.sink import OutputError, filesystem, join_uri
+from poisonsweep.engine.worker import UNKNOWN_NODE, record_trial, tune_trainable
 
 if TYPE_CHECKING:
     from poisonsweep.engine.config import Sweep
@@ -166,16 +167,23 @@ def _without_missing_metrics_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to fetch metrics for")
 
 
-def _recorded_since(out: str, began: dt.datetime, trial_ids: set[str]) -> int:
-    """How many of ``trial_ids`` have a trials row started at or after ``began``: what the record holds,
-    not what Tune counted (a trial stopped by Ctrl-C may have written its rows)."""
-    import pyarrow.compute as pc
-
+def _recorded_rows(out: str, trial_ids: list[str]) -> dict[str, tuple]:
+    """trial_id -> (started_at, finished_at) of the trials rows recorded for ``trial_ids`` now."""
     from poisonsweep.engine.record import read_table
 
-    rows = read_table(out, "trials", ["trial_id", "started_at"])
-    recent = rows.filter(pc.greater_equal(rows["started_at"], began))["trial_id"].to_pylist()
-    return len(trial_ids.intersection(recent))
+    if not trial_ids:
+        return {}
+    rows = read_table(out, "trials", ["trial_id", "started_at", "finished_at"], trial_ids=trial_ids).to_pylist()
+    return {row["trial_id"]: (row["started_at"], row["finished_at"]) for row in rows}
+
+
+def _recorded_anew(out: str, before: dict[str, tuple], trial_ids: list[str]) -> int:
+    """How many of ``trial_ids`` have a trials row they did not have ``before`` the run: what the record
+    holds, not what Tune counted (a trial stopped by Ctrl-C may have written its rows). Rows are told
+    apart by trial id and the row's own timestamps, never by comparing the driver's clock with a
+    worker's (a node whose clock runs behind would count as not run)."""
+    now = _recorded_rows(out, trial_ids)
+    return sum(1 for tid in trial_ids if tid in now and now[tid] != before.get(tid))
 
 
 class CtrlC:
@@ -260,13 +268,13 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     import ray
     from ray import tune
 
-    start, began = time.perf_counter(), _now()
+    start = time.perf_counter()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
     from poisonsweep.engine.sink import write_plan
 
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
-    remove_temporaries(sweep.out)  # left by writers killed mid-write; no reader ever saw them
+    remove_dead_temporaries(sweep.out, held="run")  # left by writers killed mid-write; no reader ever saw them
     version = code_version() if version is None else version
     ids = sweep.ids
     wanted = set(trials_to_run(sweep.out, ids, rerun, version) if to_run is None else to_run)
@@ -275,6 +283,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     outcome = SweepOutcome(total=len(sweep.trials), skipped=len(sweep.trials) - len(pending))
     if not pending:
         return outcome
+    before = _recorded_rows(sweep.out, pending_ids)  # a failed or lost trial's earlier row, to tell a new one
     init_ray(address, verbose)
     check_cluster_resources(sweep.resources)
     for key, value in TUNE_ENV.items():
@@ -331,7 +340,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     outcome.failed = dict(log.failed)
     outcome.retried, outcome.retried_after_error = dict(log.retried), log.retried_after_error
     outcome.unwritten = dict(log.unwritten)
-    outcome.ran = _recorded_since(sweep.out, began, set(pending_ids))
+    outcome.ran = _recorded_anew(sweep.out, before, pending_ids)
     left = len(pending_ids) - outcome.ran
     if outcome.unwritten:  # not an interruption: the output refused the rows, and the sweep stopped there
         outcome.output_error, outcome.not_recorded = next(iter(outcome.unwritten.values())), left

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 import poisonsweep.engine.record as record
 from poisonsweep.engine.cli import app
 from poisonsweep.engine.resume import complete_trials
-from poisonsweep.engine.sink import TABLES, write_trial, write_trial_table
+from poisonsweep.engine.sink import TABLES, DamagedFile, write_trial, write_trial_table
 from poisonsweep.engine.summary import found_vs_checked_curves
 from poisonsweep.tasks.metrics import found_vs_checked
 
@@ -181,3 +182,131 @@ def test_found_vs_checked_curves_equal_the_per_trial_function():
         np.testing.assert_array_equal(got.fraction_checked, fractions)
         np.testing.assert_allclose(got.share_found, expected, equal_nan=True)
         assert got.poison_share.iloc[0] == pytest.approx(rows.is_poison.mean())
+
+
+# ------------------------------------------------------------------------------------------------ issue 22, point 9
+
+
+def test_a_second_compaction_while_one_runs_is_refused_in_one_line(out):
+    from filelock import FileLock
+
+    with FileLock(str(out / ".compact.lock")):  # a first compaction holds the record
+        result = CliRunner().invoke(app, ["compact", str(out)], env={"COLUMNS": "300"})
+        assert result.exit_code == 2 and "another `poisonsweep compact` or `repair` is working on" in result.output
+        assert result.output.count("error:") == 1 and "Traceback" not in result.output  # one message (wrapped)
+        assert files(out, "trials") == [f"t{i}.parquet" for i in range(6)]  # nothing compacted meanwhile
+        result = CliRunner().invoke(app, ["repair", str(out)])
+        assert result.exit_code == 2 and ".compact.lock" in result.output
+
+
+def test_two_compactions_at_once_leave_each_trial_once(out):
+    from poisonsweep.engine.lease import OutputBusy
+
+    start, errors = threading.Barrier(2), []
+
+    def compaction():
+        start.wait()
+        try:
+            record.compact(str(out))
+        except OutputBusy:
+            pass
+        except Exception as error:  # e.g. Errno 2: the other one deleted a file this one listed
+            errors.append(error)
+
+    threads = [threading.Thread(target=compaction) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(pd.read_parquet(out / "scores")) == 7 * 7  # a plain glob: 6 trials + the partial one, once
+    assert len(pd.read_parquet(out / "trials")) == 6
+
+
+def test_merging_compacted_files_streams_batches_and_keeps_each_trial_s_newest_rows(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    for generation in range(3):  # t1 is rerun in every generation: the newest rows win
+        for tid in ([f"a{generation}", "t1"] + (["b"] if generation == 0 else [])):
+            write_trial(out, tid, trial_rows(tid, n_scores=11, acc=generation / 10))
+        record.compact_table(out, "scores", {f"a{generation}", "t1", "b"}, merge_above=99)
+    # an older record's compacted file, written before the trials table had its `tables` column
+    old = pa.table({"trial_id": ["c"], "status": ["ok"], "clean_test_acc": [0.7]})
+    pq.write_table(old, tmp_path / "trials" / "compacted-000000-00000000.parquet")
+    fs, _ = record.filesystem(out)
+    monkeypatch.setattr(record, "MERGE_BATCH_ROWS", 4)
+    files_ = record.table_files(out, "scores")
+    batches = list(record._merged_batches(fs, files_.compacted, record.SCHEMAS["scores"]))
+    assert len(batches) > 3 and max(b.num_rows for b in batches) <= 2 * 4 * len(files_.compacted) + 11
+    merged = pa.concat_tables(batches).to_pandas()
+    assert merged.trial_id.tolist() == sorted(merged.trial_id)
+    assert merged.groupby("trial_id").size().to_dict() == {"a0": 11, "a1": 11, "a2": 11, "b": 11, "t1": 11}
+    assert merged[merged.trial_id == "t1"]["index"].tolist() == list(range(11))
+    before = record.read_table(out, "scores").to_pandas().sort_values(["trial_id", "index"], ignore_index=True)
+    record.compact_table(out, "scores", set(), merge_above=1)
+    assert len(files(tmp_path, "scores")) == 1
+    after = record.read_table(out, "scores").to_pandas().sort_values(["trial_id", "index"], ignore_index=True)
+    pd.testing.assert_frame_equal(after, before)
+    record.compact_table(out, "trials", set(), merge_above=0)  # the old file gets the new column, as nulls
+    trials = record.read_table(out, "trials").to_pandas().set_index("trial_id")
+    assert trials.loc["c", "clean_test_acc"] == 0.7 and trials.loc["c", "tables"] is None
+
+
+def test_a_foreign_parquet_file_in_a_table_folder_is_named_skipped_and_quarantined(out):
+    foreign = out / "trials" / "0000000000000001.parquet"
+    pq.write_table(pa.table({"trial_id": pa.array([1, 2], pa.int64()), "status": ["ok", "ok"]}), foreign)
+    with pytest.warns(DamagedFile, match="0000000000000001.parquet is not of the table's schema.*trial_id.*int64"):
+        trials = record.read_table(str(out), "trials").to_pandas()
+    assert sorted(trials.trial_id) == [f"t{i}" for i in range(6)] and (trials.status == "ok").sum() == 5
+    result = CliRunner().invoke(app, ["repair", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0 and f"moved {foreign} (not of the table's schema" in result.output
+    assert "1 damaged file(s) moved" in result.output
+    assert (out / "_quarantine" / "trials" / foreign.name).exists() and not foreign.exists()
+
+
+def test_a_per_trial_file_holding_another_trial_s_row_is_not_counted_twice(out):
+    (out / "trials" / "copy.parquet").write_bytes((out / "trials" / "t1.parquet").read_bytes())
+    with pytest.warns(DamagedFile, match="copy.parquet is not trial copy's file"):
+        ids = record.read_table(str(out), "trials")["trial_id"].to_pylist()
+    assert sorted(ids) == [f"t{i}" for i in range(6)]
+
+
+def _ours(name: str) -> str:
+    return f".{name}.{'ab12' * 8}.tmp"
+
+
+def test_compact_and_repair_remove_the_temporaries_of_killed_commands_and_nothing_else(out, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "keep").write_text("the user's")
+    for command in ("compact", "repair"):
+        killed_compact = out / "scores" / _ours("compacted-000007-0123abcd.parquet")
+        killed_compact.write_bytes(b"half a file")
+        killed_report = out / _ours("report")
+        killed_report.mkdir()
+        (killed_report / "report.md").write_text("half a report")
+        planted = out / f".report.{'cd34' * 8}.tmp"
+        planted.symlink_to(outside, target_is_directory=True)  # our name, but a link: never followed nor removed
+        users = out / ".report.mine.tmp"
+        users.write_text("not ours")
+        result = CliRunner().invoke(app, [command, str(out)], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        assert not killed_compact.exists() and not killed_report.exists()
+        assert planted.is_symlink() and (outside / "keep").read_text() == "the user's" and users.exists()
+        planted.unlink()
+        users.unlink()
+    assert "removed 2 temporary file(s)" in result.output
+
+
+def test_a_trial_run_counts_by_its_row_not_by_the_driver_s_clock(tmp_path):
+    import datetime as dt
+
+    from poisonsweep.engine.sweep import _recorded_anew, _recorded_rows
+
+    out = str(tmp_path)
+    write_trial(out, "failed", trial_rows("failed", status="failed"))
+    before = _recorded_rows(out, ["failed", "new", "untouched"])
+    behind = dt.datetime(2001, 1, 1, tzinfo=dt.timezone.utc)  # a worker whose clock is years behind the driver's
+    for tid in ("failed", "new"):
+        rows = trial_rows(tid)
+        rows["trials"][0].update(started_at=behind, finished_at=behind + dt.timedelta(seconds=3))
+        write_trial(out, tid, rows)
+    assert _recorded_anew(out, before, ["failed", "new", "untouched"]) == 2

@@ -156,3 +156,78 @@ def test_only_the_project_s_warnings_are_recorded(recwarn):
         warnings.warn("someone else's", DeprecationWarning, stacklevel=2)
     assert found == ["LissaNotConverged: [red]first line"]
     assert [str(w.message) for w in recwarn] == ["someone else's"]  # handed on, not swallowed
+
+
+# ------------------------------------------------------------------------------------------------ issue 22, point 10
+
+
+def _in_process_sweep(monkeypatch):
+    """``api.run`` with the sweep's trials run here, one by one, instead of on Ray (what each Ray trial
+    does: ``record_trial``); returns the ids of the trials it was handed."""
+    from poisonsweep.engine import sweep as sweep_module
+
+    ran = []
+
+    def run_sweep(sweep, *, to_run, version, **_):
+        for trial, tid in zip(sweep.trials, sweep.ids):
+            if tid in to_run:
+                record_trial(trial, sweep.out, version=version)
+                ran.append(tid)
+        return sweep_module.SweepOutcome(total=len(sweep.trials), skipped=len(sweep.trials) - len(ran), ran=len(ran))
+
+    monkeypatch.setattr(sweep_module, "run_sweep", run_sweep)
+    return ran
+
+
+def test_a_trial_whose_scores_file_was_lost_runs_again_in_the_same_run(recorded, tmp_path, monkeypatch):
+    import shutil
+
+    from poisonsweep.engine import api
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(recorded[0], out)
+    ids = [trial_id(t) for t in recorded[1].trials]
+    scores = tmp_path / "copy" / "scores" / f"{ids[1]}.parquet"
+    scores.write_bytes(scores.read_bytes()[:100])  # truncated
+    ran, notes = _in_process_sweep(monkeypatch), []
+    api.run(CONFIG, out=out, echo=notes.append)
+    assert any(f"moved {scores} (not readable Parquet)" in note and "its trial runs again" in note for note in notes)
+    assert ran == [ids[1]]
+    assert sink.read_table(out, "scores").to_pandas().groupby("trial_id").size().to_dict() == {ids[0]: 60, ids[1]: 60}
+    ran.clear()
+    api.run(CONFIG, out=out, echo=notes.append)  # and now it is done
+    assert ran == []
+    rows = sink.read_table(out, "trials").to_pandas().set_index("trial_id")
+    assert rows.loc[ids[1], "tables"].tolist() == ["detections", "scores"]  # the tables that got rows
+
+
+def test_a_trial_is_done_only_while_every_table_it_lists_holds_its_rows(recorded, tmp_path):
+    import shutil
+
+    from poisonsweep.engine.record import compact
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(recorded[0], out)
+    ids, version = [trial_id(t) for t in recorded[1].trials], resume.code_version()
+    (tmp_path / "copy" / "detections" / f"{ids[0]}.parquet").unlink()  # lost, not damaged
+    assert resume.trials_to_run(out, ids, "failed", version, damaged=[]) == ids[:1]
+    shutil.rmtree(out)
+    shutil.copytree(recorded[0], out)
+    compact(out)  # compacted: the rows are there, in compacted files
+    assert resume.trials_to_run(out, ids, "failed", version) == []
+    for path in (tmp_path / "copy" / "scores").glob("compacted-*.parquet"):  # a compacted file moved aside
+        path.rename(tmp_path / path.name)
+    assert resume.trials_to_run(out, ids, "failed", version) == ids
+
+
+def test_a_record_from_before_the_tables_column_counts_its_ok_trials_as_done(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path)
+    sink.write_trial_table(out, "scores", "old", [])
+    (tmp_path / "trials").mkdir()
+    pq.write_table(pa.table({"trial_id": ["old"], "status": ["ok"], "code_version": ["0.1.0"]}),
+                   tmp_path / "trials" / "old.parquet")
+    assert resume.damaged_files(out) == []  # fewer columns than today is not a foreign schema
+    assert resume.complete_trials(out) == {"old"}
