@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from poisonsweep.engine.resolve import (  # noqa: F401  (config_columns, key_col
 )
 from poisonsweep.engine.schema import (
     RESOURCE_CONSTRAINTS, RESOURCE_DEFAULTS, TOP_LEVEL_KEYS, TRIAL_DEFAULTS, check_name, check_resources, check_shape,
-    check_trial,
+    check_trial, data_bound_errors,
 )
 from poisonsweep.tasks.registry import ConfigError
 
@@ -74,8 +75,77 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
 
 
+# What a sweep file may expand to before anything is built from it (issue 22): YAML aliases may add this
+# many values to the ones written out (a real config adds tens; an alias bomb, ten levels of ten aliases
+# each, adds 10^10), and a grid may hold this many points (the product of its axes' lengths).
+MAX_ALIAS_VALUES = 10_000
+MAX_TRIALS = 100_000
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class YamlRefused(yaml.YAMLError):
+    """A YAML text we refuse to build: a duplicate key, a recursive alias or an alias expansion over the limit."""
+
+
 def read_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+    """Parse ``text`` as YAML; ``YamlRefused`` for duplicate keys and for aliases that expand past
+    ``MAX_ALIAS_VALUES``, found on the parsed nodes before any value is built."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_nodes(root) -> None:
+    """Refuse duplicate mapping keys and alias expansions over ``MAX_ALIAS_VALUES``. An alias is the
+    same node object reached twice, so the walk visits each node once (post-order, without recursion)
+    and adds up the size each would have once expanded."""
+    expanded: dict[int, int] = {}  # id(node) -> values it stands for once its aliases are expanded
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            on_path.discard(id(node))
+            expanded[id(node)] = 1 + sum(expanded[id(child)] for child in _children(node))
+            continue
+        if id(node) in expanded:
+            continue
+        if id(node) in on_path:
+            raise YamlRefused(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it")
+        on_path.add(id(node))
+        _check_duplicate_keys(node)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in expanded)
+    added = expanded[id(root)] - len(expanded)
+    if added > MAX_ALIAS_VALUES:
+        raise YamlRefused(f"its aliases (*name) expand to {added:,} more values than are written out, over the "
+                          f"limit of {MAX_ALIAS_VALUES:,}; write the values out, or use fewer aliases")
+
+
+def _check_duplicate_keys(node) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[tuple, int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == MERGE_TAG:
+            continue
+        line = key.start_mark.line + 1
+        if (key.tag, key.value) in first_line:
+            raise YamlRefused(f"duplicate key {key.value!r} at line {line} (first at line "
+                              f"{first_line[key.tag, key.value]}); keep one")
+        first_line[key.tag, key.value] = line
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -148,6 +218,10 @@ def load_sweep(path: str | Path, overrides: list[str] = (), out: str | None = No
         raise ConfigErrors([f"config file {str(path)!r} does not exist"], str(path))
     try:
         raw = read_yaml(path.read_text()) or {}
+    except YamlRefused as error:
+        raise ConfigErrors([str(error)], str(path)) from None
+    except RecursionError:
+        raise ConfigErrors(["its values are nested too deeply to read"], str(path)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigErrors([f"not valid YAML: {error}"], str(path)) from None
     if not isinstance(raw, dict):
@@ -191,6 +265,9 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
                           f"{', '.join(sorted(TRIAL_DEFAULTS))})")
             del grid[key]
 
+    if message := grid_size_error(grid):  # counted from the axes: a grid too large is never expanded
+        raise ConfigErrors(errors + [message], source)
+
     base = {k: v for k, v in raw.items() if k in TRIAL_DEFAULTS}
     trials = []
     for point in itertools.product(*grid.values()):
@@ -214,6 +291,16 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
                  resources=resources, grid=grid, _ids=list(unique))
 
 
+def grid_size_error(grid: dict[str, list]) -> str | None:
+    """The error message when the grid's points (the product of its axes' lengths) exceed ``MAX_TRIALS``."""
+    size = math.prod(len(values) for values in grid.values())
+    if size <= MAX_TRIALS:
+        return None
+    axes = " x ".join(f"{len(values):,} ({key})" for key, values in grid.items())
+    return (f"sweep has {size:,} grid points ({axes}), over the limit of {MAX_TRIALS:,} trials per sweep; "
+            "sweep fewer values, or split it into several sweeps (e.g. one per --set data.name=...)")
+
+
 def check_data(sweep: Sweep) -> None:
     """Load each dataset the sweep names once and check what needs the data: that it can be found,
     that ``n_train``/``n_test`` fit, and that every poison rate is possible. Raises ``ConfigErrors``."""
@@ -225,7 +312,7 @@ def check_data(sweep: Sweep) -> None:
     errors, loaded, checked = [], {}, set()
     for trial in sweep.trials:
         data = trial["data"]
-        key = json.dumps([data, trial["poison"]], sort_keys=True, default=str)
+        key = json.dumps([data, trial["poison"], trial["detectors"]], sort_keys=True, default=str)
         if key in checked:  # seeds and models repeat these checks: 10,000 trials, a few distinct ones
             continue
         checked.add(key)
@@ -249,6 +336,7 @@ def check_data(sweep: Sweep) -> None:
         labels = full.y_train.numpy()
         subset = labels[stratified_subset(labels, data["n_train"], seed=0)]  # per-class counts ignore the seed
         counts = np.bincount(subset, minlength=full.num_classes)
+        errors += data_bound_errors(trial, {"classes": full.num_classes, "train_samples": len(subset)})
         poison = trial["poison"]
         try:
             message = check_rate(poison["method"], poison["rate"], counts, poison["params"])

@@ -146,6 +146,7 @@ def check_trial(config: dict) -> list[str]:
         if message := check_value(f"train.{key}", value, TRAIN_CONSTRAINTS[key]):
             errors.append(message)
     errors += _check_detectors(config["detectors"])
+    errors += data_bound_errors(config, known_counts(data))
     from poisonsweep.tasks.detect.influence import tracin_optimizer_error
 
     for i, detector in enumerate(config["detectors"]):
@@ -157,6 +158,28 @@ def check_trial(config: dict) -> list[str]:
 
         labels = [d["label"] for d in config["detectors"] if isinstance(d, dict)]
         errors += check_unlearn_config(config["unlearn"], labels)
+    return errors
+
+
+def known_counts(data: dict) -> dict[str, int | None]:
+    """The counts of a trial's data known without loading it: the dataset entry's ``num_classes`` and the
+    config's ``data.n_train`` (None where unknown)."""
+    name, n_train = data["name"], data["n_train"]
+    declared = DATASETS.get(name).num_classes if isinstance(name, str) and name in DATASETS else None
+    return {"classes": declared, "train_samples": n_train if Interval(Integral, 1).accepts(n_train) else None}
+
+
+def data_bound_errors(config: dict, counts: dict[str, int | None]) -> list[str]:
+    """Poison and detector params over a count of the trial's data (their ``BelowData`` constraints: a
+    class index of a 10-class dataset >= 10, a neighbour count >= the training samples)."""
+    dataset = str(config["data"]["name"])
+    entries = [(POISONS, config["poison"]["method"], "poison.params", config["poison"]["params"])]
+    entries += [(DETECTORS, d["name"], f"detectors[{i}].params", d["params"])
+                for i, d in enumerate(config["detectors"]) if d is not None]
+    errors = []
+    for registry, name, prefix, params in entries:
+        if isinstance(name, str) and name in registry and isinstance(params, dict):
+            errors += registry.get(name).data_bound_errors(prefix, params, counts, dataset)
     return errors
 
 

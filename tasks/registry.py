@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any, Callable
@@ -46,6 +47,8 @@ class Interval:
             return False
         if value != value:  # NaN is no number in any interval
             return False
+        if value in (math.inf, -math.inf) and (self.low is None or self.high is None):
+            return False  # an unbounded side is open: "(0, inf)" holds no inf
         if self.low is not None:
             if value < self.low or (value == self.low and self.closed in ("right", "neither")):
                 return False
@@ -53,6 +56,31 @@ class Interval:
             if value > self.high or (value == self.high and self.closed in ("left", "neither")):
                 return False
         return True
+
+
+# What a ``BelowData`` bound counts, and how its error message names that count.
+DATA_COUNTS = {"classes": "classes", "train_samples": "training samples"}
+
+
+@dataclass(frozen=True)
+class BelowData(Interval):
+    """An int in [low, N - 1], N a count of the trial's data: ``of="classes"`` (the dataset's number of
+    classes, for a class index or a class offset) or ``of="train_samples"`` (the training samples).
+
+    ``accepts`` checks the part known without data; ``Entry.data_bound_errors`` checks ``< N`` once the
+    dataset's registry entry (``num_classes``), the config's ``data.n_train`` or the loaded data says N,
+    before any trial starts.
+    """
+
+    kind: type = Integral
+    low: float | None = 0
+    of: str = "classes"
+
+    def describe(self) -> str:
+        return f"an int in [{self.low}, N - 1] (N: the {DATA_COUNTS[self.of]})"
+
+
+CLASS_INDEX = BelowData()  # a class: 0 .. K - 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,8 @@ class Entry:
     entry's params. ``tables``: the extra record tables its result carries (a detector's
     ``Detection.extras[table]`` rows). ``eligible``: for a poison, ``eligible(class_counts, **params)``
     = how many training samples it may poison, so an impossible rate is caught before any trial.
+    ``num_classes``: for a dataset, its number of classes, so that class indices (``BelowData``
+    constraints) are checked without loading it (None: checked once the data is loaded).
     """
 
     name: str
@@ -127,6 +157,7 @@ class Entry:
     needs: frozenset | Callable[[dict], frozenset] = frozenset()
     tables: tuple[str, ...] = ()
     eligible: Callable | None = None
+    num_classes: int | None = None
 
     def needs_for(self, params: dict[str, Any]) -> frozenset:
         """What this entry needs when run with ``params`` (registry defaults filled in)."""
@@ -140,6 +171,20 @@ class Entry:
             for k in self.constraints
             if sig.parameters[k].default is not inspect.Parameter.empty
         }
+
+    def data_bound_errors(self, prefix: str, params: dict[str, Any], counts: dict[str, int | None],
+                          dataset: str = "the dataset") -> list[str]:
+        """Problems of ``params`` with ``BelowData`` constraints, given the known data ``counts`` (keys of
+        ``DATA_COUNTS``; a count that is None or absent is not checked). Values that fail
+        ``check_params`` are left to it."""
+        errors = []
+        for key, value in params.items():
+            for bound in self.constraints.get(key, []):
+                limit = counts.get(bound.of) if isinstance(bound, BelowData) else None
+                if limit is not None and bound.accepts(value) and value >= limit:
+                    errors.append(f"{prefix}.{key} must be an int in [{bound.low}, {limit - 1}] ({dataset} has "
+                                  f"{limit} {DATA_COUNTS[bound.of]}); got {value}")
+        return errors
 
     def check_params(self, prefix: str, params: dict[str, Any]) -> list[str]:
         """All problems with ``params`` (unknown keys and bad values), as messages."""
@@ -166,7 +211,7 @@ class Registry:
 
     def register(self, name: str, constraints: dict[str, list] | None = None, help: str = "", *,
                  needs: frozenset | set | tuple | Callable[[dict], frozenset] = frozenset(),
-                 tables: tuple[str, ...] = (), eligible: Callable | None = None):
+                 tables: tuple[str, ...] = (), eligible: Callable | None = None, num_classes: int | None = None):
         def decorator(fn: Callable) -> Callable:
             if name in self._entries:
                 raise ValueError(f"a {self.kind} is already registered under the name {name!r}")
@@ -180,7 +225,8 @@ class Registry:
                 raise ValueError(f"{self.kind} {name!r} needs {unknown}; known needs: {', '.join(NEEDS)}")
             summary = help or (fn.__doc__ or "").strip().split("\n")[0]
             fixed_needs = needs if callable(needs) else frozenset(needs)
-            self._entries[name] = Entry(name, fn, constraints_, summary, fixed_needs, tuple(tables), eligible)
+            self._entries[name] = Entry(name, fn, constraints_, summary, fixed_needs, tuple(tables), eligible,
+                                        num_classes)
             return fn
 
         return decorator

@@ -63,7 +63,28 @@ class TrainHistory:
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or ended far above that of a uniform guess."""
+
+
+# A trial is failed (``TrainingDiverged``) when its final training loss exceeds this multiple of ln K.
+# ln K is the cross-entropy of predicting every one of the K classes with probability 1/K: a freshly
+# initialised network starts near it, and any model that has learned something, even of labels that are
+# all poisoned, ends below it (predicting the label frequencies costs at most ln K). A final loss above
+# ln K means confident wrong predictions, the signature of a step size that blew the weights up; twice
+# ln K leaves room for the noise of a short, high-lr schedule that is merely slow, while a diverged run
+# (train.lr 1e6 on digits: 1.5e22) lies far beyond it. Its accuracies would be chance and every detector
+# row meaningless, so the trial fails rather than warns.
+DIVERGED_LOSS_FACTOR = 2.0
+
+
+def check_not_diverged(final_loss: float, num_classes: int) -> None:
+    """Raise ``TrainingDiverged`` if ``final_loss`` (the last epoch's mean training loss) is not finite or
+    exceeds ``DIVERGED_LOSS_FACTOR`` x ln(``num_classes``) (see the constant for why)."""
+    limit = DIVERGED_LOSS_FACTOR * math.log(num_classes)
+    if not math.isfinite(final_loss) or final_loss > limit:
+        raise TrainingDiverged(f"training diverged: final loss {final_loss:.4g} > {DIVERGED_LOSS_FACTOR:g}·ln K = "
+                               f"{limit:.3g} (K = {num_classes} classes; a uniform guess scores ln K); "
+                               "lower train.lr")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,7 +107,12 @@ def make_optimizer(model: nn.Module | list[torch.Tensor], config: TrainConfig) -
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, *, seed: int,
                 keep_checkpoints: bool = False,
                 on_epoch: Callable[[int, float, float], None] | None = None) -> TrainHistory:
-    """Train ``model`` in place on (x, y) with cross-entropy; return per-epoch loss and accuracy."""
+    """Train ``model`` in place on (x, y) with cross-entropy; return per-epoch loss and accuracy.
+
+    A NaN or infinite epoch loss raises ``TrainingDiverged`` at once. A trial also checks the final
+    loss against ``DIVERGED_LOSS_FACTOR`` x ln K (``check_not_diverged``): training that ends worse than
+    twice a uniform guess has diverged, and the trial is recorded failed with that error.
+    """
     device = resolve_device(config.device)
     model.to(device)
     optimizer = make_optimizer(model, config)

@@ -24,7 +24,9 @@ from poisonsweep.tasks.metrics import detection_metrics, poison_success
 from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.poisons import POISONS, apply_poison
 from poisonsweep.tasks.registry import TrialWarning
-from poisonsweep.tasks.train import TrainConfig, TrainHistory, accuracy, resolve_device, train_model
+from poisonsweep.tasks.train import (
+    TrainConfig, TrainHistory, accuracy, check_not_diverged, resolve_device, train_model,
+)
 
 
 WARNINGS_MAX_CHARS = 2000  # the trials row's ``warnings`` keeps this much of the trial's warnings
@@ -153,7 +155,9 @@ def recorded_warnings():
 def finish_trial(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable = serial_map,
                  log: Callable[[str], None] = lambda message: None) -> TrialResult:
     """Evaluate the trained model, run the detectors and the unlearning, and return the rows; the
-    ``TrialWarning``s raised meanwhile go into the ``trials`` row's ``warnings`` (None if none)."""
+    ``TrialWarning``s raised meanwhile go into the ``trials`` row's ``warnings`` (None if none).
+    Raises ``TrainingDiverged`` first when the training diverged (``check_not_diverged``)."""
+    check_not_diverged(history.loss[-1], trial.data.num_classes)
     with recorded_warnings() as found:
         result = _evaluate(trial, history, map_shards=map_shards, log=log)
     result.tables["trials"][0]["warnings"] = "\n".join(found)[:WARNINGS_MAX_CHARS] or None

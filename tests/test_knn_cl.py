@@ -18,6 +18,7 @@ from poisonsweep.tasks.detect.confident_learning import (
     FILTERS, RANKINGS, assign_folds, confident_learning, cross_val_pred_probs,
 )
 from poisonsweep.tasks.detect.knn import TIE_BREAK_WEIGHT, deep_knn, knn
+from poisonsweep.tasks.registry import TrialWarning
 from poisonsweep.tasks.train import TrainConfig
 
 ATOL = 1e-12
@@ -134,8 +135,9 @@ def test_knn_never_counts_the_sample_itself_and_caps_k():
     # a lone sample of class 0 inside a class-1 cluster: all its neighbours disagree
     features = np.array([[0.0], [0.01], [0.02], [0.03]])
     labels = np.array([0, 1, 1, 1])
-    detection = deep_knn(features, labels, 2, k=10, flag_rule="plurality")
-    assert detection.extras["k"] == 3  # capped at n - 1
+    with pytest.warns(TrialWarning, match="knn k=10 is not below the 4 samples it votes over: used k=3"):
+        detection = deep_knn(features, labels, 2, k=10, flag_rule="plurality")
+    assert detection.extras["k"] == 3  # capped at n - 1, and said so
     assert detection.scores[0] == pytest.approx(1.0 + TIE_BREAK_WEIGHT / 3, abs=ATOL)
     np.testing.assert_array_equal(detection.flagged, [True, False, False, False])
 

@@ -30,14 +30,14 @@ disagreement scores are flagged.
 
 from __future__ import annotations
 
-from numbers import Integral
+import warnings
 
 import numpy as np
 from cleanlab.filter import find_label_issues
 from sklearn.neighbors import NearestNeighbors
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
-from poisonsweep.tasks.registry import Interval, Options
+from poisonsweep.tasks.registry import BelowData, Options, TrialWarning
 
 KNN_FLAG_RULES = ("auto", "plurality", "cleanlab")
 
@@ -134,8 +134,9 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
         Given (possibly poisoned) labels.
     num_classes : int
     k : int
-        Neighbours per sample; lowered to n_samples - 1 when the set is smaller (the value used
-        is returned in ``extras["k"]``).
+        Neighbours per sample; lowered to n_samples - 1 when the set is smaller, with a
+        ``TrialWarning`` (the value used is returned in ``extras["k"]``). A sweep refuses such a
+        ``k`` before any trial starts (its ``BelowData`` constraint).
     flag_rule : {"auto", "plurality", "cleanlab"}, default="auto"
         ``"plurality"``: the paper's rule; ``"auto"``: the top n scores, n = confident learning's
         count of label errors from the neighbours' vote shares (module docstring); ``"cleanlab"``:
@@ -155,6 +156,10 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
     if n < 2:
         raise ValueError(f"knn needs at least 2 training samples; got {n}")
     k_used = min(int(k), n - 1)
+    if k_used < k:  # a sweep's config check refuses this; a direct call is told what it got
+        warnings.warn(TrialWarning(
+            f"knn k={k} is not below the {n} samples it votes over: used k={k_used}, so every sample's neighbours "
+            "are all the others and the votes say little; set detectors[].params.k below the training samples"), stacklevel=2)
     distances, indices = nearest_neighbours(np.asarray(features, dtype=np.float64), k_used)
     neighbour_labels = labels[indices]
     plurality = plurality_labels(neighbour_labels, num_classes)
@@ -172,7 +177,7 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
 
 @DETECTORS.register(
     "knn",
-    {"k": [Interval(Integral, 1)], "flag_rule": [Options(KNN_FLAG_RULES)]},
+    {"k": [BelowData(low=1, of="train_samples")], "flag_rule": [Options(KNN_FLAG_RULES)]},
     help="Deep k-NN (Peri et al. 2020): share of the k nearest neighbours whose label disagrees",
 )
 def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "auto") -> Detection:

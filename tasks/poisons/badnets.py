@@ -9,7 +9,7 @@ import torch
 
 from poisonsweep.tasks.data import Dataset
 from poisonsweep.tasks.poisons.base import POISONS, PoisonedData, apply_trigger, check_classes, choose, n_to_poison, poison_mask
-from poisonsweep.tasks.registry import ConfigError, Interval, Options
+from poisonsweep.tasks.registry import CLASS_INDEX, ConfigError, Interval, Options
 
 
 def _badnets_eligible(class_counts, *, target: int = 0, mode: str = "all_to_one", **_) -> int:
@@ -19,7 +19,7 @@ def _badnets_eligible(class_counts, *, target: int = 0, mode: str = "all_to_one"
 
 @POISONS.register(
     "badnets",
-    {"target": [Interval(Integral, 0)], "mode": [Options(("all_to_one", "all_to_all"))],
+    {"target": [CLASS_INDEX], "mode": [Options(("all_to_one", "all_to_all"))],
      "trigger": [Options(("checkerboard", "square"))], "patch_size": [Interval(Integral, 1)]},
     eligible=_badnets_eligible,
 )

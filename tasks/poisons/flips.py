@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Integral
 
 import numpy as np
 import torch
@@ -11,7 +10,7 @@ from poisonsweep.tasks.data import Dataset
 from poisonsweep.tasks.poisons.base import (
     POISONS, PoisonedData, check_classes, choose, eligible_all, n_to_poison, relabelled,
 )
-from poisonsweep.tasks.registry import ConfigError, Interval
+from poisonsweep.tasks.registry import CLASS_INDEX, BelowData, ConfigError
 
 
 @POISONS.register("none", eligible=eligible_all)
@@ -23,12 +22,12 @@ def no_poison(data: Dataset, *, rate: float, seed: int) -> PoisonedData:
                        success_x=data.x_test, success_y=data.y_test, success_kind="miss")
 
 
-@POISONS.register("one_shift", {"shift": [Interval(Integral, 1)]}, eligible=eligible_all)
+@POISONS.register("one_shift", {"shift": [BelowData(low=1)]}, eligible=eligible_all)
 def one_shift(data: Dataset, *, rate: float, seed: int, shift: int = 1) -> PoisonedData:
     """Relabel class i as (i + shift) mod K; success = test predictions equal to that mapping."""
     n, k = len(data.y_train), data.num_classes
-    if shift % k == 0:
-        raise ConfigError(f"poison.params.shift {shift} is a multiple of the {k} classes: nothing would flip")
+    if not 1 <= shift < k:  # 0 or K flips nothing; K + 1 is 1 again under another trial id
+        raise ConfigError(f"poison.params.shift must be an int in [1, {k - 1}] for {k} classes; got {shift}")
     poisoned = choose(np.arange(n), n_to_poison(rate, n, n, "one_shift"), seed)
     return relabelled(data, poisoned, (data.y_train[poisoned] + shift) % k,
                        success_x=data.x_test, success_y=(data.y_test + shift) % k)
@@ -48,7 +47,7 @@ def _source_count(class_counts, *, source: int = 0, **_) -> int:
     return int(class_counts[source]) if source < len(class_counts) else 0
 
 
-@POISONS.register("pair_flip", {"source": [Interval(Integral, 0)], "target": [Interval(Integral, 0)]},
+@POISONS.register("pair_flip", {"source": [CLASS_INDEX], "target": [CLASS_INDEX]},
                   eligible=_source_count)
 def pair_flip(data: Dataset, *, rate: float, seed: int, source: int = 0, target: int = 1) -> PoisonedData:
     """Relabel samples of ``source`` as ``target``; success = source test images predicted as target."""

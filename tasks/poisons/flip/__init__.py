@@ -39,7 +39,7 @@ from poisonsweep.tasks.poisons.flip.attack import (
     resolve_recipe, select_flips, stamp_trigger,
 )
 from poisonsweep.tasks.poisons.flip.experts import Checkpoint, checkpoint_plan, optimise_labels, sgd_step, train_experts
-from poisonsweep.tasks.registry import BOOL, INT_LIST, NONE, ConfigError, Interval, OfType, Options
+from poisonsweep.tasks.registry import BOOL, CLASS_INDEX, INT_LIST, NONE, ConfigError, Interval, OfType, Options
 from poisonsweep.tasks.train import resolve_device
 
 __all__ = [
@@ -57,8 +57,8 @@ def _all_samples(class_counts, **_) -> int:
 @POISONS.register(
     "flip",
     {
-        "source": [Interval(Integral, 0), Options(("all",)), NONE],
-        "target": [Interval(Integral, 0)],
+        "source": [CLASS_INDEX, Options(("all",)), NONE],
+        "target": [CLASS_INDEX],
         "trigger": [Options(TRIGGERS)],
         "patch_size": [Interval(Integral, 1)],
         "amplitude": [Interval(Real, 0, 1, "right")],
