@@ -179,7 +179,10 @@ def report(out: str, directory: str | Path | None = None):
     """Write the report (CSV/Markdown tables, PNG figures, one self-contained HTML page) of the record
     in ``out``; returns ``poisonsweep.engine.report.Report`` (its ``html`` is the page's path)."""
     from poisonsweep.engine.report import write_report
+    from poisonsweep.engine.report.folder import check_report_folder
 
+    if directory is not None:  # refused before the report lock: a refused report leaves the record as it was
+        check_report_folder(Path(directory), out)
     with _report_guard(out, directory):
         return write_report(out, directory)
 
