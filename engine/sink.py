@@ -137,7 +137,9 @@ def refuse_links(root: str | os.PathLike) -> None:
     from poisonsweep.tasks.registry import ConfigError
 
     for entry in os.scandir(root):
-        ours = entry.name in TABLES or entry.name == PLAN_FILE or entry.name.startswith(("_", "."))
+        # a temporary's name is never written through (each is created new and removed unfollowed): not refused
+        temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        ours = not temporary and (entry.name in TABLES or entry.name == PLAN_FILE or entry.name.startswith(("_", ".")))
         if ours and entry.is_symlink():
             raise ConfigError(f"{entry.path} is a link ({os.readlink(entry.path)}); poisonsweep never writes "
                               "through a link out of its output: remove the link or choose another --out")
