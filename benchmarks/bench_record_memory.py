@@ -37,7 +37,7 @@ import numpy as np
 GENERATIONS = 9  # compacted files before the merge: one more than compact_table's merge_above (8)
 
 
-def _scores(tid: str, rows: int, rng) -> "pa.Table":
+def _scores(tid: str, rows: int, rng):
     import pyarrow as pa
 
     from poisonsweep.engine.sink import SCHEMAS
