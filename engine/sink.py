@@ -138,7 +138,7 @@ def refuse_links(root: str | os.PathLike) -> None:
 
     for entry in os.scandir(root):
         # a temporary's name is never written through (each is created new and removed unfollowed): not refused
-        temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        temporary = temporary_kind(entry.name, False) is not None
         ours = not temporary and (entry.name in TABLES or entry.name == PLAN_FILE or entry.name.startswith(("_", ".")))
         if ours and entry.is_symlink():
             raise ConfigError(f"{entry.path} is a link ({os.readlink(entry.path)}); poisonsweep never writes "
