@@ -31,6 +31,12 @@ def _new_figure(n_panels: int, ncols: int = 3, panel=(4.2, 3.3)):
     return figure, axes[:n_panels]
 
 
+def literal(text) -> str:
+    """User text (a config value, a detector's name) as matplotlib shows it literally: every ``$``
+    escaped, so ``$x$`` in a label is never read as mathematics (matplotlib's own tick labels still are)."""
+    return str(text).replace("$", r"\$")
+
+
 def _percent_axis(axis) -> None:
     from matplotlib.ticker import FuncFormatter
 
@@ -100,7 +106,7 @@ def _suptitle(figure, text: str) -> None:
     """The figure's title, wrapped to its width (about 9 characters per inch at this size)."""
     import textwrap
 
-    figure.suptitle(textwrap.fill(text, width=int(figure.get_figwidth() * 9)))
+    figure.suptitle(textwrap.fill(literal(text), width=int(figure.get_figwidth() * 9)))
 
 
 def _legend(figure, handles, labels) -> None:
@@ -109,7 +115,8 @@ def _legend(figure, handles, labels) -> None:
         widths = [0.8 + 0.09 * len(label) for label in labels]
         fits = sum(widths) <= figure.get_figwidth()
         ncols = len(labels) if fits else max(1, int(figure.get_figwidth() / max(widths)))
-        figure.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False)
+        figure.legend(handles, [literal(label) for label in labels], loc="outside lower center", ncols=ncols,
+                      frameon=False)
 
 
 def _save(figure, path: Path) -> Path:
@@ -141,7 +148,7 @@ def _rate_panel(ax, rates: pd.Series, ylabel: str, title: str) -> None:
     ax.set_ylim(0, 1.04)
     _rate_axis(ax, rates)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(literal(title), fontsize=10)
     ax.grid(alpha=0.3)
 
 
@@ -192,8 +199,8 @@ def figure_found_vs_checked(curves: pd.DataFrame, setting: list[str], title: str
         ax.set_ylabel("share of poisons found")
         extras = [f"{c}={v}" for c, v in zip(by[:-1], key[:-1])]
         seeds = int(panel["n"].max())
-        ax.set_title(f"rate {_pct(key[-1])}, {seeds} seed{'s' if seeds != 1 else ''}"
-                     + ("\n" + ", ".join(extras) if extras else ""), fontsize=10)
+        ax.set_title(literal(f"rate {_pct(key[-1])}, {seeds} seed{'s' if seeds != 1 else ''}"
+                             + ("\n" + ", ".join(extras) if extras else "")), fontsize=10)
         ax.grid(alpha=0.3)
     _suptitle(figure, f"Poisons found vs data checked, most suspicious first: {title} (mean ± std over seeds)")
     _legend(figure, list(legend.values()), list(legend))
@@ -232,7 +239,8 @@ def figure_unlearning(table: pd.DataFrame, title: str, path: Path) -> Path:
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if i == 0:
-                ax.set_title(SELECTION_TITLES.get(kind, "{selection} ({kind})").format(selection=selection, kind=kind),
+                ax.set_title(literal(SELECTION_TITLES.get(kind, "{selection} ({kind})").format(selection=selection,
+                                                                                                kind=kind)),
                              fontsize=10)
             else:
                 ax.set_xlabel(UNLEARNING_X.get(kind, "identified fraction"), fontsize=9)

@@ -76,8 +76,9 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
     ``directory`` must be new, empty or hold an earlier report of ours, outside the record's own folders
     (:mod:`engine.report.folder`; else ``ReportFolderError``, before anything is written). The report is
     built in a hidden folder inside it and its files moved into place at the end, so a crash never leaves
-    a half-written file (an earlier report stays as it was). Config text is shown as written: matplotlib
-    does not read ``$...$`` in a label as mathematics.
+    a half-written file (an earlier report stays as it was). Config text is shown as written: every ``$``
+    of user text in a figure is escaped (:func:`engine.report.figures.literal`), while matplotlib's own
+    tick labels (``10^{-1}`` on a log axis) are drawn as it means them.
 
     Parameters
     ----------
@@ -91,17 +92,11 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
     Report
         The paths written and the record's status.
     """
-    from matplotlib import rc_context
-
     plan = read_plan(out)
     _check_record(out, plan)
     final = Path(directory) if directory is not None else default_report_dir(out)
 
-    def write(staging: Path) -> Report:
-        with rc_context({"text.parse_math": False}):
-            return _write_report(out, plan, staging)
-
-    report = write_report_folder(final, out, write)
+    report = write_report_folder(final, out, lambda staging: _write_report(out, plan, staging))
     moved = lambda path: final / path.relative_to(report.directory)  # noqa: E731
     return Report(final, moved(report.html), moved(report.markdown), [moved(p) for p in report.tables],
                   [moved(p) for p in report.figures], report.status)
