@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from poisonsweep.engine import summary
+from poisonsweep.engine.explain import ATTACK_MARGIN, GLOSSARY, attack_not_taken
 from poisonsweep.engine.report.galleries import MAX_SETTINGS, sample_figures, unlearning_example_figures
 from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
                                    figure_unlearning)
@@ -148,7 +149,8 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
         unlearning = unlearning_table(trials, unlearning_rows, setting)
         if not unlearning.empty:
             table("unlearning", "Unlearning", unlearning, _display_unlearning(unlearning, setting),
-                  "Mean ± std over seeds; 'min retain acc' is the worst seed, so a collapse stays visible.")
+                  "Mean ± std over seeds; 'min retain acc' is the worst seed, so a collapse stays visible."
+                  + _not_taken_note(ok, unlearning, setting))
             for key, part in unlearning.groupby(setting, dropna=False):
                 title = _setting_title(key, setting)
                 name = "unlearning_" + _setting_stem(key)
@@ -170,6 +172,21 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
     page = directory / "report.html"
     page.write_text(_html(out, status, setting, sections, header))
     return Report(directory, page, markdown, tables, figures, status)
+
+
+def _not_taken_note(ok: pd.DataFrame, unlearning: pd.DataFrame, setting: list[str]) -> str:
+    """A sentence naming the unlearned settings whose attack did not take (:func:`engine.explain.attack_not_taken`)."""
+    unlearned = set(map(str, unlearning[setting].drop_duplicates().itertuples(index=False, name=None)))
+    named = []
+    for key, group in ok.groupby(setting, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        success, classes = group["poison_success"].mean(), group["num_classes"].max()
+        if str(key) in unlearned and attack_not_taken(success, classes):
+            named.append(f"{_setting_title(key, setting)} (poison success {success:.3f}, chance 1/{classes:.0f})")
+    if not named:
+        return ""
+    return (f" Attack did not take (poison success at most 1/K + {ATTACK_MARGIN:g}, see the glossary) in: "
+            + "; ".join(named) + ". Their unlearning rows are not meaningful: there was no attack to repair.")
 
 
 def _run_tables(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -224,7 +241,11 @@ def _markdown(out: str, status: RecordStatus, setting: list[str], sections, head
         else:
             note, _, text = payload
             parts += ([note, ""] if note else []) + [text, ""]
-    return "\n".join(parts)
+    parts += ["## Glossary", "", GLOSSARY_NOTE, ""] + [f"- **{title}**: {text}" for title, text in GLOSSARY.values()]
+    return "\n".join(parts) + "\n"
+
+
+GLOSSARY_NOTE = "What the columns mean (also `poisonsweep explain METRIC`)."
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -252,5 +273,8 @@ def _html(out: str, status: RecordStatus, setting: list[str], sections, header=(
             if note:
                 body.append(f'<p class="note">{e(note)}</p>')
             body.append(shown.to_html(index=False, escape=True, border=0))
+    body += ["<h2 id='glossary'>Glossary</h2>", f"<p class='note'>{e(GLOSSARY_NOTE)}</p>", "<dl>"]
+    body += [f"<dt><b>{e(title)}</b></dt><dd>{e(text)}</dd>" for title, text in GLOSSARY.values()]
+    body.append("</dl>")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Sweep report: {e(masked(out))}</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
