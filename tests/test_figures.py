@@ -88,3 +88,69 @@ def test_log_histogram_ticks_are_drawn_as_maths_and_user_text_literally(tmp_path
     title = by_title["\\$x\\$"].title
     assert title.get_window_extent(renderer).width == pytest.approx(
         _width(by_title["\\$x\\$"], title.get_text().replace("\\$", "$"), title))
+
+
+def _summary_trials(out: str, settings: list[dict]) -> dict:
+    """Two seeds per setting, AUROC set per setting and seed; returns the AUROC mean per setting key."""
+    expected = {}
+    for n, setting in enumerate(settings):
+        aurocs = [0.55 + 0.05 * n, 0.65 + 0.05 * n]
+        for seed, auroc in enumerate(aurocs):
+            tid = f"s{n}-{seed}"
+            keys = {"trial_id": tid, "data_name": "digits", "poison_method": "one_shift", "poison_rate": RATE,
+                    "seed": seed, **{k: v for k, v in setting.items() if k != "train_lr"}}
+            write_trial(out, tid, {"trials": [{**keys, **setting, "status": "ok", "n_poisoned": 10, "num_classes": 10,
+                                               "clean_test_acc": 0.9, "poison_success": 0.4 + 0.1 * n}],
+                                   "detections": [{**keys, "detector": "loss", "auroc": auroc},
+                                                  {**keys, "detector": "knn", "auroc": 1 - auroc}]})
+        expected[tuple(setting.values())] = float(np.mean(aurocs))
+    return expected
+
+
+def _texts(figure) -> str:
+    return " ".join(t.get_text() for t in figure.findobj(lambda a: hasattr(a, "get_text")))
+
+
+def test_a_swept_method_is_drawn_as_bars_by_method_and_never_vs_rate(tmp_path, captured):
+    from matplotlib.container import BarContainer
+
+    out = str(tmp_path / "sweep")
+    expected = _summary_trials(out, [{"poison_method": "one_shift"}, {"poison_method": "random_flip"}])
+    report = write_report(out, tmp_path / "report")
+    for name in ("auroc.png", "accuracy.png"):
+        [ax] = [a for a in captured[name].axes if a.get_visible()]
+        assert ax.get_xlabel() == "poison method"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["one_shift", "random_flip"]
+        assert "poison rate" not in _texts(captured[name])
+    [ax] = [a for a in captured["auroc.png"].axes if a.get_visible()]
+    bars = [container for container in ax.containers if isinstance(container, BarContainer)]
+    assert [len(c.patches) for c in bars] == [2, 2]  # knn and loss, one bar per method each
+    heights = sorted(round(p.get_height(), 6) for c in bars for p in c.patches)
+    means = [m for m in expected.values()]
+    assert heights == sorted(round(v, 6) for v in means + [1 - m for m in means])
+    page = report.html.read_text()
+    assert "Detection AUROC by poison method" in page and "vs poison rate" not in page
+
+
+def test_a_swept_number_is_drawn_as_lines_against_it(tmp_path, captured):
+    out = str(tmp_path / "sweep")
+    expected = _summary_trials(out, [{"train_lr": 0.001}, {"train_lr": 0.01}, {"train_lr": 0.1}])
+    write_report(out, tmp_path / "report")
+    [ax] = [a for a in captured["auroc.png"].axes if a.get_visible()]
+    assert ax.get_xlabel() == "train.lr" and ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.01", "0.1"]
+    loss = [line for line in ax.get_lines() if len(line.get_ydata()) == 3 and line.get_ydata()[0] > 0.5]
+    assert [round(v, 6) for v in loss[0].get_ydata()] == [round(v, 6) for v in expected.values()]
+
+
+def test_rate_and_method_swept_make_rate_lines_in_one_panel_per_method(tmp_path, captured):
+    from matplotlib.container import BarContainer
+
+    out = str(tmp_path / "sweep")
+    _summary_trials(out, [{"poison_method": m, "poison_rate": r} for m in ("one_shift", "random_flip")
+                          for r in (0.01, 0.33)])
+    write_report(out, tmp_path / "report")
+    axes = [a for a in captured["auroc.png"].axes if a.get_visible()]
+    assert [a.get_title() for a in axes] == ["poison method=one_shift", "poison method=random_flip"]
+    assert all(a.get_xlabel() == "poison rate" and not any(isinstance(c, BarContainer) for c in a.containers)
+               for a in axes)

@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 from poisonsweep.engine import summary
 from poisonsweep.engine.explain import ATTACK_MARGIN, GLOSSARY, attack_not_taken
 from poisonsweep.engine.report.galleries import MAX_SETTINGS, sample_figures, unlearning_example_figures
-from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
-                                   figure_unlearning)
+from poisonsweep.engine.report.figures import (against, figure_accuracy, figure_auroc, figure_found_vs_checked,
+                                               figure_unlearning, swept_keys)
 from poisonsweep.engine.report.folder import write_report_folder
 from poisonsweep.engine.report.run import resolved_config, run_overview
 from poisonsweep.engine.report.status import RecordError, RecordStatus, _setting_columns, record_status
@@ -110,6 +110,8 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
     setting = _setting_columns(trials, plan)
     status = record_status(trials, plan, set(detection_rows["trial_id"]) | set(unlearning_rows["trial_id"]), setting)
     ok = trials[trials["status"] == "ok"]
+    # what the summary figures plot against: the setting columns the plan (or the record) varies
+    swept = swept_keys(pd.concat([trials] + ([plan] if plan is not None else []), ignore_index=True), setting)
     tables: list[Path] = []
     figures: list[Path] = []
     sections: list[tuple[str, str, object]] = []  # (heading, kind, payload): kind "md" table text or "png" path
@@ -132,10 +134,10 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                   _display_stats(detections, setting, ["detector"], summary.DETECTION_METRICS
                                  + ["clean_test_acc", "poison_success"]),
                   "Mean ± std over seeds; n = seeds. Clean accuracy and poison success are the setting's.")
-            figure("Detection AUROC vs poison rate",
-                   figure_auroc_vs_rate(detections, setting, directory / "auroc_vs_rate.png"))
-        figure("Clean accuracy and poison success vs poison rate",
-               figure_accuracy_vs_rate(per_setting, setting, directory / "accuracy_vs_rate.png"))
+            figure(f"Detection AUROC {against(detections, swept)}",
+                   figure_auroc(detections, setting, swept, directory / "auroc.png"))
+        figure(f"Clean accuracy and poison success {against(per_setting, swept)}",
+               figure_accuracy(per_setting, setting, swept, directory / "accuracy.png"))
         _sample_sections(out, trials, setting, directory, table, figure)
         curves = found_vs_checked_table(out, trials, setting)
         if not curves.empty:
