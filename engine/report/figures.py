@@ -1,5 +1,9 @@
-"""The report's summary figures: metric-vs-poison-rate panels, poisons found vs data checked, and
-unlearning repair vs identified fraction."""
+"""The report's summary figures: AUROC, clean accuracy and poison success against the keys the sweep
+varies (:func:`swept_keys`: lines against a number, bars by a category, a panel per value of the
+other swept keys), poisons found vs data checked, and unlearning repair vs identified fraction.
+
+User text (config values, detector names) is escaped (:func:`literal`), never read as mathematics;
+matplotlib's own tick labels (``10^{-1}`` on a log axis) are drawn as it means them."""
 
 from __future__ import annotations
 
