@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 TRIALS_SHOWN = 5
+VALUES_SHOWN = 12  # an axis lists at most this many of its values
 
 
 @dataclass
@@ -34,10 +35,15 @@ class SweepPlan:
         lines += [f"warning: {w}" for w in self.warnings]
         if self.axes:
             lines.append(f"axes ({' x '.join(str(len(v)) for v in self.axes.values())}):")
-            lines += [f"  {key}: {', '.join(compact(v) for v in values)}" for key, values in self.axes.items()]
+            lines += [f"  {key}: {_listed(values)}" for key, values in self.axes.items()]
         else:
             lines.append("axes: none (one trial)")
         return lines
+
+
+def _listed(values: list) -> str:
+    more = f", … ({len(values):,} values)" if len(values) > VALUES_SHOWN else ""
+    return ", ".join(compact(v) for v in values[:VALUES_SHOWN]) + more
 
 
 def compact(value) -> str:

@@ -120,3 +120,10 @@ def test_report_has_the_glossary_and_names_the_setting_whose_attack_did_not_take
     assert "Attack did not take" in text and "digits · one_shift at 1% (poison success 0.011, chance 1/10)" in text
     assert "at 10%" not in text.split("Attack did not take")[1].split("|")[0]
     assert "Glossary" in report.html.read_text()
+
+
+def test_a_long_axis_lists_its_first_values_and_its_length(paired):
+    plan = poisonsweep.plan(paired, ["sweep.seed=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14]"], n=2)
+    [line] = [line for line in plan.lines() if line.startswith("  seed:")]
+    assert line == "  seed: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, … (15 values)"
+    assert len(plan.first) == 2 and plan.n_trials == 30
