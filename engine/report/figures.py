@@ -126,7 +126,7 @@ def x_key(frame: pd.DataFrame, swept: list[str]) -> str | None:
 
 def against(frame: pd.DataFrame, swept: list[str]) -> str:
     """How a figure's title names its x: ``vs poison rate`` (lines), ``by poison method`` (bars), or
-    ``per detector`` when the sweep varies nothing but seeds."""
+    ``(one setting)`` when the sweep varies nothing but seeds."""
     x = x_key(frame, swept)
     if x is None:
         return "(one setting)"
@@ -173,9 +173,9 @@ def _plot_against(ax, x: str | None, curves: list[tuple], all_x: pd.Series) -> d
         where = [categories.index(str(v)) for v in rows[x]] if x is not None else [0] * len(rows)
         handles[name] = ax.bar(np.array(where) + (i - (len(curves) - 1) / 2) * width, rows[f"{metric}_mean"],
                                width * 0.9, yerr=rows[f"{metric}_std"].fillna(0), capsize=3, color=color)
-    ax.set_xticks(range(len(categories)), [literal(c) for c in categories],
-                  rotation=20 if max(map(len, categories)) > 12 else 0, ha="right" if max(map(len, categories)) > 12
-                  else "center")
+    slanted = max(map(len, categories)) > 12  # long names (model params) would run into each other
+    ax.set_xticks(range(len(categories)), [literal(c) for c in categories], rotation=20 if slanted else 0,
+                  ha="right" if slanted else "center")
     if x is not None:
         ax.set_xlabel(key_label(x))
     return handles
