@@ -7,6 +7,8 @@ The public Python API, for notebooks and scripts (the CLI is a thin layer over i
     tables = poisonsweep.load("results/quickstart")        # {"trials": pyarrow.Table, ...}
     poisonsweep.report("results/quickstart")
     rows = poisonsweep.run_trial(config)                   # one trial, no Ray
+    print(*poisonsweep.plan("configs/quickstart.yaml").lines(), sep="\n")  # what run would run, no Ray
+    print(poisonsweep.explain("recall_at_10"))             # what a metric means
 
 Names are imported on first use, so ``import poisonsweep.tasks`` never pulls in Ray. A config problem
 raises ``poisonsweep.ConfigError`` before anything runs.
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 from importlib import import_module
 
-__all__ = ["ConfigError", "load", "report", "run", "run_trial"]
+__all__ = ["ConfigError", "explain", "load", "plan", "report", "run", "run_trial"]
 
 _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "report": "poisonsweep.engine.api",
-        "run_trial": "poisonsweep.engine.api", "ConfigError": "poisonsweep.tasks.registry"}
+        "run_trial": "poisonsweep.engine.api", "plan": "poisonsweep.engine.api", "explain": "poisonsweep.engine.api",
+        "ConfigError": "poisonsweep.tasks.registry"}
 
 
 def __getattr__(name: str):

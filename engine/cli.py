@@ -281,6 +281,46 @@ def list_registered():
         console.print(table)
 
 
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="The sweep's YAML file, e.g. configs/quickstart.yaml."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a key, as for run. Repeatable."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory or URI, as for run."),
+    trials: int = typer.Option(5, "--trials", "-n", help="How many of the first trials to list."),
+):
+    """Preview a sweep without running it: trial count, grid axes, the first trials, and a warning for each
+    --set that removed or narrowed an axis. Checks the config as run does; starts no Ray, loads no data."""
+    from poisonsweep.engine import api
+    from poisonsweep.engine.plan import compact
+
+    try:
+        planned = api.plan(config, set_, out=out, n=trials)
+    except ConfigError as error:
+        _fail(str(error))
+    for line in planned.lines():
+        warning = line.startswith("warning: ")
+        console.print(("[bold yellow]warning:[/] " + escape(line[len("warning: "):])) if warning else escape(masked(line)),
+                      highlight=False)
+    if planned.first:
+        table = _table(f"first {len(planned.first)} of {planned.n_trials:,} trials", list(planned.first[0]),
+                       left=len(planned.first[0]))
+        for row in planned.first:
+            table.add_row(*(escape(compact(value)) for value in row.values()))
+        console.print(table)
+
+
+@app.command()
+def explain(metric: Optional[str] = typer.Argument(None, help="A column or figure name, e.g. recall_at_10, P@n, "
+                                                   "f, identified; leave out for the whole glossary.")):
+    """What a metric of the summary and the report means, and how to read it (the report's glossary)."""
+    from poisonsweep.engine import api
+
+    try:
+        console.print(escape(api.explain(metric)), highlight=False)
+    except ConfigError as error:
+        _fail(str(error))
+
+
 def main() -> None:
     app()
 

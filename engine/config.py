@@ -49,6 +49,7 @@ class Sweep:
     trials: list[dict]  # fully resolved trial configs, one per grid point
     resources: dict = field(default_factory=lambda: dict(RESOURCE_DEFAULTS))
     grid: dict[str, list] = field(default_factory=dict)
+    override_warnings: list[str] = field(default_factory=list)  # --set that removed or narrowed an axis
     _ids: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -232,10 +233,37 @@ def load_sweep(path: str | Path, overrides: list[str] = (), out: str | None = No
 def sweep_from_mapping(raw: dict, overrides: Iterable[str] = (), *, data_root: str | None = None,
                        default_name: str = "sweep", out: str | None = None, source: str = "config") -> Sweep:
     """``build_sweep`` of a config mapping (left unchanged) with ``--set`` overrides and ``--data-root`` applied."""
-    raw = apply_overrides(raw, list(overrides))
+    overridden = apply_overrides(raw, list(overrides))
     if data_root is not None:
-        set_dotted(raw, "data.root", data_root)  # a `data` that is not a mapping is reported by build_sweep
-    return build_sweep(raw, default_name=default_name, out=out, source=source)
+        set_dotted(overridden, "data.root", data_root)  # a `data` that is not a mapping is reported by build_sweep
+    sweep = build_sweep(overridden, default_name=default_name, out=out, source=source)
+    sweep.override_warnings = axis_changes(raw.get("sweep"), overridden.get("sweep"), list(overrides))
+    return sweep
+
+
+def _axes(grid) -> dict[str, list]:
+    return {k: v for k, v in grid.items() if isinstance(v, list)} if isinstance(grid, dict) else {}
+
+
+def axis_changes(before, after, overrides: list[str]) -> list[str]:
+    """One warning per grid axis that ``overrides`` removed (a plain ``--set`` of a swept key, or of a
+    key inside a swept section) or narrowed (``--set sweep.key=[...]`` with fewer values)."""
+    before, after = _axes(before), _axes(after)
+    size = lambda grid: math.prod(len(v) for v in grid.values())  # noqa: E731
+    change = f"the grid goes from {size(before):,} to {size(after):,} points"
+    warnings = []
+    for key, values in before.items():
+        cause = next((text for text in overrides if _related(parse_override(text)[0], key)
+                      or parse_override(text)[0] == f"sweep.{key}"), "--set")
+        if key not in after:
+            paired = sorted({sub for v in values if isinstance(v, dict) for sub in v})
+            section = f" (a section sweeping {', '.join(f'{key}.{k}' for k in paired)} together)" if paired else ""
+            warnings.append(f"--set {cause} removes the sweep axis {key!r}{section}, {len(values)} values: {change}; "
+                            f"to keep the axis, set its values with --set 'sweep.{key}=[...]'")
+        elif len(after[key]) < len(values):
+            warnings.append(f"--set {cause} narrows the sweep axis {key!r} from {len(values)} to "
+                            f"{len(after[key])} values: {change}")
+    return warnings
 
 
 def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = None, source: str = "config") -> Sweep:
