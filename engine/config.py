@@ -316,10 +316,10 @@ def check_data(sweep: Sweep) -> None:
         if key in checked:  # seeds and models repeat these checks: 10,000 trials, a few distinct ones
             continue
         checked.add(key)
-        source = (data["name"], data["root"])
+        source = json.dumps([data["name"], data["root"], data.get("params")], sort_keys=True)
         if source not in loaded:
             try:
-                loaded[source] = load_dataset(data["name"], root=data["root"])
+                loaded[source] = load_dataset(data["name"], root=data["root"], params=data.get("params"))
             except Exception as error:  # missing or corrupt data: the loader's message says what to do
                 loaded[source] = None
                 errors.append(f"data.name {data['name']!r}: {error}")

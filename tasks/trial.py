@@ -108,7 +108,7 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
 def load_trial_data(data_cfg: dict):
     """The dataset a trial's ``data`` section names (its subset drawn with the section's own seed)."""
     return load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
-                        n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+                        n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0), params=data_cfg.get("params"))
 
 
 def prepare_trial(config: dict, *, artifact_dir: str | None = None, data=None,
