@@ -202,8 +202,8 @@ def _missing_params(registry, name: str, params_key: str, params: dict) -> list[
     """A constrained parameter without a default (``arrays``' ``path``) that the config does not set."""
     entry = registry.get(name)
     required = [k for k in entry.constraints if k not in entry.defaults() and k not in params]
-    return [f"{params_key}.{k} is required by {registry.kind} {name!r} ({' or '.join(c.describe() for c in "
-            f"entry.constraints[k])})" for k in required]
+    allowed = {k: " or ".join(c.describe() for c in entry.constraints[k]) for k in required}
+    return [f"{params_key}.{k} is required by {registry.kind} {name!r} ({allowed[k]})" for k in required]
 
 
 def _check_detectors(detectors: list) -> list[str]:
