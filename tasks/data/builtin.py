@@ -76,8 +76,10 @@ def _user_path(dataset: str, path: str, kind: str) -> Path:
                               "num_classes": [NONE, Interval(Integral, 2)]})
 def arrays(*, root: str | None, n_train: int | None, n_test: int | None, seed: int, path: str,
            layout: str = "NCHW", num_classes: int | None = None) -> Dataset:
-    """Your own arrays: an .npz with x_train, y_train, x_test, y_test (uint8 0..255 or float 0..1 images, any
-    channels and size; labels 0..K-1, K = num_classes or the largest label + 1)."""
+    """Your own .npz: x_train, y_train, x_test, y_test; images uint8 or float 0..1, any C x H x W; labels 0..K-1.
+
+    ``layout``: how the 4-d image arrays are ordered (3-d arrays are grey ``(n, H, W)``); ``num_classes``: K
+    (None: the largest label + 1)."""
     splits, classes = read_arrays(_user_path("arrays", path, "file"), layout=layout, num_classes=num_classes)
     return as_dataset("arrays", *splits, classes, n_train, n_test, seed)
 
@@ -85,7 +87,8 @@ def arrays(*, root: str | None, n_train: int | None, n_test: int | None, seed: i
 @DATASETS.register("image_folder", {"path": [STR], "size": [Interval(Integral, 8, 512)], "channels": [Options((1, 3))]})
 def image_folder(*, root: str | None, n_train: int | None, n_test: int | None, seed: int, path: str,
                  size: int = 32, channels: int = 3) -> Dataset:
-    """Your own images in torchvision's ImageFolder layout, path/{train,test}/<class>/<image>, resized to
-    channels x size x size; the classes are train/'s sorted folder names."""
+    """Your own images, path/{train,test}/<class>/<image> (ImageFolder), resized to channels x size x size.
+
+    The classes are train/'s sorted folder names; test/ may lack a class but not add one."""
     splits, classes = read_image_folder(_user_path("image_folder", path, "folder"), size, channels)
     return as_dataset("image_folder", *splits, len(classes), n_train, n_test, seed)
