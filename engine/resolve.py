@@ -10,7 +10,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from poisonsweep.engine.schema import TRIAL_DEFAULTS
-from poisonsweep.tasks.data import DATASETS
+from poisonsweep.tasks.data import DATASETS, dataset_fingerprint
 from poisonsweep.tasks.detect.base import DETECTORS
 from poisonsweep.tasks.models import MODELS
 from poisonsweep.tasks.poisons import POISONS
@@ -66,6 +66,8 @@ def resolve(config: dict) -> dict:
     config["poison"]["rate"] = float(config["poison"]["rate"])
     for section, registry, key in (("data", DATASETS, "name"), ("poison", POISONS, "method"), ("model", MODELS, "name")):
         config[section]["params"] = _resolved_params(registry, config[section][key], config[section]["params"])
+    if fingerprint := dataset_fingerprint(config["data"]["name"], config["data"]["params"]):
+        config["data"]["fingerprint"] = fingerprint  # the content of a user's file is part of the identity
     for detector in config["detectors"]:
         detector["params"] = _resolved_params(DETECTORS, detector["name"], detector["params"])
     for key, value in config["train"].items():

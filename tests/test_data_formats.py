@@ -344,3 +344,32 @@ def test_dataset_params_enter_identity_but_parameterless_ids_are_unchanged(tmp_p
     a, b = (sweep({"name": "arrays", "params": {"path": p}}).trials[0] for p in ("a.npz", "b.npz"))
     assert identity(a)["data"]["params"] == {"path": "a.npz", "layout": "NCHW", "num_classes": None}
     assert identity(a) != identity(b)
+
+
+def test_a_users_file_content_is_part_of_the_identity_and_a_changed_file_is_refused(tmp_path):
+    from poisonsweep.engine.resolve import trial_id
+    from poisonsweep.tasks.trial import load_trial_data
+
+    path = tmp_path / "mine.npz"
+    save_arrays(path)
+    data = {"name": "arrays", "params": {"path": str(path)}}
+    before = sweep(data).trials[0]
+    assert trial_id(sweep(data).trials[0]) == trial_id(before)  # same content, same trial
+    assert len(load_trial_data(before["data"]).y_train) == 12
+    save_arrays(path, y_test=np.arange(6) % 2)  # the same path, other labels
+    after = sweep(data).trials[0]
+    assert trial_id(after) != trial_id(before)
+    with pytest.raises(DatasetFileError, match=r"mine\.npz is unreadable: its content .* is not what the sweep was "
+                                               r"checked with"):
+        load_trial_data(before["data"])
+
+
+def test_an_image_folders_fingerprint_covers_every_image(tmp_path):
+    from poisonsweep.tasks.data import dataset_fingerprint
+
+    write_image_folder(tmp_path / "pets")
+    params = {"path": str(tmp_path / "pets")}
+    first = dataset_fingerprint("image_folder", params)
+    assert first == dataset_fingerprint("image_folder", params) and dataset_fingerprint("digits", {}) is None
+    Image.fromarray(np.full((12, 20, 3), 7, np.uint8)).save(tmp_path / "pets" / "test" / "dog" / "0.png")
+    assert dataset_fingerprint("image_folder", params) != first

@@ -7,6 +7,7 @@ from numbers import Integral
 from pathlib import Path
 
 from poisonsweep.tasks.data.base import DATASETS, Dataset, as_dataset
+from poisonsweep.tasks.data.fingerprint import FINGERPRINTS, user_path_fingerprint
 from poisonsweep.tasks.data.formats import GTSRB_CLASSES, read_arrays, read_image_folder
 from poisonsweep.tasks.data.sources import DataNotFoundError, load_arrays
 from poisonsweep.tasks.registry import NONE, STR, Interval, Options
@@ -92,3 +93,6 @@ def image_folder(*, root: str | None, n_train: int | None, n_test: int | None, s
     The classes are train/'s sorted folder names; test/ may lack a class but not add one."""
     splits, classes = read_image_folder(_user_path("image_folder", path, "folder"), size, channels)
     return as_dataset("image_folder", *splits, len(classes), n_train, n_test, seed)
+
+
+FINGERPRINTS.update(arrays=user_path_fingerprint, image_folder=user_path_fingerprint)
