@@ -373,3 +373,18 @@ def test_an_image_folders_fingerprint_covers_every_image(tmp_path):
     assert first == dataset_fingerprint("image_folder", params) and dataset_fingerprint("digits", {}) is None
     Image.fromarray(np.full((12, 20, 3), 7, np.uint8)).save(tmp_path / "pets" / "test" / "dog" / "0.png")
     assert dataset_fingerprint("image_folder", params) != first
+
+
+def test_gtsrb_class_is_the_folders_number_and_image_folder_needs_both_splits(offline, tmp_path):
+    write_gtsrb(tmp_path, classes=3)
+    training = tmp_path / "gtsrb" / "GTSRB" / "Training"
+    (training / "00001").rename(training / "00007")  # a subset of the classes: 0, 2, 7
+    d = load_dataset("gtsrb", root=str(tmp_path), params={"size": 8})
+    assert d.y_train.tolist() == [0, 0, 2, 2, 7, 7]
+    (training / "signs").mkdir()
+    with pytest.raises(DatasetFileError, match=r"Training is unreadable: class folders must be numbered"):
+        load_dataset("gtsrb", root=str(tmp_path))
+    write_image_folder(tmp_path / "pets")
+    (tmp_path / "pets" / "test").rename(tmp_path / "pets" / "val")
+    with pytest.raises(DatasetFileError, match=r"pets is unreadable: expected the folders train/ and test/"):
+        load_dataset("image_folder", params={"path": str(tmp_path / "pets")})

@@ -69,7 +69,7 @@ def _read_image(path: Path, size: int, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as error:
         raise DatasetFileError(path, f"not a readable image ({type(error).__name__}: {error})") from error
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
@@ -98,16 +98,19 @@ def _gtsrb_test_samples(csv_path: Path, images: Path) -> list[tuple[str, int]]:
 
 
 def read_gtsrb(files: dict[str, Path], size: int = 32) -> Arrays:
-    """GTSRB in torchvision's layout: ``Training/<class 00000..00042>/*.ppm`` (the class is the sorted folder's
-    index, as torchvision's ``make_dataset`` gives) and ``Final_Test/Images/*.ppm`` labelled by
-    ``GT-final_test.csv``. The images (15 to 250 pixels a side) are resized to ``size`` x ``size``, not cropped
-    to their ROI (as BackdoorBench and torchvision's class use them)."""
+    """GTSRB in torchvision's layout: ``Training/<class 00000..00042>/*.ppm`` and ``Final_Test/Images/*.ppm``
+    labelled by ``GT-final_test.csv``. A training image's class is its folder's number, the ClassId the CSV
+    uses (for all 43 folders that is also the sorted index torchvision's ``make_dataset`` gives). The images
+    (15 to 250 pixels a side) are resized to ``size`` x ``size``, not cropped to their ROI (as BackdoorBench
+    and torchvision's class use them)."""
     from torchvision.datasets.folder import find_classes, make_dataset
 
     training = files["train"]
-    classes, class_to_idx = find_classes(training)
-    if len(classes) > GTSRB_CLASSES:
-        raise DatasetFileError(training, f"{len(classes)} class folders, GTSRB has {GTSRB_CLASSES}")
+    classes, _ = find_classes(training)
+    if not all(name.isdigit() and int(name) < GTSRB_CLASSES for name in classes):
+        raise DatasetFileError(training, f"class folders must be numbered 00000..{GTSRB_CLASSES - 1:05d}; found "
+                                         f"{', '.join(classes[:5])}")
+    class_to_idx = {name: int(name) for name in classes}
     try:
         train = make_dataset(str(training), class_to_idx, extensions=(".ppm",))
     except FileNotFoundError as error:
@@ -127,11 +130,16 @@ def read_image_folder(root: Path, size: int, channels: int) -> tuple[Arrays, lis
     ``size`` x ``size``. Returns the arrays and the class names."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        raise DatasetFileError(root, "expected the folders train/ and test/, each <class>/<image> (ImageFolder layout)")
     splits = {}
-    classes, class_to_idx = find_classes(root / "train")
+    try:
+        classes, class_to_idx = find_classes(root / "train")
+    except FileNotFoundError as error:
+        raise DatasetFileError(root / "train", " ".join(str(error).split())) from error
     for split in ("train", "test"):
         folder = root / split
-        names, _ = find_classes(folder)
+        names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
         unknown = sorted(set(names) - set(classes))
         if unknown:
             raise DatasetFileError(folder, f"class folders {unknown} are not among train/'s classes {classes}")
