@@ -388,3 +388,13 @@ def test_gtsrb_class_is_the_folders_number_and_image_folder_needs_both_splits(of
     (tmp_path / "pets" / "test").rename(tmp_path / "pets" / "val")
     with pytest.raises(DatasetFileError, match=r"pets is unreadable: expected the folders train/ and test/"):
         load_dataset("image_folder", params={"path": str(tmp_path / "pets")})
+
+
+def test_a_trial_whose_users_file_is_gone_gets_the_loaders_message(tmp_path):
+    from poisonsweep.tasks.trial import load_trial_data
+
+    save_arrays(tmp_path / "mine.npz")
+    trial = sweep({"name": "arrays", "params": {"path": str(tmp_path / "mine.npz")}}).trials[0]
+    (tmp_path / "mine.npz").unlink()
+    with pytest.raises(DataNotFoundError, match=r"mine\.npz' is not an existing file"):
+        load_trial_data(trial["data"])

@@ -125,3 +125,10 @@ def test_list_shows_both():
     for text in ("preact_resnet18", "torchvision:<name>", "stem='auto'", "arrays", "image_folder", "gtsrb", "svhn",
                  "cifar100", "path='…'"):
         assert text in result.output, text
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "torchvision:resnet18"])
+def test_initial_weights_follow_the_seed(name):
+    first, again, other = (build_model(name, (1, 28, 28), 10, seed=s).state_dict() for s in (1, 1, 2))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["head.weight"], other["head.weight"])
