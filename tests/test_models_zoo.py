@@ -132,3 +132,16 @@ def test_initial_weights_follow_the_seed(name):
     first, again, other = (build_model(name, (1, 28, 28), 10, seed=s).state_dict() for s in (1, 1, 2))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["head.weight"], other["head.weight"])
+
+
+def test_the_data_check_refuses_a_model_that_cannot_take_the_datas_images_before_any_trial():
+    from poisonsweep.engine.config import check_data
+
+    checked = sweep({"name": "keras_cnn"}, data={"name": "digits"},
+                    sweep={"model.name": ["keras_cnn", "torchvision:squeezenet1_0", "preact_resnet18"]})
+    with pytest.raises(ConfigErrors) as info:
+        check_data(checked)
+    text = str(info.value)
+    assert "model.name 'torchvision:squeezenet1_0' on digits (1x8x8 images): torchvision:squeezenet1_0 has no " \
+           "nn.Linear layer" in text
+    assert "keras_cnn" not in text and "preact_resnet18" not in text
