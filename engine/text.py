@@ -45,7 +45,7 @@ class PrintableConsole(Console):
     """A rich ``Console`` whose ``print`` makes every string argument :func:`printable` (line breaks kept:
     our own messages use them). Markup is left to the caller (``rich.markup.escape`` user text)."""
 
-    def print(self, *objects, **options) -> None:  # noqa: A003 - rich's name
+    def print(self, *objects, **options) -> None:
         super().print(*(printable(o, newlines=True) if isinstance(o, str) else o for o in objects), **options)
 
 
