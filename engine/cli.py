@@ -19,7 +19,9 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
+from rich.cells import cell_len
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweep label-poisoning experiments: poison -> train -> detect -> unlearn -> Parquet.")
@@ -149,26 +151,36 @@ def _print_fitted(shown: Console, title: str, keys: list[str], metrics: list[str
     """One table of ``keys`` + ``metrics`` columns; where it is wider than the terminal, the compact layout,
     split into tables that each repeat the key columns with as many metric columns as fit: no column is
     squeezed and no name cut."""
-    def build(part: list[int], name: str, compact: bool) -> Table:
+    def build(part: list[int], name: str, compact: bool, rows: list[list[str]] = rows) -> Table:
         table = _table(name, keys + [metrics[i] for i in part], left=len(keys), compact=compact)
         for row in rows:
             table.add_row(*row[:len(keys)], *[row[len(keys) + i] for i in part])
         return table
 
-    def fits(table: Table) -> bool:  # measured unsqueezed
-        return Measurement.get(shown, shown.options.update_width(10**6), table).maximum <= shown.width
+    # a table is as wide as one row of each column's widest cell: measure that row, not all of them
+    widest = [[max(column, key=_cell_width) for column in zip(*rows)]] if rows else []
+
+    def fits(part: list[int], compact: bool) -> bool:
+        table = build(part, title, compact, widest)
+        return Measurement.get(shown, shown.options.update_width(10**6), table).maximum <= shown.width  # unsqueezed
 
     everything = list(range(len(metrics)))
-    if fits(full := build(everything, title, compact=False)):
-        shown.print(full)
+    if fits(everything, compact=False):
+        shown.print(build(everything, title, compact=False))
         return
     parts: list[list[int]] = [[]]
     for i in everything:
-        if parts[-1] and not fits(build(parts[-1] + [i], title, compact=True)):
+        if parts[-1] and not fits(parts[-1] + [i], compact=True):
             parts.append([])
         parts[-1].append(i)
     for n, part in enumerate(parts, 1):
         shown.print(build(part, title if len(parts) == 1 else f"{title}, part {n} of {len(parts)}", compact=True))
+
+
+def _cell_width(cell: str) -> int:
+    """The columns a cell takes as shown (made printable; markup, as in ``[red]``, takes none)."""
+    text = printable(cell)
+    return Text.from_markup(text).cell_len if "[" in text else cell_len(text)
 
 
 def _setting_cells(frame, swept: list[str]) -> list[list[str]]:

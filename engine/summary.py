@@ -70,7 +70,10 @@ def short_values(values: pd.Series) -> pd.Series:
     def plain(value) -> str:
         if value is None or (isinstance(value, float) and pd.isna(value)):
             return "–"
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        if not isinstance(value, float):
+            return str(value)
+        short = f"{value:g}"  # 6 significant digits: where two values would read alike, all of them
+        return short if float(short) == value else repr(value)
 
     try:
         parsed = [json.loads(v) if isinstance(v, str) else None for v in values]

@@ -246,3 +246,14 @@ def test_the_summary_reads_whole_at_the_terminal_s_width(wide, monkeypatch, widt
     for detector in DETECTORS:  # each detector row shows its setting and its numbers on one line
         assert any(re.split(r"[\s│┃]+", line)[2:3] == [detector] and re.search(r"0\.\d{3}", line) for line in lines), detector
     assert "digits one_shift" not in output  # labels show only what the sweep varies
+
+
+def test_short_labels_keep_what_tells_values_apart():
+    import pandas as pd
+
+    from poisonsweep.engine.summary import short_values
+
+    assert short_values(pd.Series([0.001, 1e6, None])).tolist() == ["0.001", "1e+06", "–"]
+    assert short_values(pd.Series([0.0012345671, 0.0012345678])).nunique() == 2  # beyond :g's 6 digits
+    params = pd.Series(['{"depth": 1, "hidden": 16}', '{"depth": 1, "hidden": 64}'])
+    assert short_values(params).tolist() == ["hidden=16", "hidden=64"]  # only the entry the sweep varies
