@@ -13,13 +13,13 @@ from typing import List, Optional
 import typer
 from poisonsweep.engine import summary
 from poisonsweep.engine.sink import masked
-from poisonsweep.tasks.registry import ConfigError
 from poisonsweep.engine.text import PrintableConsole, PrintableTable, printable
+from poisonsweep.tasks.registry import ConfigError
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
-from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
 
