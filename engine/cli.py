@@ -183,10 +183,36 @@ def _cell_width(cell: str) -> int:
     return Text.from_markup(text).cell_len if "[" in text else cell_len(text)
 
 
-def _setting_cells(frame, swept: list[str]) -> list[list[str]]:
-    """Each row's short setting label: the values of the swept keys only, one cell per key."""
-    labels = [summary.short_values(frame[column]).tolist() for column in swept]
-    return [[values[i] for values in labels] for i in range(len(frame))]
+def _setting_labels(shown: Console, everything, swept: list[str], settings) -> tuple[list[str], callable]:
+    """The key columns that label a setting in the summary tables, and a function giving each row of a
+    summary frame its cells: the swept keys' short values (``summary.short_values`` over ``everything``, so
+    a value reads alike in every table), one column per key. Where those columns would take more than
+    half the terminal, the settings are numbered instead: a legend of ``settings`` (the summary frame of
+    every setting shown) is printed first, and the tables show ``#k``."""
+    if not swept:
+        return [], lambda frame: [[] for _ in range(len(frame))]
+    short = {}
+    for column in swept:
+        values = everything[column].drop_duplicates()
+        short[column] = dict(zip(map(_value_key, values), summary.short_values(values)))
+
+    def cells(frame) -> list[list[str]]:
+        return [[short[c][_value_key(v)] for c, v in zip(swept, row)] for row in zip(*[frame[c] for c in swept])]
+
+    headers = [summary.KEY_HEADERS.get(c, summary.config_key(c)) for c in swept]
+    rows = list(dict.fromkeys(map(tuple, cells(settings))))
+    widths = [max(map(_cell_width, [header, *column])) for header, column in zip(headers, zip(*rows))]
+    if sum(widths) + len(widths) - 1 <= shown.width // 2:
+        return headers, cells
+    number = {row: f"#{k}" for k, row in enumerate(rows, 1)}
+    _print_fitted(shown, "Settings (the values of the keys this sweep varies)", ["setting"], headers,
+                  [[number[row], *row] for row in rows])
+    return ["setting"], lambda frame: [[number[tuple(row)]] for row in cells(frame)]
+
+
+def _value_key(value):
+    """A config value as a dict key: every unset value (None, NaN) alike."""
+    return None if value is None or (isinstance(value, float) and value != value) else value
 
 
 def _print_settings_line(shown: Console, trials, swept: list[str]) -> None:
@@ -204,6 +230,8 @@ def print_summary(out: str, shown: Console | None = None) -> None:
     Rows are settings grouped as ``report`` groups them (every key the sweep varies, ``summary.setting_columns``),
     labelled by the swept keys' values only; a table wider than the terminal is split (``_print_fitted``).
     """
+    import pandas as pd
+
     from poisonsweep.engine.report.tables import detection_table, unlearning_table
     from poisonsweep.engine.resume import version_note
     from poisonsweep.engine.sink import read_plan
@@ -217,16 +245,17 @@ def print_summary(out: str, shown: Console | None = None) -> None:
     if note := version_note(ok["code_version"]):
         shown.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
     plan = read_plan(out)
-    setting = summary.setting_columns(trials, plan)
-    swept = summary.swept_columns(trials, setting, plan)
-    keys = [summary.KEY_HEADERS.get(c, summary.config_key(c)) for c in swept]
+    everything = trials if plan is None else pd.concat([trials, plan], ignore_index=True)
+    setting = summary.setting_columns(everything)
+    swept = summary.swept_columns(everything, setting)
     _print_settings_line(shown, trials, swept)
-
     per_setting = summary.trial_summary(trials, setting)
+    keys, labels_of = _setting_labels(shown, everything, swept, per_setting)
+
     if not per_setting.empty:
         rows = [labels + [str(r.n), f"{r.n_poisoned_mean:.0f}", summary.fmt(r.clean_test_acc_mean, r.clean_test_acc_std),
                           summary.fmt(r.poison_success_mean, r.poison_success_std), f"{r.train_seconds_mean:.1f}"]
-                for labels, r in zip(_setting_cells(per_setting, swept), per_setting.itertuples())]
+                for labels, r in zip(labels_of(per_setting), per_setting.itertuples())]
         _print_fitted(shown, "Trials (mean±std over seeds)", keys,
                       ["n", "poisoned", "clean acc", "poison success", "train s"], rows)
 
@@ -236,14 +265,14 @@ def print_summary(out: str, shown: Console | None = None) -> None:
                           summary.fmt(r.precision_at_n_mean, r.precision_at_n_std),
                           summary.fmt(r.auprc_mean, r.auprc_std), summary.fmt(r.recall_at_10_mean, r.recall_at_10_std),
                           summary.fmt(r.f1_mean, r.f1_std), f"{r.n_flagged_mean:.0f}", f"{r.seconds_mean:.1f}"]
-                for labels, r in zip(_setting_cells(detections, swept), detections.itertuples())]
+                for labels, r in zip(labels_of(detections), detections.itertuples())]
         _print_fitted(shown, "Detectors (mean±std over seeds)", keys + ["detector", "n"],
                       ["AUROC", "P@n", "AUPRC", "recall@10%", "F1", "flagged", "s"], rows)
 
     unlearning = unlearning_table(trials, summary.load(out, "unlearning"), setting)
     if not unlearning.empty:
         rows = []
-        for labels, r in zip(_setting_cells(unlearning, swept), unlearning.itertuples()):
+        for labels, r in zip(labels_of(unlearning), unlearning.itertuples()):
             collapsed = r.retain_acc_after_min < summary.COLLAPSE_BELOW
             selection = r.selection if r.selection_kind == "oracle" else f"{r.selection} ({r.selection_kind})"
             rows.append(labels + [escape(selection), f"{r.identified_fraction:.2f}", escape(r.method), str(r.n),

@@ -42,11 +42,9 @@ def setting_columns(trials: pd.DataFrame, plan: pd.DataFrame | None = None) -> l
     return SETTING + varying
 
 
-def swept_columns(trials: pd.DataFrame, setting: list[str], plan: pd.DataFrame | None = None) -> list[str]:
-    """The columns of ``setting`` that take more than one value among the ``trials`` (and the ``plan``):
+def swept_columns(trials: pd.DataFrame, setting: list[str]) -> list[str]:
+    """The columns of ``setting`` that take more than one value among the ``trials`` (with the plan's):
     what a setting's short label shows, the others being the same in every trial."""
-    if plan is not None:
-        trials = pd.concat([trials, plan], ignore_index=True)
     return [column for column in setting if column in trials and _distinct(trials[column]) > 1]
 
 

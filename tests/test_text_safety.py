@@ -259,3 +259,22 @@ def test_short_labels_keep_what_tells_values_apart():
     assert short_values(pd.Series([0.0012345671, 0.0012345678])).nunique() == 2  # beyond :g's 6 digits
     params = pd.Series(['{"depth": 1, "hidden": 16}', '{"depth": 1, "hidden": 64}'])
     assert short_values(params).tolist() == ["hidden=16", "hidden=64"]  # only the entry the sweep varies
+
+
+def test_many_swept_keys_are_numbered_with_a_legend_at_80_columns(tmp_path, monkeypatch):
+    out = str(tmp_path / "rec")
+    swept = {"train_lr": [0.001, 0.1], "train_momentum": [0.0, 0.9], "train_weight_decay": [0.0, 0.0005],
+             "train_batch_size": [32, 128], "train_optimizer": ["sgd", "adam"], "train_epochs": [2, 20]}
+    for n in range(2):
+        keys = {"trial_id": f"t{n}", "data_name": "digits", "poison_method": "one_shift", "poison_rate": 0.1, "seed": 0}
+        write_trial(out, keys["trial_id"], {
+            "trials": [{**keys, "status": "ok", "clean_test_acc": 0.5 + 0.1 * n, "code_version": "v",
+                        **{column: values[n] for column, values in swept.items()}}],
+            "detections": [{**keys, "detector": "activation_clustering", "auroc": 0.7}]})
+    output = shown(out, monkeypatch, 80)
+    assert max(cell_len(line) for line in output.splitlines()) <= 80
+    assert "Settings (the values of the keys this sweep varies)" in output and "#2" in output
+    words = set(re.split(r"[\s│┃]+", output))
+    assert {"0.001", "0.1", "0.9", "0.0005", "128", "adam", "sgd", "20", "activation_clustering"} <= words
+    for key in ["train.lr", "train.momentum", "train.weight_decay", "train.batch_size", "train.optimizer"]:
+        assert key in words  # headers whole, not folded
