@@ -31,6 +31,7 @@ from poisonsweep.engine.report.tables import (
     unlearning_table,
 )
 from poisonsweep.engine.sink import PLAN_FILE, filesystem, masked, read_plan, uri_name
+from poisonsweep.engine.text import markdown_text
 
 # ---------------------------------------------------------------------------------------------
 # the report
@@ -231,18 +232,19 @@ def _status_tables(status: RecordStatus, setting: list[str]) -> list[tuple[str, 
 
 
 def _markdown(out: str, status: RecordStatus, setting: list[str], sections, header=()) -> str:
-    parts = [f"# Sweep report: {masked(out)}", "", *[f"- {line}" for line in status.lines()], ""]
+    md = markdown_text  # headings, notes and lines quote labels and paths: inert text
+    parts = [f"# Sweep report: {md(masked(out))}", "", *[f"- {md(line)}" for line in status.lines()], ""]
     for heading, frame in [*header, *_status_tables(status, setting)]:
-        parts += [f"## {heading}", "", markdown_table(frame), ""]
+        parts += [f"## {md(heading)}", "", markdown_table(frame), ""]
     if not sections:
         parts += ["No trial has finished ok yet: no tables or figures.", ""]
     for heading, kind, payload in sections:
-        parts += [f"## {heading}", ""]
+        parts += [f"## {md(heading)}", ""]
         if kind == "png":
-            parts += [f"![{heading}]({payload.name})", ""]
+            parts += [f"![{md(heading).replace('[', '(').replace(']', ')')}]({payload.name})", ""]
         else:
             note, _, text = payload
-            parts += ([note, ""] if note else []) + [text, ""]
+            parts += ([md(note), ""] if note else []) + [text, ""]
     parts += ["## Glossary", "", GLOSSARY_NOTE, ""] + [f"- **{title}**: {text}" for title, text in GLOSSARY.values()]
     return "\n".join(parts) + "\n"
 
