@@ -80,10 +80,15 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
     # the files just moved aside send their trials back (and so does any table a trial lists but lacks)
     to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[path for path, *_ in quarantined])
     bar = progress(len(to_run)) if progress else contextlib.nullcontext()
-    with bar as callback, _unwritable_output_named(sweep.out):  # a resumed sweep's bar counts only what is left
+    from poisonsweep.engine.progress import RayWarningsKept
+    from poisonsweep.engine.sweep import TUNE_DIR
+
+    # a resumed sweep's bar counts only what is left; Ray's warnings go to a file unless --verbose
+    with bar as callback, _unwritable_output_named(sweep.out), \
+            RayWarningsKept(sweep.out, TUNE_DIR, enabled=not verbose) as kept:
         outcome = run_sweep(sweep, address=address, verbose=verbose, progress=callback,
                             reuse_actors=reuse_actors, rerun=rerun, to_run=to_run, version=version)
-    outcome.out = sweep.out
+    outcome.out, outcome.ray_warnings, outcome.ray_log = sweep.out, kept.count, kept.path
     return outcome
 
 

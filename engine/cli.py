@@ -69,6 +69,10 @@ def run(
                   + (f", {outcome.retried_after_error} attempt(s) retried after an error"
                      if outcome.retried_after_error else "")
                   + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
+    if outcome.ray_warnings:
+        console.print(escape(f"{outcome.ray_warnings} Ray warning(s) kept off the screen: "
+                             + (f"{masked(outcome.ray_log)}; " if outcome.ray_log else "") + "--verbose shows them"),
+                      highlight=False)
     if outcome.output_error:  # the record may not even be readable now: no summary
         console.print(f"[bold red]error:[/] {escape(masked(outcome.output_error))}; {outcome.not_recorded} trial(s) "
                       "not recorded: they run again with the same command once the output can be written",

@@ -52,6 +52,8 @@ class SweepOutcome:
     unwritten: dict[str, str] = field(default_factory=dict)  # trial_id -> why its rows could not be written
     output_error: str = ""  # the output could not be written (one line: path and cause); the sweep stopped
     not_recorded: int = 0  # trials left to run again because of output_error
+    ray_warnings: int = 0  # Ray's own warnings kept off the screen (without --verbose) ...
+    ray_log: str | None = None  # ... and the file they were written to
 
 
 class PlanSearcher(Searcher):
@@ -78,6 +80,12 @@ class PlanSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # nothing to learn: the plan is fixed
+
+    def save(self, checkpoint_path: str) -> None:
+        pass  # nothing to save: resume reads the record (without this Tune warns "save not implemented")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
 
 
 class TrialLog(Callback):
@@ -293,8 +301,11 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     id_of = {id(config): tid for config, tid in zip(pending, pending_ids)}  # units hold the plan's own dicts
     unit_ids = [[id_of[id(c)] for c in unit] for unit in units]
     plan = [ray.put(units)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
+    # a live display's board for the trials' stages (engine.progress), else none: trials then post nothing
+    stages = [getattr(progress, "stage_board", lambda: None)()]
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources),
+        tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources,
+                             stages=stages),
         trial_resources(sweep.resources),
     )
     log = TrialLog()
