@@ -7,6 +7,8 @@ The public Python API, for notebooks and scripts (the CLI is a thin layer over i
     tables = poisonsweep.load("results/quickstart")        # {"trials": pyarrow.Table, ...}
     poisonsweep.report("results/quickstart")
     rows = poisonsweep.run_trial(config)                   # one trial, no Ray
+    side_by_side = poisonsweep.compare(["results/a", "results/b"])  # same settings, differences
+    latex = poisonsweep.export("results/quickstart", "latex")       # detector x setting table
 
 Names are imported on first use, so ``import poisonsweep.tasks`` never pulls in Ray. A config problem
 raises ``poisonsweep.ConfigError`` before anything runs.
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 from importlib import import_module
 
-__all__ = ["ConfigError", "load", "report", "run", "run_trial"]
+__all__ = ["ConfigError", "compare", "export", "load", "report", "run", "run_trial"]
 
 _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "report": "poisonsweep.engine.api",
-        "run_trial": "poisonsweep.engine.api", "ConfigError": "poisonsweep.tasks.registry"}
+        "run_trial": "poisonsweep.engine.api", "ConfigError": "poisonsweep.tasks.registry",
+        "compare": "poisonsweep.engine.compare", "export": "poisonsweep.engine.export"}
 
 
 def __getattr__(name: str):
