@@ -48,6 +48,9 @@ def run(
     rerun: str = typer.Option("failed", "--rerun", help="Which recorded trials to run again: 'failed' (default: "
                               "every trial not done ok), 'stale' (also ok trials recorded by another code "
                               "version), 'all'."),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI (http://..., file:/path with "
+                                         "MLFLOW_ALLOW_FILE_STORE=true, databricks): one run per trial, its config as "
+                                         "params and its metrics; needs pip install \"poisonsweep[mlflow]\"."),
 ):
     """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
     from poisonsweep.engine import api
@@ -55,7 +58,7 @@ def run(
 
     try:
         outcome = api.run(config, out=out, overrides=set_, address=address, data_root=data_root, rerun=rerun,
-                          verbose=verbose, reuse_actors=reuse_actors,
+                          verbose=verbose, reuse_actors=reuse_actors, mlflow=mlflow,
                           echo=lambda note: console.print(escape(masked(note)), highlight=False),
                           progress=lambda total: SweepProgress(total, console),
                           announce=lambda sweep: console.print(f"sweep [bold]{escape(sweep.name)}[/]: "
@@ -69,6 +72,8 @@ def run(
                   + (f", {outcome.retried_after_error} attempt(s) retried after an error"
                      if outcome.retried_after_error else "")
                   + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
+    if outcome.tracked:
+        console.print(escape(f"{outcome.tracked} trial(s) logged to MLflow at {masked(mlflow)}"), highlight=False)
     if outcome.ray_warnings:
         console.print(escape(f"{outcome.ray_warnings} Ray warning(s) kept off the screen: "
                              + (f"{masked(outcome.ray_log)}; " if outcome.ray_log else "") + "--verbose shows them"),

@@ -54,6 +54,7 @@ class SweepOutcome:
     not_recorded: int = 0  # trials left to run again because of output_error
     ray_warnings: int = 0  # Ray's own warnings kept off the screen (without --verbose) ...
     ray_log: str | None = None  # ... and the file they were written to
+    tracked: int = 0  # trials logged to the experiment tracker (--mlflow)
 
 
 class PlanSearcher(Searcher):
@@ -264,14 +265,14 @@ def plan_units(pending: list[dict], pack: int) -> list[list[dict]]:
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
               reuse_actors: bool = True, rerun: str = "failed", to_run: list[str] | None = None,
-              version: str | None = None) -> SweepOutcome:
+              version: str | None = None, callbacks: list | None = None) -> SweepOutcome:
     """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``poisonsweep.engine.resume.trials_to_run``:
     ``rerun`` is ``failed``, ``stale`` or ``all``). A caller that has already worked out ``to_run`` (the
     trial ids) and the code ``version`` hands them over, so the record is not read again.
 
     ``reuse_actors`` keeps each trial process alive for the next trial of the same resources, so
     torch and the datasets are imported once per process rather than once per trial
-    (``benchmarks/RESULTS.md, section 3``).
+    (``benchmarks/RESULTS.md, section 3``). ``callbacks``: more Tune callbacks (a tracker, ``engine.tracking``).
     """
     import ray
     from ray import tune
@@ -309,7 +310,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
         trial_resources(sweep.resources),
     )
     log = TrialLog()
-    callbacks = [log] + ([progress] if progress is not None else [])
+    callbacks = [log] + ([progress] if progress is not None else []) + list(callbacks or [])
     name = f"{sweep.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def tuner(first: int, chunk: list[list[str]]):
