@@ -26,16 +26,16 @@ PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 _NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")  # what MLflow accepts in a metric or param name
 
 
-def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
-    """Dotted keys of the resolved config (``poison.rate``), values as compact JSON (strings as they are)."""
-    params = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            params.update(flat_params(value, f"{name}."))
-        else:
-            params[_name(name)] = (value if isinstance(value, str) else json.dumps(value, sort_keys=True))[:PARAM_CHARS]
-    return params
+def flat_params(config: dict) -> dict[str, str]:
+    """Dotted keys of the resolved config (``poison.rate``), as the report lists them: values as compact
+    JSON, strings as they are, cut to ``PARAM_CHARS``."""
+    from poisonsweep.engine.report.run import _flatten
+
+    def plain(text: str) -> str:
+        value = json.loads(text)
+        return value if isinstance(value, str) else text
+
+    return {_name(key): plain(text)[:PARAM_CHARS] for key, text in _flatten(config).items()}
 
 
 def _name(text: str) -> str:
