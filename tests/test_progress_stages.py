@@ -2,6 +2,7 @@
 a plain ``on_stage`` callback in ``tasks/`` and a stage board actor in ``engine/``; Ray's own warnings
 kept off the screen (written to ``<out>/_tune/ray.log``) unless --verbose."""
 
+import importlib.util
 import io
 import logging
 import os
@@ -86,7 +87,8 @@ def test_ray_warnings_go_to_the_output_and_errors_still_show(tmp_path):
 def _run_in_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
     """Run the CLI with a pseudo-terminal as stdout and stderr (so the live bar draws), return its screen."""
     leader, follower = pty.openpty()
-    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           "MLFLOW_ALLOW_FILE_STORE": "true"}
     env.pop("RAY_AUTH_MODE", None)  # Ray's default, which warns
     process = subprocess.Popen([sys.executable, "-m", "poisonsweep.engine.cli", *args], stdin=subprocess.DEVNULL,
                                stdout=follower, stderr=follower, env=env, cwd=ROOT)
@@ -115,12 +117,27 @@ def _run_in_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]
     return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
 
 
-def test_a_sweep_in_a_terminal_shows_trial_stages_and_not_rays_warnings(tmp_path):
+def test_a_sweep_in_a_terminal_shows_trial_stages_and_not_rays_warnings(tmp_path, monkeypatch):
+    """The one Ray sweep of this file; where the MLflow client is installed it also checks ``--mlflow``
+    end to end (tests/test_mlflow.py checks the runs' contents without Ray)."""
     config = {**CONFIG, "train": {**CONFIG["train"], "epochs": 40}}
     path = tmp_path / "stages.yaml"
     path.write_text(yaml.safe_dump(config))
-    code, screen = _run_in_a_terminal(["run", str(path), "--out", str(tmp_path / "out")])
+    store = f"file:{tmp_path / 'mlruns'}"
+    tracked = importlib.util.find_spec("mlflow") is not None
+    code, screen = _run_in_a_terminal(["run", str(path), "--out", str(tmp_path / "out")]
+                                      + (["--mlflow", store] if tracked else []))
     assert code == 0, screen[-3000:]
     assert re.search(r"[0-9a-f]{12}  (training epoch \d+/40|evaluating|detector \w+|unlearning)", screen), screen[-3000:]
     assert not [noise for noise in RAY_NOISE if noise in screen], screen[-3000:]
     assert "1 trials run" in screen
+    # Ray 2.60 warns about token authentication on every new local Ray: into the log, named on the screen
+    assert ("Ray warning(s) kept off the screen" in screen) == (tmp_path / "out" / "_tune" / RAY_LOG).is_file()
+    if tracked:
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        assert "1 trial(s) logged to MLflow" in screen
+        client = MlflowClient(tracking_uri=store)
+        runs = client.search_runs([client.get_experiment_by_name("stages").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "loss.auroc" in runs[0].data.metrics
