@@ -133,7 +133,7 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
     unit = _plan_of(plan)[config["index"]]
     try:
         with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir, \
-                stage_sender(stages, config["trial_id"]) as on_stage:
+                stage_sender(stages, config.get("trial_id", "")) as on_stage:
             if resources["pack"] > 1:
                 from poisonsweep.engine.packs import record_pack
 
