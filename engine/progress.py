@@ -210,7 +210,7 @@ class RayWarningsKept:
         try:
             fs.create_dir(f"{root}/{self.tune_dir}", recursive=True)
             publish(fs, f"{root}/{self.tune_dir}/{RAY_LOG}", lambda path: _write_text(fs, path, text))
-        except OSError:  # a log of warnings must never fail a sweep that ran
+        except Exception:  # a log of warnings must never fail a sweep that ran (a full disk, a store gone)
             return None
         return join_uri(self.out, f"{self.tune_dir}/{RAY_LOG}")
 
