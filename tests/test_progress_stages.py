@@ -128,7 +128,8 @@ def test_a_sweep_in_a_terminal_shows_trial_stages_and_not_rays_warnings(tmp_path
     code, screen = _run_in_a_terminal(["run", str(path), "--out", str(tmp_path / "out")]
                                       + (["--mlflow", store] if tracked else []))
     assert code == 0, screen[-3000:]
-    assert re.search(r"[0-9a-f]{12}  (training epoch \d+/40|evaluating|detector \w+|unlearning)", screen), screen[-3000:]
+    stage = r"[0-9a-f]{12}  one_shift 0.1 seed 0: (training epoch \d+/40|evaluating|detector \w+|unlearning)"
+    assert re.search(stage, screen), screen[-3000:]
     assert not [noise for noise in RAY_NOISE if noise in screen], screen[-3000:]
     assert "1 trials run" in screen
     # Ray 2.60 warns about token authentication on every new local Ray: into the log, named on the screen
