@@ -133,7 +133,7 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
     unit = _plan_of(plan)[config["index"]]
     try:
         with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir, \
-                stage_sender(stages, config.get("trial_id", ""), _stage_label(unit)) as on_stage:
+                stage_sender(stages, config.get("trial_id", ""), unit) as on_stage:
             if resources["pack"] > 1:
                 from poisonsweep.engine.packs import record_pack
 
@@ -160,15 +160,15 @@ def _stage_label(unit: list[dict]) -> str:
 
 
 @contextmanager
-def stage_sender(stages: list | None, key: str, label: str = ""):
-    """An ``on_stage`` that posts each stage, after ``label``, to the driver's board (a fire-and-forget
-    actor call, no wait), cleared when the trial ends; None when no display watches (then a trial costs
-    nothing more)."""
+def stage_sender(stages: list | None, key: str, unit: list[dict]):
+    """An ``on_stage`` that posts each stage, after the unit's ``_stage_label``, to the driver's board (a
+    fire-and-forget actor call, no wait), cleared when the trial ends; None when no display watches (then a
+    trial costs nothing more)."""
     board = stages[0] if stages else None
     if board is None:
         yield None
         return
-    prefix = f"{label}: " if label else ""
+    prefix = f"{_stage_label(unit)}: "
     try:
         yield lambda stage: board.post.remote(key, prefix + stage)
     finally:
