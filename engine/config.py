@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from poisonsweep.engine.data_check import model_errors, source_key
 from poisonsweep.engine.resolve import (  # noqa: F401  (config_columns, key_columns, trial_id: re-exported for callers)
     config_columns, identity, key_columns, merge_defaults, plain_copy, resolve, trial_id,
 )
@@ -344,7 +345,7 @@ def check_data(sweep: Sweep) -> None:
         if key in checked:  # seeds and models repeat these checks: 10,000 trials, a few distinct ones
             continue
         checked.add(key)
-        source = _source_key(data)
+        source = source_key(data)
         if source not in loaded:
             try:
                 loaded[source] = load_dataset(data["name"], root=data["root"], params=data.get("params"))
@@ -372,34 +373,6 @@ def check_data(sweep: Sweep) -> None:
             message = f"poison.params: {error}"
         if message:
             errors.append(message)
-    errors += _model_errors(sweep, loaded)
+    errors += model_errors(sweep.trials, loaded)
     if errors:
         raise ConfigErrors(errors, f"sweep {sweep.name!r}")
-
-
-def _source_key(data: dict) -> str:
-    """What tells one dataset of a sweep from another (its subsets are cut from the same load)."""
-    return json.dumps([data["name"], data["root"], data.get("params")], sort_keys=True)
-
-
-def _model_errors(sweep: Sweep, loaded: dict) -> list[str]:
-    """Build each distinct model once for its data's image shape and classes, so that a model that cannot
-    take them (images too small for ``keras_cnn``, a torchvision model that needs 224 px or has no linear
-    head) is refused before any trial, not in every one."""
-    from poisonsweep.tasks.models import build_model
-
-    errors, built = [], set()
-    for trial in sweep.trials:
-        full, model = loaded.get(_source_key(trial["data"])), trial["model"]
-        key = json.dumps([model, None if full is None else full.in_shape, getattr(full, "num_classes", None)],
-                         sort_keys=True, default=str)
-        if full is None or key in built:
-            continue
-        built.add(key)
-        try:
-            build_model(model["name"], full.in_shape, full.num_classes, model["params"])
-        except (ValueError, RuntimeError, TypeError) as error:  # ConfigError is a ValueError
-            shape = "x".join(map(str, full.in_shape))
-            errors.append(f"model.name {model['name']!r} on {trial['data']['name']} ({shape} images): "
-                          f"{str(error).splitlines()[0]}")
-    return errors

@@ -103,7 +103,8 @@ def test_run_prints_no_user_escape(hostile, monkeypatch):
         announce(types.SimpleNamespace(name=HOSTILE, trials=[{}], out=hostile + HOSTILE))
         echo(f"moved {HOSTILE} aside")
         return types.SimpleNamespace(ran=1, skipped=0, failed={}, retried={}, retried_after_error=0, seconds=1.0,
-                                     output_error="", not_recorded=0, out=hostile, interrupted=0)
+                                     output_error="", not_recorded=0, out=hostile, interrupted=0,
+                                     ray_warnings=0, ray_log=None, tracked=0)
 
     monkeypatch.setattr(api, "run", fake_run)
     result = CliRunner().invoke(cli.app, ["run", "any.yaml"])
