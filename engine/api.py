@@ -68,7 +68,7 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
     for damaged, moved, problem in quarantined:
         echo(f"moved {damaged} ({problem}) to {moved}; its trial runs again")
     # the record is read and the code hashed once here, for the notes, the bar and the sweep alike
-    ids, version, versions = sweep.ids, code_version(), trial_versions(sweep.out)
+    ids, version, versions = sweep.ids, code_version(sweep.plugins), trial_versions(sweep.out)
     stale = stale_trials(sweep.out, ids, version, versions)
     if stale:
         listed = ", ".join(f"{v}: {n}" for v, n in stale.most_common())

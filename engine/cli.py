@@ -255,8 +255,22 @@ def compact(out: str = typer.Argument(..., help="A sweep's output directory (or 
 
 
 @app.command("list")
-def list_registered():
-    """List the datasets, poisons, models, detectors and unlearning methods a config can name."""
+def list_registered(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Also list the entries of this sweep "
+                                          "config's plugins (its 'plugins:' key)."),
+    plugin: List[str] = typer.Option([], "--plugin", "-p", help="Also list this plugin's entries: an import name "
+                                     "or a path to a .py file or package folder. Repeatable."),
+):
+    """List the datasets, poisons, models, detectors and unlearning methods a config can name; a plugin's
+    entries (installed entry points, --config's plugins, --plugin) say which plugin they come from."""
+    from poisonsweep.engine.plugins import load_plugins, origin_of
+
+    try:
+        load_plugins(list(plugin))
+        if config is not None:
+            _config_plugins(config)
+    except ConfigError as error:
+        _fail(str(error))
     import poisonsweep.tasks.detect  # noqa: F401
     from poisonsweep.tasks.data import DATASETS
     from poisonsweep.tasks.detect.base import DETECTORS
@@ -277,8 +291,22 @@ def list_registered():
             entry = registry.get(name)
             defaults = entry.defaults()
             params = ", ".join(f"{k}={defaults.get(k, '…')!r}" for k in entry.constraints)
-            table.add_row(name, escape(params), escape(entry.help))
+            origin = origin_of(entry.module)
+            table.add_row(escape(name) + (f"\n[dim](plugin {escape(origin)})[/]" if origin else ""), escape(params),
+                          escape(entry.help))
         console.print(table)
+
+
+def _config_plugins(config: Path) -> None:
+    """Import the plugins a sweep config names (paths relative to it), without checking the rest of it."""
+    from poisonsweep.engine.config import ConfigErrors, read_yaml
+    from poisonsweep.engine.plugins import load_plugins
+
+    try:
+        raw = read_yaml(config.read_text())
+    except Exception as error:  # a missing file, bad YAML: the config cannot name plugins
+        raise ConfigErrors([f"cannot read it: {error}"], str(config)) from None
+    load_plugins((raw or {}).get("plugins") if isinstance(raw, dict) else None, config.parent)
 
 
 def main() -> None:

@@ -98,17 +98,24 @@ def identity(config: dict) -> dict:
     for section, key in NOT_IDENTITY:
         if isinstance(config.get(section), dict):
             config[section] = _without(config[section], key)
-    for section in ("poison", "model"):  # where a poison or detector computes, not what
+    for section, registry, key in (("poison", POISONS, "method"), ("model", MODELS, "name")):
         if isinstance(config.get(section), dict) and config[section].get("params"):
-            config[section] = {**config[section], "params": _without(config[section]["params"], "device")}
+            placed = _placement(registry, config[section].get(key))
+            config[section] = {**config[section], "params": _without(config[section]["params"], *placed)}
     if config.get("detectors"):
-        config["detectors"] = [{**d, "params": _without(d["params"], "device")} if d.get("params") else d
-                               for d in config["detectors"]]
+        config["detectors"] = [{**d, "params": _without(d["params"], *_placement(DETECTORS, d.get("name")))}
+                               if d.get("params") else d for d in config["detectors"]]
     return config
 
 
-def _without(mapping: dict, key: str) -> dict:
-    return {k: v for k, v in mapping.items() if k != key}
+def _placement(registry, name) -> frozenset:
+    """The entry's placement parameters (registry metadata: where it computes, not what); none when the
+    name is not registered here."""
+    return registry.get(name).placement if isinstance(name, str) and name in registry else frozenset()
+
+
+def _without(mapping: dict, *keys: str) -> dict:
+    return {k: v for k, v in mapping.items() if k not in keys}
 
 
 def trial_id(config: dict) -> str:

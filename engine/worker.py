@@ -30,12 +30,12 @@ def _now() -> dt.datetime:
 
 
 def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", artifact_dir: str | None = None,
-                 attempt_error: str | None = None, where: dict | None = None) -> dict:
+                 attempt_error: str | None = None, where: dict | None = None, plugins: list[dict] = ()) -> dict:
     """Run one trial (unless ``attempt_error`` says it already failed) and write all its rows.
 
     A trial that raises is recorded with status ``failed`` and its error; nothing is re-raised,
-    so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
-    ``trials`` row.
+    so the sweep goes on. ``where`` (host, Ray node) defaults to this process's; ``plugins`` (their
+    ``Plugin.record`` dicts) are the sweep's, recorded in the row. Returns the ``trials`` row.
     """
     from poisonsweep.tasks.detect.base import serial_map
     from poisonsweep.tasks.trial import run_trial
@@ -47,18 +47,19 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
             outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
         except Exception as error:  # recorded, not lost: the summary shows it
             outcome = error
-    return write_record(config, out, outcome, started=started, version=version, where=where)
+    return write_record(config, out, outcome, started=started, version=version, where=where, plugins=plugins)
 
 
 def write_record(config: dict, out: str, outcome, *, started: dt.datetime, version: str = "",
-                 where: dict | None = None) -> dict:
+                 where: dict | None = None, plugins: list[dict] = ()) -> dict:
     """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
     of an error. Returns the ``trials`` row."""
     from poisonsweep.engine.config import config_columns, key_columns, trial_id
+    from poisonsweep.engine.plugins import column
 
     tid = trial_id(config)
     base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
-            "code_version": version, "started_at": started}
+            "code_version": version, "plugins": column(plugins), "started_at": started}
     tables: dict[str, list[dict]] = {}
     if isinstance(outcome, str):
         row = {**base, "status": "failed", "error": outcome}
@@ -123,19 +124,34 @@ def _plan_of(holder: list) -> list[dict]:
     return _PLANS[key]
 
 
-def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict) -> dict:
-    """The Ray Tune function trainable: run and record the plan's unit ``config["index"]`` (one trial,
-    or a pack of them with ``resources.pack`` > 1), report a small summary."""
+def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict,
+                   plugins: list[dict] = ()) -> dict:
+    """The Ray Tune function trainable: import the sweep's ``plugins``, then run and record the plan's unit
+    ``config["index"]`` (one trial, or a pack of them with ``resources.pack`` > 1), report a small summary.
+    A plugin that cannot be imported here, or whose source is not the driver's, fails the unit's trials."""
+    from poisonsweep.engine.plugins import PluginError, import_in_worker
+
     _set_threads(resources["cpu"])
     unit = _plan_of(plan)[config["index"]]
     try:
-        with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
-            if resources["pack"] > 1:
-                from poisonsweep.engine.packs import record_pack
+        import_in_worker(plugins)
+    except PluginError as error:
+        missing = str(error)
+    else:
+        missing = None
+    try:
+        if missing is not None:
+            rows = [record_trial(c, out, version=version, attempt_error=missing, plugins=plugins) for c in unit]
+        else:
+            with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
+                if resources["pack"] > 1:
+                    from poisonsweep.engine.packs import record_pack
 
-                rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
-            else:
-                rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir)]
+                    rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir,
+                                       plugins=plugins)
+                else:
+                    rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir,
+                                         plugins=plugins)]
     except OutputError as error:  # the output cannot be written: no retry helps, the next run does
         from poisonsweep.engine.config import trial_id
 
