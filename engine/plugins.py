@@ -117,7 +117,7 @@ def _load_spec(spec: str, base_dir: Path) -> Plugin:
     name = path.stem if path.is_file() else path.name
     if not name.isidentifier():
         raise PluginError(f"plugin {spec!r}: {name!r} is not a valid module name; rename it (letters, digits, _)")
-    return _remember(_import_path(name, path, spec), spec)
+    return _remember(_import_path(name, path, spec), str(path))
 
 
 def _import_named(name: str, origin: str) -> ModuleType:
@@ -128,13 +128,17 @@ def _import_named(name: str, origin: str) -> ModuleType:
 
 
 def _import_path(name: str, path: Path, origin: str) -> ModuleType:
-    """Import the file or package at ``path`` as module ``name`` (once: a second load reuses it)."""
+    """Import the file or package at ``path`` as module ``name``: once, unless its source changed since (an
+    edited plugin in a notebook runs again, so the hash recorded is always the code that runs)."""
     loaded = sys.modules.get(name)
     if loaded is not None:
-        if _shipped_path(loaded) == path:
+        if _shipped_path(loaded) != path:
+            raise PluginError(f"plugin {origin!r}: a module named {name!r} is already imported from "
+                              f"{getattr(loaded, '__file__', None) or 'elsewhere'}; rename the plugin")
+        if name in _LOADED and _LOADED[name].sha256 == source_hash(path):
             return loaded
-        raise PluginError(f"plugin {origin!r}: a module named {name!r} is already imported from "
-                          f"{getattr(loaded, '__file__', None) or 'elsewhere'}; rename the plugin")
+        for stale in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[stale]  # edited: import it (and its submodules) again
     init = path / "__init__.py" if path.is_dir() else path
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(path)]
                                                   if path.is_dir() else None)
@@ -220,6 +224,6 @@ def import_in_worker(records: Iterable[dict]) -> None:
             module = importlib.import_module(name)
         found = source_hash(_shipped_path(module))
         if found != expected:
-            raise PluginError(f"plugin {record['origin']!r} on this node has source hash {found or 'none'}, the "
+            raise PluginError(f"plugin {record['origin']!r} on this node has source hash {found or '(no file)'}, the "
                               f"driver's has {expected}: a different copy (edited during the run, or a "
                               ".gitignore that kept files out of the shipped folder)")
