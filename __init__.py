@@ -39,6 +39,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time each name is imported on first use
+    # ruff: noqa: F401
     from poisonsweep.engine.api import load, report, run, run_trial
     from poisonsweep.tasks.data import DATASETS, Dataset
     from poisonsweep.tasks.detect import DETECTORS, Detection, DetectionContext, flag_top

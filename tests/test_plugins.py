@@ -258,7 +258,8 @@ def test_the_example_plugin_runs_a_sweep_through_the_cli_from_outside_the_reposi
         line = next(line for line in listed.stdout.splitlines() if f"│{name} " in line)
         following = listed.stdout.splitlines()[listed.stdout.splitlines().index(line) + 1]
         assert "(plugin" in following, listed.stdout
-    assert "loss " in listed.stdout and "(plugin" not in next(l for l in listed.stdout.splitlines() if "│loss " in l)
+    ours = next(line for line in listed.stdout.splitlines() if "│loss " in line)
+    assert "(plugin" not in ours
 
     first = cli("run", str(config), "--out", str(out), cwd=cwd)
     assert first.returncode == 0, first.stdout + first.stderr
