@@ -12,12 +12,14 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -28,6 +30,7 @@ from poisonsweep.engine.config import ConfigError, build_sweep, load_sweep
 from poisonsweep.engine.plugins import PluginError, import_in_worker, load_plugins, source_hash
 from poisonsweep.engine.resolve import trial_id
 from poisonsweep.engine.resume import code_version, trials_to_run
+from poisonsweep.tasks.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "plugin"
@@ -124,8 +127,6 @@ def test_a_bad_plugin_is_one_line_before_anything_runs(tmp_path, spec, message):
         build_sweep({**TINY, "plugins": [spec]}, base_dir=tmp_path)
     problems = raised.value.errors
     assert len(problems) == 1 and "\n" not in problems[0]
-    import re
-
     assert re.search(message, problems[0]), problems[0]
     with pytest.raises(ConfigError, match="plugins must be a list"):
         build_sweep({**TINY, "plugins": "one.py"})
@@ -231,6 +232,20 @@ def test_the_engine_names_no_registered_entry():
                     and (relative, node.value) not in ALLOWED):
                 found.append(f"{relative}:{node.lineno} names the {names[node.value]} {node.value!r}")
     assert not found, "declare it in the entry's registry metadata instead:\n" + "\n".join(found)
+
+
+def test_the_readmes_plugin_example_runs_a_trial(tmp_path):
+    readme = (REPO / "README.md").read_text().split("## Add your own method", 1)[1].split("\n## ", 1)[0]
+    source = re.search(r"```python\n(# my_methods.py.*?)```", readme, flags=re.S).group(1)
+    (tmp_path / "readme_margin.py").write_text(source.replace('"margin"', '"readme_margin"'))
+    config = {**TINY, "plugins": ["readme_margin.py"], "poison": {"method": "one_shift", "rate": 0.1},
+              "detectors": [{"name": "readme_margin", "params": {"flag_fraction": 0.1}}]}
+    sweep = build_sweep(config, base_dir=tmp_path)
+    rows = run_trial(sweep.trials[0], log=lambda _: None).tables
+    [detection] = rows["detections"]
+    assert detection["detector"] == "readme_margin" and detection["n_flagged"] == 20
+    scores = np.array([r["score"] for r in rows["scores"]])
+    assert len(scores) == 200 and (-1 <= scores).all() and (scores <= 1).all()
 
 
 def cli(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
