@@ -227,3 +227,25 @@ def import_in_worker(records: Iterable[dict]) -> None:
             raise PluginError(f"plugin {record['origin']!r} on this node has source hash {found or '(no file)'}, the "
                               f"driver's has {expected}: a different copy (edited during the run, or a "
                               ".gitignore that kept files out of the shipped folder)")
+
+
+def load_recorded(values: Iterable) -> list[str]:
+    """Import the plugins a record names (its ``trials.plugins`` values) whose file or folder is here with the
+    source hash recorded, so that the report rebuilds a plugin poison's images with the code that ran; returns
+    the modules imported. Any other is skipped: the report then says its entries are not registered here."""
+    records = {}
+    for value in values:
+        if isinstance(value, str) and value.startswith("["):
+            records.update({r["module"]: r for r in json.loads(value) if isinstance(r, dict) and "module" in r})
+    imported = []
+    for name, record in records.items():
+        path = record.get("path")
+        if name in sys.modules or not path or not Path(path).exists() or source_hash(path) != record.get("sha256"):
+            continue
+        try:
+            module = _import_path(name.split(".")[0], Path(path), record.get("origin", name))
+            _remember(importlib.import_module(name) if "." in name else module, record.get("origin", name))
+        except (PluginError, ImportError):
+            continue
+        imported.append(name)
+    return imported

@@ -174,6 +174,19 @@ def test_a_worker_imports_the_shipped_copy_and_refuses_a_different_one(tmp_path,
         import_in_worker([{**record, "module": "psp_nowhere", "path": str(tmp_path / "gone.py")}])
 
 
+def test_the_report_imports_a_recorded_plugin_only_where_its_unchanged_file_is(tmp_path):
+    from poisonsweep.engine.plugins import column, load_recorded
+
+    plugin = write_detector_plugin(tmp_path / "psp_recorded.py", "psp_recorded_detector")
+    record = {"module": "psp_recorded", "origin": "psp_recorded.py", "path": str(plugin),
+              "sha256": source_hash(plugin)}
+    assert load_recorded([column([{**record, "sha256": "0" * 12}]), None]) == []  # another code: not imported
+    assert "psp_recorded_detector" not in poisonsweep.DETECTORS
+    assert load_recorded([column([record]), column([record])]) == ["psp_recorded"]
+    assert "psp_recorded_detector" in poisonsweep.DETECTORS
+    assert load_recorded([column([{**record, "module": "psp_gone", "path": str(tmp_path / "gone.py")}])]) == []
+
+
 def test_entries_declare_placement_and_trial_checks_for_ours_and_a_plugins_alike(tmp_path):
     (tmp_path / "psp_meta.py").write_text(textwrap.dedent("""
         from poisonsweep import DETECTORS, Options
