@@ -105,6 +105,14 @@ def identity(config: dict) -> dict:
     if config.get("detectors"):
         config["detectors"] = [{**d, "params": _without(d["params"], *_placement(DETECTORS, d.get("name")))}
                                if d.get("params") else d for d in config["detectors"]]
+    unlearn = config.get("unlearn")
+    if isinstance(unlearn, dict) and isinstance(unlearn.get("methods"), list):
+        from poisonsweep.tasks.unlearn import UNLEARNERS
+
+        methods = [{**m, "params": _without(m["params"], *_placement(UNLEARNERS, m.get("name")))}
+                   if isinstance(m, dict) and isinstance(m.get("params"), dict) else m for m in unlearn["methods"]]
+        if methods != unlearn["methods"]:  # only a method with placement parameters changes the dict
+            config["unlearn"] = {**unlearn, "methods": methods}
     return config
 
 

@@ -30,6 +30,7 @@ from poisonsweep.engine.config import ConfigError, build_sweep, load_sweep
 from poisonsweep.engine.plugins import PluginError, import_in_worker, load_plugins, source_hash
 from poisonsweep.engine.resolve import trial_id
 from poisonsweep.engine.resume import code_version, trials_to_run
+from poisonsweep.tasks.registry import Interval, Options
 from poisonsweep.tasks.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +206,16 @@ def test_entries_declare_placement_and_trial_checks_for_ours_and_a_plugins_alike
     assert ids["cpu"] == ids["cuda"]  # where it computes is not what it computes
     with pytest.raises(ConfigError, match=r"detectors\[0\]: psp_meta needs train.optimizer: sgd"):
         build_sweep({**raw, "train": {"optimizer": "adam"}, "detectors": ["psp_meta"]}, base_dir=tmp_path)
+    from poisonsweep.engine.resolve import identity
+
+    @poisonsweep.UNLEARNERS.register("psp_unlearner", {"device": [Options(("cpu", "cuda"))], "steps": [Interval(int, 1)]},
+                                     placement={"device"})
+    def psp_unlearner(model, retain_x, retain_y, forget_x, forget_y, *, device="cpu", steps=1):
+        """An unlearning method with a placement parameter."""
+
+    methods = [{"name": "psp_unlearner", "params": {"device": "cuda", "steps": 2}}, {"name": "ssd", "params": {}}]
+    assert identity({"unlearn": {"methods": methods}})["unlearn"]["methods"][0] == {"name": "psp_unlearner",
+                                                                                    "params": {"steps": 2}}
     # our own entries follow the same rule: FLIP's device, the influence detector's TracIn check
     flip = [build_sweep({**TINY, "poison": {"method": "flip", "rate": 0.1, "params": {"device": d}}}).trials[0]
             for d in ("cpu", "auto")]
