@@ -23,7 +23,8 @@ __all__ = ["OutputBusy", "load", "load_config", "repair", "report", "run", "run_
 def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
                 data_root: str | None = None):
     """A validated ``poisonsweep.engine.config.Sweep`` from a YAML path or a dict in the same shape, with
-    ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied."""
+    ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied; its plugins imported first (``plugins:``
+    paths relative to the YAML file, or to the working directory for a dict)."""
     from poisonsweep.engine.config import load_sweep, sweep_from_mapping
 
     if not isinstance(config, dict):
