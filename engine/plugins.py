@@ -222,6 +222,8 @@ def import_in_worker(records: Iterable[dict]) -> None:
                                   "let poisonsweep start or join Ray so it ships the plugin with the job") from None
             module = _import_path(name.split(".")[0], Path(path), record["origin"])
             module = importlib.import_module(name)
+        except Exception as error:  # the plugin itself raised: the trial records why
+            raise PluginError(f"plugin {record['origin']!r} failed to import on this node: {_one_line(error)}") from None
         found = source_hash(_shipped_path(module))
         if found != expected:
             raise PluginError(f"plugin {record['origin']!r} on this node has source hash {found or '(no file)'}, the "

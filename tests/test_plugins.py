@@ -171,6 +171,10 @@ def test_a_worker_imports_the_shipped_copy_and_refuses_a_different_one(tmp_path,
     (shipped / "psp_worker.py").write_text(plugin.read_text() + "# another copy\n")
     with pytest.raises(PluginError, match="has source hash .*, the driver's has " + record["sha256"]):
         import_in_worker([record])
+    (shipped / "psp_worker.py").write_text("raise OSError('no GPU driver')\n")
+    del sys.modules["psp_worker"]
+    with pytest.raises(PluginError, match="failed to import on this node: OSError: no GPU driver"):
+        import_in_worker([record])
     with pytest.raises(PluginError, match="is not importable on this node"):
         import_in_worker([{**record, "module": "psp_nowhere", "path": str(tmp_path / "gone.py")}])
 
