@@ -158,6 +158,20 @@ def test_code_version_covers_each_plugins_source(tmp_path):
     assert sys.modules["psp_hash"].__file__ == str(plugin)
 
 
+def test_a_record_from_before_the_plugins_column_reads_as_no_plugins(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from poisonsweep.engine.resume import damaged_files
+
+    (tmp_path / "trials").mkdir()
+    pq.write_table(pa.table({"trial_id": ["old"], "status": ["ok"], "code_version": ["0.1.0+src.abc"]}),
+                   tmp_path / "trials" / "old.parquet")
+    assert damaged_files(str(tmp_path)) == []
+    trials = poisonsweep.load(str(tmp_path), ["trials"], as_pandas=True)["trials"]
+    assert trials.plugins.isna().all() and list(trials.trial_id) == ["old"]
+
+
 def test_a_worker_imports_the_shipped_copy_and_refuses_a_different_one(tmp_path, monkeypatch):
     plugin = write_detector_plugin(tmp_path / "psp_worker.py", "psp_worker_detector")
     [record] = [p.record() for p in load_plugins([str(plugin)])]
