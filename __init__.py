@@ -17,7 +17,8 @@ names it in its config (``plugins: [my_methods.py]``; see ``examples/plugin/``):
     def my_detector(context: DetectionContext, *, seed: int, fraction: float = 0.1) -> Detection:
         ...
 
-- ``DATASETS``: ``fn(*, root, n_train, n_test, seed) -> Dataset`` (``register(name, num_classes=K)``).
+- ``DATASETS``: ``fn(*, root, n_train, n_test, seed) -> Dataset`` (``register(name, num_classes=K)``;
+  ``as_dataset`` turns arrays into one, with seeded class-stratified ``n_train`` / ``n_test`` subsets).
 - ``POISONS``: ``fn(data: Dataset, *, rate, seed, **params) -> PoisonedData`` (``eligible=``: how many
   samples it may poison, so an impossible rate fails before any trial).
 - ``MODELS``: ``fn(in_shape, num_classes, **params) -> SplitModel`` (``features`` then a linear ``head``).
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time each name is imp
     # ruff: noqa: F401
     from poisonsweep.engine.api import load, report, run, run_trial
     from poisonsweep.tasks.data import DATASETS, Dataset
+    from poisonsweep.tasks.data.base import as_dataset
     from poisonsweep.tasks.detect import DETECTORS, Detection, DetectionContext, flag_top
     from poisonsweep.tasks.models import MODELS, SplitModel
     from poisonsweep.tasks.poisons import POISONS, PoisonedData
@@ -52,7 +54,7 @@ _REGISTRY = "poisonsweep.tasks.registry"
 _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "report": "poisonsweep.engine.api",
         "run_trial": "poisonsweep.engine.api", "ConfigError": _REGISTRY,
         # the plugin API: the registries (their modules register our own entries on import) and the types
-        "DATASETS": "poisonsweep.tasks.data", "Dataset": "poisonsweep.tasks.data",
+        "DATASETS": "poisonsweep.tasks.data", "Dataset": "poisonsweep.tasks.data", "as_dataset": "poisonsweep.tasks.data.base",
         "POISONS": "poisonsweep.tasks.poisons", "PoisonedData": "poisonsweep.tasks.poisons",
         "MODELS": "poisonsweep.tasks.models", "SplitModel": "poisonsweep.tasks.models",
         "DETECTORS": "poisonsweep.tasks.detect", "Detection": "poisonsweep.tasks.detect",

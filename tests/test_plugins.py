@@ -304,14 +304,14 @@ def test_the_example_plugin_runs_a_sweep_through_the_cli_from_outside_the_reposi
     shutil.copy(EXAMPLE / "my_methods.py", plugin)
     raw = yaml.safe_load((EXAMPLE / "digits_plugin.yaml").read_text())
     assert raw["plugins"] == ["my_methods.py"]
-    raw.update(data={"name": "digits", "n_train": 300, "n_test": 100}, sweep={"seed": [0]})  # one trial
+    raw.update(data={"name": "digits", "n_train": 300, "n_test": 100}, sweep={"data.name": ["digits", "digits_4x4"]})
     config = home / "digits_plugin.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
 
     listed = cli("list", "-c", str(config), cwd=cwd)
     assert listed.returncode == 0, listed.stdout + listed.stderr
-    for name in ("margin", "to_target", "tanh_mlp"):
+    for name in ("digits_4x4", "margin", "to_target", "tanh_mlp"):
         line = next(line for line in listed.stdout.splitlines() if f"│{name} " in line)
         following = listed.stdout.splitlines()[listed.stdout.splitlines().index(line) + 1]
         assert "(plugin" in following, listed.stdout
@@ -320,27 +320,29 @@ def test_the_example_plugin_runs_a_sweep_through_the_cli_from_outside_the_reposi
 
     first = cli("run", str(config), "--out", str(out), cwd=cwd)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "1 trials run" in first.stdout
-    trials = pd.read_parquet(out / "trials")
-    assert list(trials.status) == ["ok"], trials.error.tolist()
+    assert "2 trials run" in first.stdout
+    trials = pd.read_parquet(out / "trials").sort_values("data_name")
+    assert list(trials.status) == ["ok", "ok"], trials.error.tolist()
+    assert list(trials.data_name) == ["digits", "digits_4x4"]  # the plugin's dataset beside ours
     assert (trials.poison_method == "to_target").all() and (trials.model_name == "tanh_mlp").all()
-    assert trials.n_poisoned.tolist() == [30]
+    assert trials.n_poisoned.tolist() == [30, 30] and trials.n_train.tolist() == [300, 300]
     [recorded] = json.loads(trials.plugins.iloc[0])
     assert recorded["module"] == "my_methods" and recorded["path"] == str(plugin)
     assert recorded["sha256"] == source_hash(plugin) and ".plugins." in trials.code_version.iloc[0]
     detections = pd.read_parquet(out / "detections")
-    assert sorted(detections.detector) == ["loss", "margin"]
-    margin = detections[detections.detector == "margin"].iloc[0]
-    assert margin.n_flagged == 30 and margin.auroc > 0.8  # a planted flip: the trained model disagrees with it
+    assert sorted(detections.detector) == ["loss", "loss", "margin", "margin"]
+    margin = detections[detections.detector == "margin"].merge(trials[["trial_id", "data_name"]])
+    assert (margin.n_flagged == 30).all()
+    assert margin[margin.data_name == "digits"].auroc.iloc[0] > 0.8  # a planted flip the trained model disagrees with
     scores = pd.read_parquet(out / "scores")
     mine = scores[scores.detector == "margin"]
-    assert len(mine) == 300 and mine.is_poison.sum() == 30 and mine.flagged.sum() == 30
+    assert len(mine) == 600 and mine.is_poison.sum() == 60 and mine.flagged.sum() == 60
     assert mine.score.between(-1, 1).all()  # a difference of two probabilities
 
     plugin.write_text(plugin.read_text() + "\n# tuned the margin\n")
     again = cli("run", str(config), "--out", str(out), cwd=cwd)  # --rerun failed: kept, but reported stale
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "1 ok trial(s) were recorded by other code versions" in again.stdout and "0 trials run" in again.stdout
+    assert "2 ok trial(s) were recorded by other code versions" in again.stdout and "0 trials run" in again.stdout
     sweep = load_sweep(config)
     version = code_version(sweep.plugins)
     assert version != trials.code_version.iloc[0]

@@ -1,4 +1,4 @@
-"""A poisonsweep plugin: one detector, one poison and one model, in a plain Python module.
+"""A poisonsweep plugin: a dataset, a poison, a model and a detector, in a plain Python module.
 
 Name it in a sweep config (``plugins: [my_methods.py]``, relative to the config file) and its entries are
 checked, listed (``poisonsweep list -c digits_plugin.yaml``) and run like the built-in ones, on every Ray
@@ -14,8 +14,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from poisonsweep import (DETECTORS, MODELS, POISONS, Dataset, Detection, DetectionContext, Interval, PoisonedData,
-                         SplitModel, flag_top)
+from poisonsweep import (DATASETS, DETECTORS, MODELS, POISONS, Dataset, Detection, DetectionContext, Interval,
+                         PoisonedData, SplitModel, as_dataset, flag_top)
+
+
+@DATASETS.register("digits_4x4", num_classes=10)
+def digits_4x4(*, root: str | None, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
+    """scikit-learn's 8x8 digits average-pooled to 4x4: any arrays become a dataset through ``as_dataset``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    pooled = (bunch.images / 16.0).reshape(-1, 4, 2, 4, 2).mean(axis=(2, 4))[:, None]  # (n, 1, 4, 4) in [0, 1]
+    x_train, x_test, y_train, y_test = train_test_split(pooled, bunch.target, test_size=0.25, stratify=bunch.target,
+                                                        random_state=0)
+    # as_dataset: seeded class-stratified subsets of n_train / n_test, float32 tensors, int64 labels
+    return as_dataset("digits_4x4", x_train, y_train, x_test, y_test, 10, n_train, n_test, seed)
 
 
 @DETECTORS.register("margin", {"flag_fraction": [Interval(Real, 0, 1)]})
