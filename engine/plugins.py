@@ -107,7 +107,7 @@ def _looks_like_path(spec: str) -> bool:
 def _load_spec(spec: str, base_dir: Path) -> Plugin:
     if not _looks_like_path(spec):
         return _remember(_import_named(spec, spec), spec)
-    path = (base_dir / spec).expanduser().resolve()
+    path = (base_dir / Path(spec).expanduser()).resolve()  # an absolute (or ~) path ignores base_dir
     if not path.exists():
         raise PluginError(f"plugin {spec!r}: {path} does not exist (a plugin path is relative to the config file)")
     if path.is_dir() and not (path / "__init__.py").is_file():
