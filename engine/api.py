@@ -17,7 +17,7 @@ import pyarrow as pa
 from poisonsweep.engine.lease import OutputBusy
 from poisonsweep.tasks.registry import ConfigError
 
-__all__ = ["OutputBusy", "load", "load_config", "repair", "report", "run", "run_trial"]
+__all__ = ["OutputBusy", "explain", "load", "load_config", "plan", "repair", "report", "run", "run_trial"]
 
 
 def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
@@ -53,6 +53,8 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
     if rerun not in RERUN_CHOICES:
         raise ConfigError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
     sweep = load_config(config, overrides, out=out, data_root=data_root)
+    for warning in sweep.override_warnings:  # as `plan` shows them
+        echo(f"warning: {warning}")
     check_data(sweep)
     check_writable(sweep.out)
     with run_guard(sweep.out, echo):  # a file lock (local directory) or a lease (object store): one run per output
@@ -237,3 +239,23 @@ def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index
         raise ConfigError(f"index {index} is not a trial of this sweep: it has {len(sweep.trials)} (0 to "
                           f"{len(sweep.trials) - 1})")
     return run_one(sweep.trials[index], log=log)
+
+
+def plan(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None, n: int = 5):
+    """What ``run`` would run, without Ray and without loading data: a
+    ``poisonsweep.engine.plan.SweepPlan`` (trial count, grid axes, the first ``n`` trials with their swept
+    values, and a warning for each ``--set`` override that removed or narrowed an axis). The config is
+    checked as ``run`` checks it; a problem raises ``ConfigError``."""
+    from poisonsweep.engine.plan import sweep_plan
+
+    if n < 0:
+        raise ConfigError(f"n must be 0 or more trials to show; got {n}")
+    return sweep_plan(load_config(config, overrides, out=out), n)
+
+
+def explain(metric: str | None = None) -> str:
+    """What a column or figure of the summary and report means (``poisonsweep explain METRIC``); without
+    ``metric``, the whole glossary. An unknown name raises ``ConfigError`` listing the known ones."""
+    from poisonsweep.engine.explain import explain as explain_text
+
+    return explain_text(metric)

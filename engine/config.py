@@ -50,6 +50,7 @@ class Sweep:
     resources: dict = field(default_factory=lambda: dict(RESOURCE_DEFAULTS))
     grid: dict[str, list] = field(default_factory=dict)
     plugins: list = field(default_factory=list)  # poisonsweep.engine.plugins.Plugin: imported, shipped with the job
+    override_warnings: list[str] = field(default_factory=list)  # --set that removed or narrowed an axis
     _ids: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -236,10 +237,37 @@ def sweep_from_mapping(raw: dict, overrides: Iterable[str] = (), *, data_root: s
                        base_dir: str | Path = ".") -> Sweep:
     """``build_sweep`` of a config mapping (left unchanged) with ``--set`` overrides and ``--data-root`` applied;
     its ``plugins:`` paths are relative to ``base_dir`` (the config file's folder)."""
-    raw = apply_overrides(raw, list(overrides))
+    overridden = apply_overrides(raw, list(overrides))
     if data_root is not None:
-        set_dotted(raw, "data.root", data_root)  # a `data` that is not a mapping is reported by build_sweep
-    return build_sweep(raw, default_name=default_name, out=out, source=source, base_dir=base_dir)
+        set_dotted(overridden, "data.root", data_root)  # a `data` that is not a mapping is reported by build_sweep
+    sweep = build_sweep(overridden, default_name=default_name, out=out, source=source, base_dir=base_dir)
+    sweep.override_warnings = axis_changes(raw.get("sweep"), overridden.get("sweep"), list(overrides))
+    return sweep
+
+
+def _axes(grid) -> dict[str, list]:
+    return {k: v for k, v in grid.items() if isinstance(v, list)} if isinstance(grid, dict) else {}
+
+
+def axis_changes(before, after, overrides: list[str]) -> list[str]:
+    """One warning per grid axis that ``overrides`` removed (a plain ``--set`` of a swept key, or of a
+    key inside a swept section) or narrowed (``--set sweep.key=[...]`` with fewer values)."""
+    before, after = _axes(before), _axes(after)
+    size = lambda grid: math.prod(len(v) for v in grid.values())  # noqa: E731
+    change = f"the grid goes from {size(before):,} to {size(after):,} points"
+    warnings = []
+    for key, values in before.items():
+        cause = next((text for text in overrides if _related(parse_override(text)[0], key)
+                      or parse_override(text)[0] == f"sweep.{key}"), "--set")
+        if key not in after:
+            paired = sorted({sub for v in values if isinstance(v, dict) for sub in v})
+            section = f" (a section sweeping {', '.join(f'{key}.{k}' for k in paired)} together)" if paired else ""
+            warnings.append(f"--set {cause} removes the sweep axis {key!r}{section}, {len(values)} values: {change}; "
+                            f"to keep the axis, set its values with --set 'sweep.{key}=[...]'")
+        elif len(after[key]) < len(values):
+            warnings.append(f"--set {cause} narrows the sweep axis {key!r} from {len(values)} to "
+                            f"{len(after[key])} values: {change}")
+    return warnings
 
 
 def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = None, source: str = "config",
@@ -328,10 +356,10 @@ def check_data(sweep: Sweep) -> None:
         if key in checked:  # seeds and models repeat these checks: 10,000 trials, a few distinct ones
             continue
         checked.add(key)
-        source = (data["name"], data["root"])
+        source = _source_key(data)
         if source not in loaded:
             try:
-                loaded[source] = load_dataset(data["name"], root=data["root"])
+                loaded[source] = load_dataset(data["name"], root=data["root"], params=data.get("params"))
             except Exception as error:  # missing or corrupt data: the loader's message says what to do
                 loaded[source] = None
                 errors.append(f"data.name {data['name']!r}: {error}")
@@ -356,5 +384,34 @@ def check_data(sweep: Sweep) -> None:
             message = f"poison.params: {error}"
         if message:
             errors.append(message)
+    errors += _model_errors(sweep, loaded)
     if errors:
         raise ConfigErrors(errors, f"sweep {sweep.name!r}")
+
+
+def _source_key(data: dict) -> str:
+    """What tells one dataset of a sweep from another (its subsets are cut from the same load)."""
+    return json.dumps([data["name"], data["root"], data.get("params")], sort_keys=True)
+
+
+def _model_errors(sweep: Sweep, loaded: dict) -> list[str]:
+    """Build each distinct model once for its data's image shape and classes, so that a model that cannot
+    take them (images too small for ``keras_cnn``, a torchvision model that needs 224 px or has no linear
+    head) is refused before any trial, not in every one."""
+    from poisonsweep.tasks.models import build_model
+
+    errors, built = [], set()
+    for trial in sweep.trials:
+        full, model = loaded.get(_source_key(trial["data"])), trial["model"]
+        key = json.dumps([model, None if full is None else full.in_shape, getattr(full, "num_classes", None)],
+                         sort_keys=True, default=str)
+        if full is None or key in built:
+            continue
+        built.add(key)
+        try:
+            build_model(model["name"], full.in_shape, full.num_classes, model["params"])
+        except (ValueError, RuntimeError, TypeError) as error:  # ConfigError is a ValueError
+            shape = "x".join(map(str, full.in_shape))
+            errors.append(f"model.name {model['name']!r} on {trial['data']['name']} ({shape} images): "
+                          f"{str(error).splitlines()[0]}")
+    return errors

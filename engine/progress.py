@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from ray.tune import Callback
+from poisonsweep.engine.text import printable
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def field_text(value: str) -> str:
+    """Text for a field of the bar (a trial's stage may name a detector's label, the user's text): made
+    printable (``engine.text``) and shown as written, not taken as rich markup."""
+    return escape(printable(value))
 
 
 class SweepProgress(Callback):
@@ -35,10 +43,13 @@ class SweepProgress(Callback):
         # Tune pickles its run config; the live bar (locks, the terminal) stays in the driver
         return {k: v for k, v in self.__dict__.items() if k not in ("bar", "task")}
 
-    def _refresh(self) -> None:
+    def _refresh(self, **fields) -> None:
+        """Redraw the counts, and any other ``fields`` of the bar (text is shown as :func:`field_text`)."""
         if "bar" not in self.__dict__:
             return
-        self.bar.update(self.task, completed=self.finished, running=len(self.running), failed=self.failed)
+        self.bar.update(self.task, completed=self.finished, running=len(self.running), failed=self.failed,
+                        **{name: field_text(value) if isinstance(value, str) else value
+                           for name, value in fields.items()})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)

@@ -10,6 +10,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from poisonsweep.engine.schema import TRIAL_DEFAULTS
+from poisonsweep.tasks.data import DATASETS, dataset_fingerprint
 from poisonsweep.tasks.detect.base import DETECTORS
 from poisonsweep.tasks.models import MODELS
 from poisonsweep.tasks.poisons import POISONS
@@ -42,7 +43,7 @@ def merge_defaults(config: dict) -> dict:
         else:
             merged[key] = plain_copy(value)
     merged["detectors"] = [normalise_detector(d) for d in (merged["detectors"] or [])]
-    for section in ("poison", "model"):
+    for section in ("data", "poison", "model"):
         merged[section]["params"] = merged[section].get("params") or {}
     return merged
 
@@ -63,8 +64,10 @@ def resolve(config: dict) -> dict:
     ``rate: 1`` and ``rate: 1.0`` are one trial. Expects a config that passed ``check_trial``."""
     config = plain_copy(config)
     config["poison"]["rate"] = float(config["poison"]["rate"])
-    for section, registry, key in (("poison", POISONS, "method"), ("model", MODELS, "name")):
+    for section, registry, key in (("data", DATASETS, "name"), ("poison", POISONS, "method"), ("model", MODELS, "name")):
         config[section]["params"] = _resolved_params(registry, config[section][key], config[section]["params"])
+    if fingerprint := dataset_fingerprint(config["data"]["name"], config["data"]["params"]):
+        config["data"]["fingerprint"] = fingerprint  # the content of a user's file is part of the identity
     for detector in config["detectors"]:
         detector["params"] = _resolved_params(DETECTORS, detector["name"], detector["params"])
     for key, value in config["train"].items():
@@ -98,7 +101,9 @@ def identity(config: dict) -> dict:
     for section, key in NOT_IDENTITY:
         if isinstance(config.get(section), dict):
             config[section] = _without(config[section], key)
-    for section, registry, key in (("poison", POISONS, "method"), ("model", MODELS, "name")):
+    if isinstance(config.get("data"), dict) and not config["data"].get("params"):
+        config["data"] = _without(config["data"], "params")  # parameterless datasets keep their earlier ids
+    for section, registry, key in (("data", DATASETS, "name"), ("poison", POISONS, "method"), ("model", MODELS, "name")):
         if isinstance(config.get(section), dict) and config[section].get("params"):
             placed = _placement(registry, config[section].get(key))
             config[section] = {**config[section], "params": _without(config[section]["params"], *placed)}

@@ -19,7 +19,7 @@ from poisonsweep.tasks.train import TRAIN_CONSTRAINTS, TrainConfig
 
 TRIAL_DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "data": {"name": "digits", "n_train": None, "n_test": None, "seed": 0, "root": None},
+    "data": {"name": "digits", "n_train": None, "n_test": None, "seed": 0, "root": None, "params": {}},
     "poison": {"method": "one_shift", "rate": 0.1, "params": {}},
     "model": {"name": "keras_cnn", "params": {}},
     "train": asdict(TrainConfig()),
@@ -38,7 +38,7 @@ RESOURCE_CONSTRAINTS = {
     "pack": [Interval(Integral, 1)],
 }
 TOP_LEVEL_KEYS = {"name", "description", "out", "sweep", "resources", "plugins"} | set(TRIAL_DEFAULTS)
-SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root"}, "poison": {"method", "rate", "params"},
+SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root", "params"}, "poison": {"method", "rate", "params"},
                 "model": {"name", "params"}, "train": set(TRAIN_CONSTRAINTS)}
 DETECTOR_KEYS = {"name", "params", "label"}
 
@@ -76,7 +76,7 @@ def check_shape(config: dict) -> tuple[list[str], dict]:
             errors += detector_errors
         else:
             clean[key] = value
-    for section in ("poison", "model"):
+    for section in ("data", "poison", "model"):
         params = clean.get(section, {}).get("params")
         if params is not None and not isinstance(params, dict):
             errors.append(f"{section}.params must be a mapping of parameter names to values; got {params!r}")
@@ -130,7 +130,7 @@ def check_trial(config: dict) -> list[str]:
     if message := check_value("seed", config["seed"], SEED):
         errors.append(message)
     data, poison, model = config["data"], config["poison"], config["model"]
-    errors += _check_named(DATASETS, "data.name", data["name"])
+    errors += _check_entry(DATASETS, "data.name", data["name"], "data.params", data["params"])
     for key in ("n_train", "n_test"):
         if message := check_value(f"data.{key}", data[key], [NONE, Interval(Integral, 1)]):
             errors.append(message)
@@ -207,7 +207,15 @@ def _check_entry(registry, key: str, name: Any, params_key: str, params: Any) ->
         return errors
     if not isinstance(params, dict):
         return [f"{params_key} must be a mapping; got {params!r}"]
-    return registry.get(name).check_params(params_key, params)
+    return registry.get(name).check_params(params_key, params) + _missing_params(registry, name, params_key, params)
+
+
+def _missing_params(registry, name: str, params_key: str, params: dict) -> list[str]:
+    """A constrained parameter without a default (``arrays``' ``path``) that the config does not set."""
+    entry = registry.get(name)
+    required = [k for k in entry.constraints if k not in entry.defaults() and k not in params]
+    allowed = {k: " or ".join(c.describe() for c in entry.constraints[k]) for k in required}
+    return [f"{params_key}.{k} is required by {registry.kind} {name!r} ({allowed[k]})" for k in required]
 
 
 def _check_detectors(detectors: list) -> list[str]:

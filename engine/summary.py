@@ -27,9 +27,12 @@ def load(out: str, table: str) -> pd.DataFrame:
     return read_table(out, table).to_pandas()
 
 
-def setting_columns(trials: pd.DataFrame) -> list[str]:
+def setting_columns(trials: pd.DataFrame, plan: pd.DataFrame | None = None) -> list[str]:
     """``SETTING`` plus every other config column that takes more than one value within one
-    ``SETTING`` group (a column that only follows the poison method, like its resolved params, adds nothing)."""
+    ``SETTING`` group (a column that only follows the poison method, like its resolved params, adds nothing),
+    among the recorded ``trials`` and the trials the latest run planned (``plan``, see ``sink.read_plan``)."""
+    if plan is not None:
+        trials = pd.concat([trials, plan], ignore_index=True)
     if trials.empty:
         return list(SETTING)
     groups = trials.groupby(SETTING, dropna=False)
@@ -37,6 +40,49 @@ def setting_columns(trials: pd.DataFrame) -> list[str]:
                if name not in NOT_SETTING and name not in SETTING and name in trials
                and (groups[name].agg(_distinct) > 1).any()]
     return SETTING + varying
+
+
+def swept_columns(trials: pd.DataFrame, setting: list[str]) -> list[str]:
+    """The columns of ``setting`` that take more than one value among the ``trials`` (with the plan's):
+    what a setting's short label shows, the others being the same in every trial."""
+    return [column for column in setting if column in trials and _distinct(trials[column]) > 1]
+
+
+# a setting key's column header in a summary table (other keys: their config key, ``train.lr``)
+KEY_HEADERS = {"data_name": "data", "poison_method": "poison", "poison_rate": "rate"}
+# config sections whose keys are flattened to ``<section>_<key>`` columns (engine.resolve.config_columns)
+_SECTIONS = ("data", "poison", "model", "train")
+
+
+def config_key(column: str) -> str:
+    """The config key a config column holds: ``train_lr`` -> ``train.lr``, ``detectors`` -> ``detectors``."""
+    section, _, key = column.partition("_")
+    return f"{section}.{key}" if section in _SECTIONS and key else column
+
+
+def short_values(values: pd.Series) -> pd.Series:
+    """Each value as a short label: floats by ``:g``, unset as ``–``, and a column of JSON objects (the
+    ``*_params`` columns) by only the entries that differ between its values (``hidden=16``)."""
+    import json
+
+    def plain(value) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return "–"
+        if not isinstance(value, float):
+            return str(value)
+        short = f"{value:g}"  # 6 significant digits: where two values would read alike, all of them
+        return short if float(short) == value else repr(value)
+
+    try:
+        parsed = [json.loads(v) if isinstance(v, str) else None for v in values]
+    except ValueError:
+        parsed = []
+    if not parsed or not all(isinstance(p, dict) for p in parsed):
+        return values.map(plain)
+    entry = lambda value: plain(value) if isinstance(value, (int, float, str)) else json.dumps(value)  # noqa: E731
+    keys = sorted({k for p in parsed for k in p})
+    differing = [k for k in keys if len({entry(p.get(k)) for p in parsed}) > 1]
+    return pd.Series([" ".join(f"{k}={entry(p.get(k))}" for k in differing) for p in parsed], index=values.index)
 
 
 def _distinct(values: pd.Series) -> int:

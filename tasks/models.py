@@ -8,9 +8,35 @@ from numbers import Integral, Real
 import torch
 from torch import nn
 
-from poisonsweep.tasks.registry import Interval, Registry
+from poisonsweep.tasks import models_zoo
+from poisonsweep.tasks.registry import ConfigError, Entry, Interval, Registry
 
-MODELS = Registry("model")
+
+class ModelRegistry(Registry):
+    """The model registry, which also knows every ``torchvision:<name>`` (torchvision's classification models,
+    looked up when named, so that torchvision is imported only by a config that uses one)."""
+
+    def names(self) -> list[str]:
+        return super().names() + [models_zoo.TORCHVISION_PATTERN]
+
+    def __contains__(self, name: str) -> bool:
+        if isinstance(name, str) and name.startswith(models_zoo.TORCHVISION_PREFIX):
+            try:
+                models_zoo.torchvision_entry(name)
+            except ConfigError:
+                return False
+            return True
+        return super().__contains__(name)
+
+    def get(self, name: str) -> Entry:
+        if name == models_zoo.TORCHVISION_PATTERN:
+            return models_zoo.PATTERN_ENTRY  # what ``poisonsweep list`` shows; building it says to name a model
+        if isinstance(name, str) and name.startswith(models_zoo.TORCHVISION_PREFIX):
+            return models_zoo.torchvision_entry(name)
+        return super().get(name)
+
+
+MODELS = ModelRegistry("model")
 
 
 class SplitModel(nn.Module):
@@ -83,6 +109,9 @@ def resnet18(in_shape: tuple[int, int, int], num_classes: int) -> SplitModel:
     head = net.fc
     net.fc = nn.Identity()
     return SplitModel(_ResNetFeatures(net), head)
+
+
+MODELS.register("preact_resnet18")(models_zoo.preact_resnet18)
 
 
 def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int, params: dict | None = None,

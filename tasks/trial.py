@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import poisonsweep.tasks.detect  # noqa: F401  (registers the detectors)
-from poisonsweep.tasks.data import load_dataset
+from poisonsweep.tasks.data import check_fingerprint, load_dataset
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
 from poisonsweep.tasks.metrics import detection_metrics, poison_success
 from poisonsweep.tasks.models import build_model
@@ -106,9 +106,11 @@ def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: 
 
 
 def load_trial_data(data_cfg: dict):
-    """The dataset a trial's ``data`` section names (its subset drawn with the section's own seed)."""
+    """The dataset a trial's ``data`` section names (its subset drawn with the section's own seed), refused if a
+    user's file no longer has the content the sweep was checked with (its ``fingerprint``)."""
+    check_fingerprint(data_cfg["name"], data_cfg.get("params"), data_cfg.get("fingerprint"))
     return load_dataset(data_cfg["name"], root=data_cfg.get("root"), n_train=data_cfg.get("n_train"),
-                        n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0))
+                        n_test=data_cfg.get("n_test"), seed=data_cfg.get("seed", 0), params=data_cfg.get("params"))
 
 
 def prepare_trial(config: dict, *, artifact_dir: str | None = None, data=None,

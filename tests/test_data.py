@@ -143,7 +143,7 @@ def test_subset_larger_than_split_is_a_clear_config_error():
 
 
 def test_unknown_dataset_lists_the_names():
-    with pytest.raises(ConfigError, match="cifar10, digits, fashion_mnist, mnist"):
+    with pytest.raises(ConfigError, match="arrays, cifar10, cifar100, digits, fashion_mnist, gtsrb, image_folder, mnist, svhn"):
         load_dataset("imagenet")
 
 

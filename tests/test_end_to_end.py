@@ -2,6 +2,7 @@
 a rerun adds no rows; a trial that fails on its own is recorded and the sweep goes on."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -94,7 +95,9 @@ def test_show_prints_the_summary_from_the_tables(sweep_run):
     _, out, _ = sweep_run
     shown = poisonsweep("show", str(out))
     assert shown.returncode == 0
-    assert "digits one_shift 0.33" in shown.stdout and "spectral_signature" in shown.stdout
+    assert "settings differ in poison.rate, train.lr" in shown.stdout and "spectral_signature" in shown.stdout
+    assert "every trial: data.name digits, poison.method one_shift" in " ".join(shown.stdout.split())
+    assert re.search(r"^\W*0\.33\W+0\.01\b", shown.stdout, re.M)  # a setting's label: its swept values only
     assert "2 failed trial(s)" in shown.stdout and "TrainingDiverged" in shown.stdout
 
 

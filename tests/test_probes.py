@@ -48,7 +48,7 @@ def test_unknown_keys_at_every_level_and_bad_values_come_in_one_report(tmp_path)
                                   "poison": {"method": "one_shift", "rate": 2}})
     assert len(errors) == 3
     assert "colour is not a known top-level key" in errors[0]
-    assert "data.bogus is not known (allowed: n_test, n_train, name, root, seed); remove it" in errors[1]
+    assert "data.bogus is not known (allowed: n_test, n_train, name, params, root, seed); remove it" in errors[1]
     assert "poison.rate must be a number in [0, 1]; got 2" in errors[2]
 
 

@@ -66,7 +66,7 @@ def test_show_and_report_say_the_table_mixes_versions_and_print_labels_as_writte
     code, output = cli("report", out, "--out", tmp_path / "report")
     assert code == 0, output  # matplotlib does not parse the label as mathematics
     assert "mix 2 code versions" in (tmp_path / "report" / "report.md").read_text()
-    assert (tmp_path / "report" / "auroc_vs_rate.png").stat().st_size > 0
+    assert (tmp_path / "report" / "auroc.png").stat().st_size > 0
 
 
 def test_a_report_that_fails_half_way_leaves_no_half_written_folder(recorded, tmp_path, monkeypatch):
@@ -81,7 +81,7 @@ def test_a_report_that_fails_half_way_leaves_no_half_written_folder(recorded, tm
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(render, "figure_accuracy_vs_rate", crash)
+    monkeypatch.setattr(render, "figure_accuracy", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         report.write_report(out, target)
     assert sorted(p.name for p in target.iterdir()) == before  # the earlier report, untouched

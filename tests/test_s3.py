@@ -132,7 +132,8 @@ def test_a_sweep_writes_to_s3_resumes_and_is_reported(s3_env, tmp_path):
     assert "trials: 2 trial files" in cli("compact", out)
     assert "0 trials run, 2 already done" in cli("run", str(config), "--out", out)  # resume reads the compacted record
     shown = cli("show", out)
-    assert "digits one_shift 0.1" in shown, shown
+    assert "one setting; every trial: data.name digits, poison.method one_shift, poison.rate 0.1" in " ".join(
+        shown.split()), shown
     reported = cli("report", out, "--out", str(tmp_path / "report"))
     assert "2 trials recorded: 2 ok, 0 failed; 2 planned, 0 not yet recorded" in reported, reported
     trials = read_table(out, "trials", ["trial_id", "status", "seed"]).to_pandas()

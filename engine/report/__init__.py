@@ -13,8 +13,8 @@ Modules, imports flowing one way (``render`` at the top):
 The plan file (``sweep.json``) belongs to the record: :func:`engine.sink.write_plan`.
 """
 
-from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
-                                   figure_unlearning)
+from poisonsweep.engine.report.figures import (figure_accuracy, figure_auroc, figure_found_vs_checked,
+                                               figure_unlearning, swept_keys)
 from poisonsweep.engine.report.render import Report, default_report_dir, write_report
 from poisonsweep.engine.report.status import RecordError, RecordStatus, record_status
 from poisonsweep.engine.report.tables import (FRACTIONS_CHECKED, TOP_HARMFUL, detection_table, found_vs_checked_table,
@@ -22,6 +22,6 @@ from poisonsweep.engine.report.tables import (FRACTIONS_CHECKED, TOP_HARMFUL, de
 from poisonsweep.engine.sink import PLAN_FILE, read_plan, write_plan
 
 __all__ = ["FRACTIONS_CHECKED", "PLAN_FILE", "TOP_HARMFUL", "RecordError", "RecordStatus", "Report",
-           "default_report_dir", "detection_table", "figure_accuracy_vs_rate", "figure_auroc_vs_rate",
+           "default_report_dir", "detection_table", "figure_accuracy", "figure_auroc",
            "figure_found_vs_checked", "figure_unlearning", "found_vs_checked_table", "influence_table",
-           "markdown_table", "read_plan", "record_status", "unlearning_table", "write_plan", "write_report"]
+           "markdown_table", "read_plan", "record_status", "swept_keys", "unlearning_table", "write_plan", "write_report"]

@@ -1,5 +1,9 @@
-"""The report's summary figures: metric-vs-poison-rate panels, poisons found vs data checked, and
-unlearning repair vs identified fraction."""
+"""The report's summary figures: AUROC, clean accuracy and poison success against the keys the sweep
+varies (:func:`swept_keys`: lines against a number, bars by a category, a panel per value of the
+other swept keys), poisons found vs data checked, and unlearning repair vs identified fraction.
+
+User text (config values, detector names) is escaped (:func:`literal`), never read as mathematics;
+matplotlib's own tick labels (``10^{-1}`` on a log axis) are drawn as it means them."""
 
 from __future__ import annotations
 
@@ -31,6 +35,12 @@ def _new_figure(n_panels: int, ncols: int = 3, panel=(4.2, 3.3)):
     return figure, axes[:n_panels]
 
 
+def literal(text) -> str:
+    """User text (a config value, a detector's name) as matplotlib shows it literally: every ``$``
+    escaped, so ``$x$`` in a label is never read as mathematics (matplotlib's own tick labels still are)."""
+    return str(text).replace("$", r"\$")
+
+
 def _percent_axis(axis) -> None:
     from matplotlib.ticker import FuncFormatter
 
@@ -57,24 +67,118 @@ def _rate_span(rates) -> float:
     return (max(rates) - min(rates)) or (max(rates) or 1.0)
 
 
-def _rate_axis(ax, rates) -> None:
-    """Poison rates on x, ticks at the rates swept: log scale when they span more than a decade."""
+def _numeric_axis(ax, values, key: str) -> None:
+    """A swept number on x, ticks at the values swept: log scale when they span more than a decade;
+    poison rates as percentages."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    if _log_rates(rates):
-        if min(rates) > 0:
+    if _log_rates(values):
+        if min(values) > 0:
             ax.set_xscale("log")
-        else:  # linear near 0, logarithmic beyond the smallest positive rate
-            smallest = min(r for r in rates if r > 0)
+        else:  # linear near 0, logarithmic beyond the smallest positive value
+            smallest = min(r for r in values if r > 0)
             ax.set_xscale("symlog", linthresh=smallest, linscale=0.5)
-            ax.set_xlim(-0.4 * smallest, 1.3 * max(rates))
-    ax.xaxis.set_major_locator(FixedLocator(sorted(set(rates))))
+            ax.set_xlim(-0.4 * smallest, 1.3 * max(values))
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(values))))
     ax.xaxis.set_minor_locator(NullLocator())
-    if len(set(rates)) == 1:  # else autoscaling would zoom in onto the dodge offsets
-        rate = min(rates)
-        ax.set_xlim(rate - 0.5 * _rate_span(rates), rate + 0.5 * _rate_span(rates))
-    _percent_axis(ax.xaxis)
-    ax.set_xlabel("poison rate")
+    if len(set(values)) == 1:  # else autoscaling would zoom in onto the dodge offsets
+        value = min(values)
+        ax.set_xlim(value - 0.5 * _rate_span(values), value + 0.5 * _rate_span(values))
+    if key == "poison_rate":
+        _percent_axis(ax.xaxis)
+    else:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_xlabel(key_label(key))
+
+
+# ---------------------------------------------------------------------------------------------
+# what a summary figure plots against: the keys the sweep varies
+
+KEY_LABELS = {"data_name": "dataset", "poison_method": "poison method", "poison_rate": "poison rate",
+              "model_name": "model"}
+
+
+def key_label(key: str) -> str:
+    """A setting column as the config spells it (``train_lr`` -> ``train.lr``), or its plain name."""
+    return KEY_LABELS.get(key, key.replace("_", ".", 1))
+
+
+def swept_keys(frame: pd.DataFrame, setting: list[str]) -> list[str]:
+    """The setting columns that take more than one value in ``frame`` (the plan and the trials)."""
+    return [c for c in setting if c in frame and frame[c].astype(str).nunique() > 1]
+
+
+def _numeric(values: pd.Series) -> bool:
+    return (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+            and not values.isna().any())
+
+
+def x_key(frame: pd.DataFrame, swept: list[str]) -> str | None:
+    """The key on x: the poison rate if swept, else the first swept number, else the first swept key
+    (None when nothing is swept); the other swept keys make the panels."""
+    numbers = [c for c in swept if _numeric(frame[c])]
+    if "poison_rate" in numbers:
+        return "poison_rate"
+    return (numbers or swept or [None])[0]
+
+
+def against(frame: pd.DataFrame, swept: list[str]) -> str:
+    """How a figure's title names its x: ``vs poison rate`` (lines), ``by poison method`` (bars), or
+    ``(one setting)`` when the sweep varies nothing but seeds."""
+    x = x_key(frame, swept)
+    if x is None:
+        return "(one setting)"
+    return f"{'vs' if _numeric(frame[x]) else 'by'} {key_label(x)}"
+
+
+def _fixed_text(frame: pd.DataFrame, setting: list[str], swept: list[str]) -> str:
+    """The setting columns every row shares, as a title's tail: ``digits · one_shift · rate 33%``."""
+    fixed = []
+    for column in (c for c in setting if c not in swept and c in frame and len(frame)):
+        value = frame[column].iloc[0]
+        fixed.append(f"rate {_pct(value)}" if column == "poison_rate" else str(value) if column in summary.SETTING
+                     else f"{key_label(column)}={value}")
+    return " · ".join(fixed)
+
+
+def _panels(frame: pd.DataFrame, by: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """One panel per combination of ``by`` (the swept keys not on x), titled ``key=value, ...``."""
+    if not by:
+        return [("", frame)]
+    panels = []
+    for key, group in frame.groupby(by, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        values = [_pct(v) if c == "poison_rate" else v for c, v in zip(by, key)]
+        panels.append((", ".join(f"{key_label(c)}={v}" for c, v in zip(by, values)), group))
+    return panels
+
+
+def _plot_against(ax, x: str | None, curves: list[tuple], all_x: pd.Series) -> dict:
+    """``curves`` (name, rows, metric, color, marker) against ``x``: lines with error bars (mean ± std
+    over seeds) for a number, grouped bars for a category or when nothing is swept. Returns the legend handles."""
+    handles = {}
+    if x is not None and _numeric(all_x):
+        values = sorted(set(all_x))
+        for i, (name, rows, metric, color, marker) in enumerate(curves):
+            rows = rows.sort_values(x)
+            handles[name] = ax.errorbar(_dodge(rows[x], values, i, len(curves)), rows[f"{metric}_mean"],
+                                        yerr=rows[f"{metric}_std"].fillna(0), marker=marker, capsize=3, color=color)
+        _numeric_axis(ax, values, x)
+        return handles
+    categories = sorted(set(all_x.astype(str))) if x is not None else [""]
+    width = 0.8 / max(1, len(curves))
+    for i, (name, rows, metric, color, _) in enumerate(curves):
+        where = [categories.index(str(v)) for v in rows[x]] if x is not None else [0] * len(rows)
+        handles[name] = ax.bar(np.array(where) + (i - (len(curves) - 1) / 2) * width, rows[f"{metric}_mean"],
+                               width * 0.9, yerr=rows[f"{metric}_std"].fillna(0), capsize=3, color=color)
+    slanted = max(map(len, categories)) > 12  # long names (model params) would run into each other
+    ax.set_xticks(range(len(categories)), [literal(c) for c in categories], rotation=20 if slanted else 0,
+                  ha="right" if slanted else "center")
+    if x is not None:
+        ax.set_xlabel(key_label(x))
+    return handles
 
 
 def _colors(names) -> dict:
@@ -84,23 +188,11 @@ def _colors(names) -> dict:
     return {name: palette[i % len(palette)] for i, name in enumerate(sorted(names))}
 
 
-def _panel_groups(frame: pd.DataFrame, setting: list[str]) -> list[tuple[str, pd.DataFrame]]:
-    """Panels of the per-rate figures: one per dataset × poison method (× other swept columns)."""
-    by = [c for c in setting if c != "poison_rate"]
-    groups = []
-    for key, group in frame.groupby(by, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        extras = [f"{c}={v}" for c, v in zip(by[2:], key[2:])]
-        title = f"{key[0]} · {key[1]}" + ("\n" + ", ".join(extras) if extras else "")
-        groups.append((title, group))
-    return groups
-
-
 def _suptitle(figure, text: str) -> None:
     """The figure's title, wrapped to its width (about 9 characters per inch at this size)."""
     import textwrap
 
-    figure.suptitle(textwrap.fill(text, width=int(figure.get_figwidth() * 9)))
+    figure.suptitle(textwrap.fill(literal(text), width=int(figure.get_figwidth() * 9)))
 
 
 def _legend(figure, handles, labels) -> None:
@@ -109,7 +201,8 @@ def _legend(figure, handles, labels) -> None:
         widths = [0.8 + 0.09 * len(label) for label in labels]
         fits = sum(widths) <= figure.get_figwidth()
         ncols = len(labels) if fits else max(1, int(figure.get_figwidth() / max(widths)))
-        figure.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False)
+        figure.legend(handles, [literal(label) for label in labels], loc="outside lower center", ncols=ncols,
+                      frameon=False)
 
 
 def _save(figure, path: Path) -> Path:
@@ -117,48 +210,48 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def figure_auroc_vs_rate(table: pd.DataFrame, setting: list[str], path: Path) -> Path:
-    groups = _panel_groups(table, setting)
-    figure, axes = _new_figure(len(groups))
+def figure_auroc(table: pd.DataFrame, setting: list[str], swept: list[str], path: Path) -> Path:
+    """Detection AUROC against the swept key(s): one line (or bar) per detector, one panel per value of
+    the other swept keys."""
+    x = x_key(table, swept)
+    panels = _panels(table, [c for c in swept if c != x])
+    figure, axes = _new_figure(len(panels))
     colors = _colors(table["detector"].unique())
     legend = {}
-    for ax, (title, group) in zip(axes, groups):
-        detectors = sorted(group["detector"].unique())
-        for i, detector in enumerate(detectors):
-            rows = group[group["detector"] == detector].sort_values("poison_rate")
-            x = _dodge(rows["poison_rate"], group["poison_rate"], i, len(detectors))
-            legend[detector] = ax.errorbar(x, rows["auroc_mean"], yerr=rows["auroc_std"].fillna(0), marker="o",
-                                           capsize=3, color=colors[detector], label=detector)
+    for ax, (title, group) in zip(axes, panels):
+        curves = [(detector, rows, "auroc", colors[detector], "o") for detector, rows in group.groupby("detector")]
+        legend.update(_plot_against(ax, x, curves, table[x] if x else group["detector"]))
         legend.setdefault("chance (0.5)", ax.axhline(0.5, color="grey", linestyle="--", linewidth=1))
-        _rate_panel(ax, group["poison_rate"], "detection AUROC", title)
-    _suptitle(figure, "Detection AUROC vs poison rate (mean ± std over seeds)")
+        _metric_panel(ax, "detection AUROC", title)
+    _suptitle(figure, f"Detection AUROC {against(table, swept)}: {_fixed_text(table, setting, swept)} "
+                      "(mean ± std over seeds)")
     _legend(figure, list(legend.values()), list(legend))
     return _save(figure, path)
 
 
-def _rate_panel(ax, rates: pd.Series, ylabel: str, title: str) -> None:
-    """The shared frame of a metric-vs-poison-rate panel: [0, 1] values, one tick per rate."""
+def _metric_panel(ax, ylabel: str, title: str) -> None:
+    """The shared frame of a summary panel: [0, 1] values."""
     ax.set_ylim(0, 1.04)
-    _rate_axis(ax, rates)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(literal(title), fontsize=10)
     ax.grid(alpha=0.3)
 
 
-def figure_accuracy_vs_rate(table: pd.DataFrame, setting: list[str], path: Path) -> Path:
-    groups = _panel_groups(table, setting)
-    figure, axes = _new_figure(len(groups))
+def figure_accuracy(table: pd.DataFrame, setting: list[str], swept: list[str], path: Path) -> Path:
+    """Clean accuracy and poison success against the swept key(s), one panel per value of the others."""
+    x = x_key(table, swept)
+    panels = _panels(table, [c for c in swept if c != x])
+    figure, axes = _new_figure(len(panels))
     lines = {"clean test accuracy": ("clean_test_acc", "tab:blue", "o"),
              "poison success": ("poison_success", "tab:red", "s")}
     legend = {}
-    for ax, (title, group) in zip(axes, groups):
-        group = group.sort_values("poison_rate")
-        for name, (metric, color, marker) in lines.items():
-            legend[name] = ax.errorbar(group["poison_rate"], group[f"{metric}_mean"],
-                                       yerr=group[f"{metric}_std"].fillna(0), marker=marker, capsize=3, color=color)
-        _rate_panel(ax, group["poison_rate"], "share of test set", title)
+    for ax, (title, group) in zip(axes, panels):
+        curves = [(name, group, metric, color, marker) for name, (metric, color, marker) in lines.items()]
+        legend.update(_plot_against(ax, x, curves, table[x] if x else pd.Series([""])))
+        _metric_panel(ax, "share of test set", title)
         _percent_axis(ax.yaxis)
-    _suptitle(figure, "Clean accuracy and poison success vs poison rate (mean ± std over seeds)")
+    _suptitle(figure, f"Clean accuracy and poison success {against(table, swept)}: "
+                      f"{_fixed_text(table, setting, swept)} (mean ± std over seeds)")
     _legend(figure, list(legend.values()), list(legend))
     return _save(figure, path)
 
@@ -192,8 +285,8 @@ def figure_found_vs_checked(curves: pd.DataFrame, setting: list[str], title: str
         ax.set_ylabel("share of poisons found")
         extras = [f"{c}={v}" for c, v in zip(by[:-1], key[:-1])]
         seeds = int(panel["n"].max())
-        ax.set_title(f"rate {_pct(key[-1])}, {seeds} seed{'s' if seeds != 1 else ''}"
-                     + ("\n" + ", ".join(extras) if extras else ""), fontsize=10)
+        ax.set_title(literal(f"rate {_pct(key[-1])}, {seeds} seed{'s' if seeds != 1 else ''}"
+                             + ("\n" + ", ".join(extras) if extras else "")), fontsize=10)
         ax.grid(alpha=0.3)
     _suptitle(figure, f"Poisons found vs data checked, most suspicious first: {title} (mean ± std over seeds)")
     _legend(figure, list(legend.values()), list(legend))
@@ -232,7 +325,8 @@ def figure_unlearning(table: pd.DataFrame, title: str, path: Path) -> Path:
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if i == 0:
-                ax.set_title(SELECTION_TITLES.get(kind, "{selection} ({kind})").format(selection=selection, kind=kind),
+                ax.set_title(literal(SELECTION_TITLES.get(kind, "{selection} ({kind})").format(selection=selection,
+                                                                                                kind=kind)),
                              fontsize=10)
             else:
                 ax.set_xlabel(UNLEARNING_X.get(kind, "identified fraction"), fontsize=9)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from poisonsweep.engine.report.figures import _legend, _new_figure, _save, _suptitle
+from poisonsweep.engine.report.figures import _legend, _new_figure, _save, _suptitle, literal
 from poisonsweep.engine.report.samples import (flag_threshold, gallery_rows, read_scores, rebuild_images,
                                    rebuild_success_set, representative_trials, unlearning_examples)
 from poisonsweep.engine.report.tables import _setting_stem, _setting_title
@@ -71,7 +71,7 @@ def figure_score_histograms(scores: pd.DataFrame, title: str, path: Path) -> Pat
             legend["flag threshold (lowest flagged score)"] = ax.axvline(threshold, color=THRESHOLD_COLOR,
                                                                          linestyle="--", linewidth=1.2)
         n_flagged = int(rows["flagged"].sum())
-        ax.set_title(f"{detector}\n{n_flagged} flagged, {int(is_poison.sum())} poisons", fontsize=9)
+        ax.set_title(literal(f"{detector}\n{n_flagged} flagged, {int(is_poison.sum())} poisons"), fontsize=9)
         if log:
             ax.set_xscale("log")
         ax.set_xlabel("score (higher = more suspicious)" + (", log scale" if log else ""), fontsize=8)
@@ -112,7 +112,7 @@ def _strip(ax, images: list, captions: list[str], colors: list[str], widths: lis
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_ylabel(label, fontsize=7.5, rotation=0, ha="right", va="center")
+    ax.set_ylabel(literal(label), fontsize=7.5, rotation=0, ha="right", va="center")
 
 
 def _caption(row) -> str:

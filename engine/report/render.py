@@ -18,9 +18,10 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from poisonsweep.engine import summary
+from poisonsweep.engine.explain import ATTACK_MARGIN, GLOSSARY, attack_not_taken
 from poisonsweep.engine.report.galleries import MAX_SETTINGS, sample_figures, unlearning_example_figures
-from poisonsweep.engine.report.figures import (figure_accuracy_vs_rate, figure_auroc_vs_rate, figure_found_vs_checked,
-                                   figure_unlearning)
+from poisonsweep.engine.report.figures import (against, figure_accuracy, figure_auroc, figure_found_vs_checked,
+                                               figure_unlearning, swept_keys)
 from poisonsweep.engine.report.folder import write_report_folder
 from poisonsweep.engine.report.run import resolved_config, run_overview
 from poisonsweep.engine.report.status import RecordError, RecordStatus, _setting_columns, record_status
@@ -30,6 +31,7 @@ from poisonsweep.engine.report.tables import (
     unlearning_table,
 )
 from poisonsweep.engine.sink import PLAN_FILE, filesystem, masked, read_plan, uri_name
+from poisonsweep.engine.text import markdown_text
 
 # ---------------------------------------------------------------------------------------------
 # the report
@@ -76,8 +78,9 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
     ``directory`` must be new, empty or hold an earlier report of ours, outside the record's own folders
     (:mod:`engine.report.folder`; else ``ReportFolderError``, before anything is written). The report is
     built in a hidden folder inside it and its files moved into place at the end, so a crash never leaves
-    a half-written file (an earlier report stays as it was). Config text is shown as written: matplotlib
-    does not read ``$...$`` in a label as mathematics.
+    a half-written file (an earlier report stays as it was). Config text is shown as written: every ``$``
+    of user text in a figure is escaped (:func:`engine.report.figures.literal`), while matplotlib's own
+    tick labels (``10^{-1}`` on a log axis) are drawn as it means them.
 
     Parameters
     ----------
@@ -91,17 +94,11 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
     Report
         The paths written and the record's status.
     """
-    from matplotlib import rc_context
-
     plan = read_plan(out)
     _check_record(out, plan)
     final = Path(directory) if directory is not None else default_report_dir(out)
 
-    def write(staging: Path) -> Report:
-        with rc_context({"text.parse_math": False}):
-            return _write_report(out, plan, staging)
-
-    report = write_report_folder(final, out, write)
+    report = write_report_folder(final, out, lambda staging: _write_report(out, plan, staging))
     moved = lambda path: final / path.relative_to(report.directory)  # noqa: E731
     return Report(final, moved(report.html), moved(report.markdown), [moved(p) for p in report.tables],
                   [moved(p) for p in report.figures], report.status)
@@ -118,6 +115,8 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
     setting = _setting_columns(trials, plan)
     status = record_status(trials, plan, set(detection_rows["trial_id"]) | set(unlearning_rows["trial_id"]), setting)
     ok = trials[trials["status"] == "ok"]
+    # what the summary figures plot against: the setting columns the plan (or the record) varies
+    swept = swept_keys(pd.concat([trials] + ([plan] if plan is not None else []), ignore_index=True), setting)
     tables: list[Path] = []
     figures: list[Path] = []
     sections: list[tuple[str, str, object]] = []  # (heading, kind, payload): kind "md" table text or "png" path
@@ -140,10 +139,10 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
                   _display_stats(detections, setting, ["detector"], summary.DETECTION_METRICS
                                  + ["clean_test_acc", "poison_success"]),
                   "Mean ± std over seeds; n = seeds. Clean accuracy and poison success are the setting's.")
-            figure("Detection AUROC vs poison rate",
-                   figure_auroc_vs_rate(detections, setting, directory / "auroc_vs_rate.png"))
-        figure("Clean accuracy and poison success vs poison rate",
-               figure_accuracy_vs_rate(per_setting, setting, directory / "accuracy_vs_rate.png"))
+            figure(f"Detection AUROC {against(detections, swept)}",
+                   figure_auroc(detections, setting, swept, directory / "auroc.png"))
+        figure(f"Clean accuracy and poison success {against(per_setting, swept)}",
+               figure_accuracy(per_setting, setting, swept, directory / "accuracy.png"))
         _sample_sections(out, trials, setting, directory, table, figure)
         curves = found_vs_checked_table(out, trials, setting)
         if not curves.empty:
@@ -157,7 +156,8 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
         unlearning = unlearning_table(trials, unlearning_rows, setting)
         if not unlearning.empty:
             table("unlearning", "Unlearning", unlearning, _display_unlearning(unlearning, setting),
-                  "Mean ± std over seeds; 'min retain acc' is the worst seed, so a collapse stays visible.")
+                  "Mean ± std over seeds; 'min retain acc' is the worst seed, so a collapse stays visible."
+                  + _not_taken_note(ok, unlearning, setting))
             for key, part in unlearning.groupby(setting, dropna=False):
                 title = _setting_title(key, setting)
                 name = "unlearning_" + _setting_stem(key)
@@ -179,6 +179,21 @@ def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Repor
     page = directory / "report.html"
     page.write_text(_html(out, status, setting, sections, header))
     return Report(directory, page, markdown, tables, figures, status)
+
+
+def _not_taken_note(ok: pd.DataFrame, unlearning: pd.DataFrame, setting: list[str]) -> str:
+    """A sentence naming the unlearned settings whose attack did not take (:func:`engine.explain.attack_not_taken`)."""
+    unlearned = set(map(str, unlearning[setting].drop_duplicates().itertuples(index=False, name=None)))
+    named = []
+    for key, group in ok.groupby(setting, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        success, classes = group["poison_success"].mean(), group["num_classes"].max()
+        if str(key) in unlearned and attack_not_taken(success, classes):
+            named.append(f"{_setting_title(key, setting)} (poison success {success:.3f}, chance 1/{classes:.0f})")
+    if not named:
+        return ""
+    return (f" Attack did not take (poison success at most 1/K + {ATTACK_MARGIN:g}, see the glossary) in: "
+            + "; ".join(named) + ". Their unlearning rows are not meaningful: there was no attack to repair.")
 
 
 def _run_tables(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -221,19 +236,24 @@ def _status_tables(status: RecordStatus, setting: list[str]) -> list[tuple[str, 
 
 
 def _markdown(out: str, status: RecordStatus, setting: list[str], sections, header=()) -> str:
-    parts = [f"# Sweep report: {masked(out)}", "", *[f"- {line}" for line in status.lines()], ""]
+    md = markdown_text  # headings, notes and lines quote labels and paths: inert text
+    parts = [f"# Sweep report: {md(masked(out))}", "", *[f"- {md(line)}" for line in status.lines()], ""]
     for heading, frame in [*header, *_status_tables(status, setting)]:
-        parts += [f"## {heading}", "", markdown_table(frame), ""]
+        parts += [f"## {md(heading)}", "", markdown_table(frame), ""]
     if not sections:
         parts += ["No trial has finished ok yet: no tables or figures.", ""]
     for heading, kind, payload in sections:
-        parts += [f"## {heading}", ""]
+        parts += [f"## {md(heading)}", ""]
         if kind == "png":
-            parts += [f"![{heading}]({payload.name})", ""]
+            parts += [f"![{md(heading).replace('[', '(').replace(']', ')')}]({payload.name})", ""]
         else:
             note, _, text = payload
-            parts += ([note, ""] if note else []) + [text, ""]
-    return "\n".join(parts)
+            parts += ([md(note), ""] if note else []) + [text, ""]
+    parts += ["## Glossary", "", GLOSSARY_NOTE, ""] + [f"- **{title}**: {text}" for title, text in GLOSSARY.values()]
+    return "\n".join(parts) + "\n"
+
+
+GLOSSARY_NOTE = "What the columns mean (also `poisonsweep explain METRIC`)."
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -261,5 +281,8 @@ def _html(out: str, status: RecordStatus, setting: list[str], sections, header=(
             if note:
                 body.append(f'<p class="note">{e(note)}</p>')
             body.append(shown.to_html(index=False, escape=True, border=0))
+    body += ["<h2 id='glossary'>Glossary</h2>", f"<p class='note'>{e(GLOSSARY_NOTE)}</p>", "<dl>"]
+    body += [f"<dt><b>{e(title)}</b></dt><dd>{e(text)}</dd>" for title, text in GLOSSARY.values()]
+    body.append("</dl>")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Sweep report: {e(masked(out))}</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -129,15 +129,16 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
 def _data_key(config: dict) -> dict:
     data = config["data"]
     return {"name": data["name"], "n_train": data.get("n_train"), "n_test": data.get("n_test"),
-            "seed": data.get("seed", 0)}
+            "seed": data.get("seed", 0), "params": json.dumps(data.get("params") or {}, sort_keys=True)}
 
 
 @lru_cache(maxsize=2)
-def _dataset(name: str, n_train: int | None, n_test: int | None, seed: int):
-    """The trial's dataset, loaded once for all the settings that share it (poisons copy, never modify it)."""
+def _dataset(name: str, n_train: int | None, n_test: int | None, seed: int, params: str = "{}"):
+    """The trial's dataset, loaded once for all the settings that share it (poisons copy, never modify it);
+    ``params``: its ``data.params`` as JSON (hashable)."""
     from poisonsweep.tasks.data import load_dataset
 
-    return load_dataset(name, n_train=n_train, n_test=n_test, seed=seed)
+    return load_dataset(name, n_train=n_train, n_test=n_test, seed=seed, params=json.loads(params))
 
 
 @lru_cache(maxsize=2)

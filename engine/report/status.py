@@ -61,8 +61,7 @@ class RecordStatus:
 
 
 def _setting_columns(trials: pd.DataFrame, plan: pd.DataFrame | None) -> list[str]:
-    frames = [trials] + ([plan] if plan is not None else [])
-    return summary.setting_columns(pd.concat(frames, ignore_index=True))
+    return summary.setting_columns(trials, plan)
 
 
 def record_status(trials: pd.DataFrame, plan: pd.DataFrame | None, other_ids: set[str],

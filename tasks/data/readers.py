@@ -211,14 +211,15 @@ def read_mnist_pickle(path: Path | str) -> Arrays:
 CIFAR10_FILES = {**{f"data_batch_{i}": f"data_batch_{i}" for i in range(1, 6)}, "test_batch": "test_batch"}
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, label_key: bytes = b"labels", num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch (CIFAR-10: ``b'labels'``; CIFAR-100: ``b'fine_labels'``) as (n, 3, 32, 32) uint8."""
     batch = _unpickle(path, "bytes")
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DatasetFileError(path, "expected a dict with b'data' and b'labels' (CIFAR-10 python format)")
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise DatasetFileError(path, f"expected a dict with b'data' and {label_key!r} (CIFAR python format)")
     data = np.asarray(batch[b"data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DatasetFileError(path, f"b'data' must be uint8 of shape (n, 3072), got {data.dtype} {data.shape}")
-    labels = _checked_labels(path, np.asarray(batch[b"labels"]), 10)
+    labels = _checked_labels(path, np.asarray(batch[label_key]), num_classes)
     if len(labels) != len(data):
         raise DatasetFileError(path, f"{len(data)} images but {len(labels)} labels")
     # each 3072-row is the 1024 red, then green, then blue values of a 32x32 image, row-major
