@@ -157,9 +157,10 @@ def check_trial(config: dict) -> list[str]:
 
 
 def trial_check_errors(config: dict) -> list[str]:
-    """What the poison's, model's and detectors' own ``trial_check`` (registry metadata) find wrong with
+    """What the dataset's, poison's, model's and detectors' own ``trial_check`` (registry metadata) find wrong with
     their params given the rest of the trial (e.g. the influence detector's TracIn solver needs SGD)."""
-    entries = [(POISONS, config["poison"]["method"], "poison", config["poison"]["params"]),
+    entries = [(DATASETS, config["data"]["name"], "data", config["data"].get("params", {})),
+               (POISONS, config["poison"]["method"], "poison", config["poison"]["params"]),
                (MODELS, config["model"]["name"], "model", config["model"]["params"])]
     entries += [(DETECTORS, d["name"], f"detectors[{i}]", d["params"])
                 for i, d in enumerate(config["detectors"]) if d is not None]

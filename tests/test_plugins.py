@@ -224,6 +224,14 @@ def test_entries_declare_placement_and_trial_checks_for_ours_and_a_plugins_alike
     assert ids["cpu"] == ids["cuda"]  # where it computes is not what it computes
     with pytest.raises(ConfigError, match=r"detectors\[0\]: psp_meta needs train.optimizer: sgd"):
         build_sweep({**raw, "train": {"optimizer": "adam"}, "detectors": ["psp_meta"]}, base_dir=tmp_path)
+    @poisonsweep.DATASETS.register("psp_data", num_classes=10,
+                                   trial_check=lambda params, trial: "psp_data needs a CNN" if trial["model"]["name"]
+                                   == "mlp" else None)
+    def psp_data(*, root, n_train, n_test, seed):
+        """A dataset with a check across sections."""
+
+    with pytest.raises(ConfigError, match=r"data: psp_data needs a CNN"):
+        build_sweep({**TINY, "data": {"name": "psp_data"}})
     from poisonsweep.engine.resolve import identity
 
     @poisonsweep.UNLEARNERS.register("psp_unlearner", {"device": [Options(("cpu", "cuda"))], "steps": [Interval(int, 1)]},
