@@ -356,12 +356,12 @@ def list_registered(
 ):
     """List the datasets, poisons, models, detectors and unlearning methods a config can name; a plugin's
     entries (installed entry points, --config's plugins, --plugin) say which plugin they come from."""
-    from poisonsweep.engine.plugins import load_plugins, origin_of
+    from poisonsweep.engine.plugins import config_plugins, load_plugins, origin_of
 
     try:
         load_plugins(list(plugin))
         if config is not None:
-            _config_plugins(config)
+            config_plugins(config)
     except ConfigError as error:
         _fail(str(error))
     import poisonsweep.tasks.detect  # noqa: F401
@@ -388,18 +388,6 @@ def list_registered(
             table.add_row(escape(name) + (f"\n[dim](plugin {escape(origin)})[/]" if origin else ""), escape(params),
                           escape(entry.help))
         console.print(table)
-
-
-def _config_plugins(config: Path) -> None:
-    """Import the plugins a sweep config names (paths relative to it), without checking the rest of it."""
-    from poisonsweep.engine.config import ConfigErrors, read_yaml
-    from poisonsweep.engine.plugins import load_plugins
-
-    try:
-        raw = read_yaml(config.read_text())
-    except Exception as error:  # a missing file, bad YAML: the config cannot name plugins
-        raise ConfigErrors([f"cannot read it: {error}"], str(config)) from None
-    load_plugins((raw or {}).get("plugins") if isinstance(raw, dict) else None, config.parent)
 
 
 @app.command()

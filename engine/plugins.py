@@ -89,6 +89,18 @@ def load_plugins(specs, base_dir: str | Path = ".") -> list[Plugin]:
     return plugins
 
 
+def config_plugins(config: str | Path) -> list[Plugin]:
+    """Import the plugins a sweep config file names (paths relative to it), without checking the rest of it."""
+    from poisonsweep.engine.config import read_yaml
+
+    config = Path(config)
+    try:
+        raw = read_yaml(config.read_text())
+    except Exception as error:  # a missing file, bad YAML: the config cannot name plugins
+        raise PluginError(f"{config}: cannot read it: {_one_line(error)}") from None
+    return load_plugins(raw.get("plugins") if isinstance(raw, dict) else None, config.parent)
+
+
 def entry_point_plugins() -> list[Plugin]:
     """The installed packages' plugins (entry-point group ``poisonsweep.plugins``), imported."""
     plugins = []
