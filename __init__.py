@@ -9,6 +9,8 @@ The public Python API, for notebooks and scripts (the CLI is a thin layer over i
     rows = poisonsweep.run_trial(config)                   # one trial, no Ray
     print(*poisonsweep.plan("configs/quickstart.yaml").lines(), sep="\n")  # what run would run, no Ray
     print(poisonsweep.explain("recall_at_10"))             # what a metric means
+    side_by_side = poisonsweep.compare(["results/a", "results/b"])  # same settings, differences
+    latex = poisonsweep.export("results/quickstart", "latex")       # detector x setting table
 
 The plugin API: a plugin is a plain Python module that registers functions in the registries, and a sweep
 names it in its config (``plugins: [my_methods.py]``; see ``examples/plugin/``)::
@@ -44,6 +46,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # for type checkers and editors; at run time each name is imported on first use
     # ruff: noqa: F401
     from poisonsweep.engine.api import explain, load, plan, report, run, run_trial
+    from poisonsweep.engine.compare import compare
+    from poisonsweep.engine.export import export
     from poisonsweep.tasks.data import DATASETS, Dataset
     from poisonsweep.tasks.data.base import as_dataset
     from poisonsweep.tasks.detect import DETECTORS, Detection, DetectionContext, flag_top
@@ -55,7 +59,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time each name is imp
 _REGISTRY = "poisonsweep.tasks.registry"
 _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "report": "poisonsweep.engine.api",
         "run_trial": "poisonsweep.engine.api", "plan": "poisonsweep.engine.api", "explain": "poisonsweep.engine.api",
-        "ConfigError": _REGISTRY,
+        "ConfigError": _REGISTRY, "compare": "poisonsweep.engine.compare", "export": "poisonsweep.engine.export",
         # the plugin API: the registries (their modules register our own entries on import) and the types
         "DATASETS": "poisonsweep.tasks.data", "Dataset": "poisonsweep.tasks.data", "as_dataset": "poisonsweep.tasks.data.base",
         "POISONS": "poisonsweep.tasks.poisons", "PoisonedData": "poisonsweep.tasks.poisons",

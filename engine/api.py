@@ -36,14 +36,16 @@ def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out
 def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterable[str] = (),
         address: str | None = None, data_root: str | None = None, rerun: str = "failed", verbose: bool = False,
         reuse_actors: bool = True, echo: Callable[[str], None] = print,
-        progress: Callable[[int], ContextManager] | None = None, announce: Callable | None = None):
+        progress: Callable[[int], ContextManager] | None = None, announce: Callable | None = None,
+        mlflow: str | None = None):
     """Run every trial of the sweep not yet done in its output directory; return its ``SweepOutcome``.
 
     ``config``: a YAML path or a dict; ``out``: a directory or URI (default: the config's ``out``,
     else ``results/<name>``); ``rerun``: ``failed`` (default), ``stale`` or ``all``; ``echo``
     receives the notes the CLI prints (damaged files moved aside, stale trials); ``progress``, given
     the number of trials to run, returns a Tune callback that is also a context manager (the CLI's bar);
-    ``announce`` is called with the checked sweep before anything runs.
+    ``announce`` is called with the checked sweep before anything runs; ``mlflow``: a tracking URI, to log
+    one MLflow run per trial run (``poisonsweep.engine.tracking``; off by default).
     The outcome's ``out`` is where the tables are: read them with :func:`load`.
     """
     from poisonsweep.engine.config import check_data
@@ -57,13 +59,18 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
         echo(f"warning: {warning}")
     check_data(sweep)
     check_writable(sweep.out)
+    tracker = None
+    if mlflow:
+        from poisonsweep.engine.tracking import MlflowTracker
+
+        tracker = MlflowTracker(mlflow, sweep.out, sweep.name)  # a bad URI fails here, before any trial
     with run_guard(sweep.out, echo):  # a file lock (local directory) or a lease (object store): one run per output
         if announce is not None:
             announce(sweep)
-        return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress)
+        return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tracker)
 
 
-def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
+def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tracker=None):
     from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trial_versions, trials_to_run
     from poisonsweep.engine.sweep import run_sweep
 
@@ -83,10 +90,19 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress):
     # the files just moved aside send their trials back (and so does any table a trial lists but lacks)
     to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[path for path, *_ in quarantined])
     bar = progress(len(to_run)) if progress else contextlib.nullcontext()
-    with bar as callback, _unwritable_output_named(sweep.out):  # a resumed sweep's bar counts only what is left
+    from poisonsweep.engine.progress import RayWarningsKept
+    from poisonsweep.engine.sweep import TUNE_DIR
+
+    # a resumed sweep's bar counts only what is left; Ray's warnings go to a file unless --verbose
+    with bar as callback, _unwritable_output_named(sweep.out), \
+            RayWarningsKept(sweep.out, TUNE_DIR, enabled=not verbose) as kept:
         outcome = run_sweep(sweep, address=address, verbose=verbose, progress=callback,
-                            reuse_actors=reuse_actors, rerun=rerun, to_run=to_run, version=version)
-    outcome.out = sweep.out
+                            reuse_actors=reuse_actors, rerun=rerun, to_run=to_run, version=version,
+                            callbacks=[tracker] if tracker is not None else None)
+    outcome.out, outcome.ray_warnings, outcome.ray_log = sweep.out, kept.count, kept.path
+    if tracker is not None:
+        tracker.log_trials(to_run)  # also those recorded after Tune gave up on them (a worker that kept dying)
+        outcome.tracked = len(tracker.logged)
     return outcome
 
 

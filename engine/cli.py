@@ -54,6 +54,9 @@ def run(
     rerun: str = typer.Option("failed", "--rerun", help="Which recorded trials to run again: 'failed' (default: "
                               "every trial not done ok), 'stale' (also ok trials recorded by another code "
                               "version), 'all'."),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI (http://..., file:/path with "
+                                         "MLFLOW_ALLOW_FILE_STORE=true, databricks): one run per trial, its config as "
+                                         "params and its metrics; needs pip install \"poisonsweep[mlflow]\"."),
 ):
     """Run a sweep: every trial not yet recorded in the output directory, then print the summary."""
     from poisonsweep.engine import api
@@ -61,7 +64,7 @@ def run(
 
     try:
         outcome = api.run(config, out=out, overrides=set_, address=address, data_root=data_root, rerun=rerun,
-                          verbose=verbose, reuse_actors=reuse_actors,
+                          verbose=verbose, reuse_actors=reuse_actors, mlflow=mlflow,
                           echo=lambda note: console.print(escape(masked(note)), highlight=False),
                           progress=lambda total: SweepProgress(total, console),
                           announce=lambda sweep: console.print(f"sweep [bold]{escape(sweep.name)}[/]: "
@@ -75,6 +78,12 @@ def run(
                   + (f", {outcome.retried_after_error} attempt(s) retried after an error"
                      if outcome.retried_after_error else "")
                   + (f" in {outcome.seconds:.0f}s" if outcome.ran else ""))
+    if outcome.tracked:
+        console.print(escape(f"{outcome.tracked} trial(s) logged to MLflow at {masked(mlflow)}"), highlight=False)
+    if outcome.ray_warnings:
+        console.print(escape(f"{outcome.ray_warnings} Ray warning(s) kept off the screen: "
+                             + (f"{masked(outcome.ray_log)}; " if outcome.ray_log else "") + "--verbose shows them"),
+                      highlight=False)
     if outcome.output_error:  # the record may not even be readable now: no summary
         console.print(f"[bold red]error:[/] {escape(masked(outcome.output_error))}; {outcome.not_recorded} trial(s) "
                       "not recorded: they run again with the same command once the output can be written",
@@ -345,6 +354,89 @@ def compact(out: str = typer.Argument(..., help="A sweep's output directory (or 
                           f"{', '.join(done.written)}; {done.removed} files removed{kept}", highlight=False)
         else:
             console.print(f"{done.table}: nothing new to compact", highlight=False)
+
+
+@app.command()
+def compare(
+    outs: List[str] = typer.Argument(..., help="Two or more sweep output directories (or URIs); the first is the "
+                                     "baseline."),
+    metric: str = typer.Option("auroc", "--metric", "-m", help="Detection metric: auroc, precision_at_n, auprc, f1, "
+                               "recall_at_10, n_flagged."),
+):
+    """The same settings of several sweeps side by side: mean±std over seeds, and each later sweep's
+    difference from the first (± its standard error over seeds)."""
+    from poisonsweep.engine.compare import compare as compare_records
+
+    try:
+        with _damage_reported_all(outs):
+            result = compare_records(outs, metric)
+    except ConfigError as error:
+        _fail(str(error))
+    for label, out in zip(result.labels, result.records):
+        console.print(escape(f"{label}: {masked(out)}"), highlight=False)
+    for line in result.differences:
+        console.print(escape(f"  differ in {line}"), highlight=False)
+    _print_comparison(result)
+
+
+def _print_comparison(result) -> None:
+    from poisonsweep.engine.compare import TRIAL_METRICS, fmt_delta, setting_labels, varying_columns
+    from poisonsweep.engine.report.tables import METRIC_NAMES
+
+    later = result.labels[1:]
+    for title, frame, keys, metrics in (
+            ("Trials", result.trials, [], TRIAL_METRICS),
+            (f"Detectors: {METRIC_NAMES.get(result.metric, result.metric)}", result.detections, ["detector"],
+             [result.metric])):
+        for metric in metrics:
+            name = METRIC_NAMES.get(metric, metric)
+            table = _table(f"{title if title != 'Trials' else name} (mean±std over seeds; Δ ± standard error)",
+                           [f"setting ({' '.join(varying_columns(frame, result.setting))})", *keys, *result.labels,
+                            *[f"Δ {b}−{result.labels[0]}" for b in later]],
+                           left=1 + len(keys))
+            labels = setting_labels(frame, result.setting)
+            for label, (_, r) in zip(labels, frame.iterrows()):
+                cells = [summary.fmt(r[f"{a}_{metric}_mean"], r[f"{a}_{metric}_std"]) for a in result.labels]
+                deltas = [fmt_delta(r[f"delta_{b}_{metric}"], r[f"se_{b}_{metric}"]) for b in later]
+                table.add_row(escape(label), *[escape(str(r[k])) for k in keys], *cells, *deltas)
+            console.print(table)
+
+
+@contextlib.contextmanager
+def _damage_reported_all(outs: list[str]):
+    with contextlib.ExitStack() as stack:
+        for out in outs:
+            stack.enter_context(_damage_reported(out))
+        yield
+
+
+@app.command()
+def export(
+    out: str = typer.Argument(..., help="A sweep's output directory (or URI)."),
+    format_: str = typer.Option("latex", "--format", "-f", help="latex (booktabs tabular), csv or md."),
+    metric: str = typer.Option("auroc", "--metric", "-m", help="Detection metric: auroc, precision_at_n, auprc, f1, "
+                               "recall_at_10, n_flagged."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Write to this new file (never replaces one); default: "
+                                      "print."),
+):
+    """A detector x setting table of one metric (mean ± std over seeds), ready for a paper."""
+    from poisonsweep.engine.export import export as export_table
+
+    try:
+        with _damage_reported(out):
+            text = export_table(out, format_, metric)
+    except ConfigError as error:
+        _fail(str(error))
+    if to is None:
+        sys.stdout.write(text)
+        return
+    try:
+        fd = os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as error:
+        _fail(f"cannot create {str(to)!r}: {error.strerror or error} (export never replaces a file)")
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    console.print(escape(f"wrote {to}"), highlight=False)
 
 
 @app.command("list")

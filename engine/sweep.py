@@ -52,6 +52,9 @@ class SweepOutcome:
     unwritten: dict[str, str] = field(default_factory=dict)  # trial_id -> why its rows could not be written
     output_error: str = ""  # the output could not be written (one line: path and cause); the sweep stopped
     not_recorded: int = 0  # trials left to run again because of output_error
+    ray_warnings: int = 0  # Ray's own warnings kept off the screen (without --verbose) ...
+    ray_log: str | None = None  # ... and the file they were written to
+    tracked: int = 0  # trials logged to the experiment tracker (--mlflow)
 
 
 class PlanSearcher(Searcher):
@@ -78,6 +81,12 @@ class PlanSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # nothing to learn: the plan is fixed
+
+    def save(self, checkpoint_path: str) -> None:
+        pass  # nothing to save: resume reads the record (without this Tune warns "save not implemented")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
 
 
 class TrialLog(Callback):
@@ -256,14 +265,14 @@ def plan_units(pending: list[dict], pack: int) -> list[list[dict]]:
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
               reuse_actors: bool = True, rerun: str = "failed", to_run: list[str] | None = None,
-              version: str | None = None) -> SweepOutcome:
+              version: str | None = None, callbacks: list | None = None) -> SweepOutcome:
     """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``poisonsweep.engine.resume.trials_to_run``:
     ``rerun`` is ``failed``, ``stale`` or ``all``). A caller that has already worked out ``to_run`` (the
     trial ids) and the code ``version`` hands them over, so the record is not read again.
 
     ``reuse_actors`` keeps each trial process alive for the next trial of the same resources, so
     torch and the datasets are imported once per process rather than once per trial
-    (``benchmarks/RESULTS.md, section 3``).
+    (``benchmarks/RESULTS.md, section 3``). ``callbacks``: more Tune callbacks (a tracker, ``engine.tracking``).
     """
     import ray
     from ray import tune
@@ -296,13 +305,15 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     unit_ids = [[id_of[id(c)] for c in unit] for unit in units]
     plugins = [p.record() for p in sweep.plugins]  # each trial process imports them, from the shipped copy
     plan = [ray.put(units)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
+    # a live display's board for the trials' stages (engine.progress), else none: trials then post nothing
+    stages = [getattr(progress, "stage_board", lambda: None)()]
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources,
-                             plugins=plugins),
+                             plugins=plugins, stages=stages),
         trial_resources(sweep.resources),
     )
     log = TrialLog()
-    callbacks = [log] + ([progress] if progress is not None else [])
+    callbacks = [log] + ([progress] if progress is not None else []) + list(callbacks or [])
     name = f"{sweep.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def tuner(first: int, chunk: list[list[str]]):

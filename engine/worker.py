@@ -30,12 +30,14 @@ def _now() -> dt.datetime:
 
 
 def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", artifact_dir: str | None = None,
-                 attempt_error: str | None = None, where: dict | None = None, plugins: list[dict] = ()) -> dict:
+                 attempt_error: str | None = None, where: dict | None = None, on_stage=None,
+                 plugins: list[dict] = ()) -> dict:
     """Run one trial (unless ``attempt_error`` says it already failed) and write all its rows.
 
     A trial that raises is recorded with status ``failed`` and its error; nothing is re-raised,
-    so the sweep goes on. ``where`` (host, Ray node) defaults to this process's; ``plugins`` (their
-    ``Plugin.record`` dicts) are the sweep's, recorded in the row. Returns the ``trials`` row.
+    so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
+    ``trials`` row. ``on_stage`` (optional) hears the trial's stages (``run_trial``); ``plugins`` (their
+    ``Plugin.record`` dicts) are the sweep's, recorded in the row.
     """
     from poisonsweep.tasks.detect.base import serial_map
     from poisonsweep.tasks.trial import run_trial
@@ -43,8 +45,9 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
     started = _now()
     outcome = attempt_error
     if attempt_error is None:
+        stages = {"on_stage": on_stage} if on_stage is not None else {}
         try:
-            outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
+            outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir, **stages)
         except Exception as error:  # recorded, not lost: the summary shows it
             outcome = error
     return write_record(config, out, outcome, started=started, version=version, where=where, plugins=plugins)
@@ -125,10 +128,11 @@ def _plan_of(holder: list) -> list[dict]:
 
 
 def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict,
-                   plugins: list[dict] = ()) -> dict:
+                   stages: list | None = None, plugins: list[dict] = ()) -> dict:
     """The Ray Tune function trainable: import the sweep's ``plugins``, then run and record the plan's unit
     ``config["index"]`` (one trial, or a pack of them with ``resources.pack`` > 1), report a small summary.
-    A plugin that cannot be imported here, or whose source is not the driver's, fails the unit's trials."""
+    ``stages`` wraps the driver's stage board (``poisonsweep.engine.progress.StageBoard``) when a live display
+    watches. A plugin that cannot be imported here, or whose source is not the driver's, fails the unit's trials."""
     from poisonsweep.engine.plugins import PluginError, import_in_worker
 
     _set_threads(resources["cpu"])
@@ -143,15 +147,18 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
         if missing is not None:
             rows = [record_trial(c, out, version=version, attempt_error=missing, plugins=plugins) for c in unit]
         else:
-            with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir:
+            with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir, \
+                    stage_sender(stages, config.get("trial_id", ""), unit) as on_stage:
                 if resources["pack"] > 1:
                     from poisonsweep.engine.packs import record_pack
 
+                    if on_stage is not None:
+                        on_stage(f"pack of {len(unit)} trials")
                     rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir,
                                        plugins=plugins)
                 else:
                     rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir,
-                                         plugins=plugins)]
+                                         on_stage=on_stage, plugins=plugins)]
     except OutputError as error:  # the output cannot be written: no retry helps, the next run does
         from poisonsweep.engine.config import trial_id
 
@@ -160,6 +167,28 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
     failures = {row["trial_id"]: ((row.get("error") or "").strip().splitlines() or ["see the trials table"])[0]
                 for row in rows if row["status"] != "ok"}
     return {"trial_id": rows[0]["trial_id"], "members": len(rows), "failures": failures}
+
+
+def _stage_label(unit: list[dict]) -> str:
+    """What the display calls a running trial: its poison, rate and seed (a pack: its first member's)."""
+    first = unit[0]
+    return f"{first['poison']['method']} {first['poison']['rate']:g} seed {first['seed']}"
+
+
+@contextmanager
+def stage_sender(stages: list | None, key: str, unit: list[dict]):
+    """An ``on_stage`` that posts each stage, after the unit's ``_stage_label``, to the driver's board (a
+    fire-and-forget actor call, no wait), cleared when the trial ends; None when no display watches (then a
+    trial costs nothing more)."""
+    board = stages[0] if stages else None
+    if board is None:
+        yield None
+        return
+    prefix = f"{_stage_label(unit)}: "
+    try:
+        yield lambda stage: board.post.remote(key, prefix + stage)
+    finally:
+        board.clear.remote(key)
 
 
 @contextmanager

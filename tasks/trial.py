@@ -93,16 +93,30 @@ class PreparedTrial:
             self.lap("train_seconds")
 
 
+def _no_stage(stage: str) -> None:
+    pass
+
+
 def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
-              log: Callable[[str], None] = lambda message: None) -> TrialResult:
+              log: Callable[[str], None] = lambda message: None,
+              on_stage: Callable[[str], None] = _no_stage) -> TrialResult:
     """Run one fully resolved trial config (see ``poisonsweep.engine.config``) and return its rows.
 
     The rows carry no ``trial_id``; the caller adds it. Raises on any failure: the engine
-    records the trial as failed with the error text.
+    records the trial as failed with the error text. ``on_stage`` hears what the trial starts next
+    ("training epoch 3/20", "detector loss (2/3)", "unlearning"), for a live display.
     """
+    on_stage("loading and poisoning the data")
     trial = prepare_trial(config, artifact_dir=artifact_dir, log=log)
-    history = trial.train_alone(on_epoch=lambda e, loss, acc: log(f"epoch {e + 1}: loss {loss:.4f} acc {acc:.3f}"))
-    return finish_trial(trial, history, map_shards=map_shards, log=log)
+    epochs = trial.train_config.epochs
+    on_stage(f"training epoch 1/{epochs}")
+
+    def epoch_done(epoch: int, loss: float, acc: float) -> None:
+        log(f"epoch {epoch + 1}: loss {loss:.4f} acc {acc:.3f}")
+        on_stage(f"training epoch {epoch + 2}/{epochs}" if epoch + 1 < epochs else "evaluating")
+
+    history = trial.train_alone(on_epoch=epoch_done)
+    return finish_trial(trial, history, map_shards=map_shards, log=log, on_stage=on_stage)
 
 
 def load_trial_data(data_cfg: dict):
@@ -155,18 +169,20 @@ def recorded_warnings():
 
 
 def finish_trial(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable = serial_map,
-                 log: Callable[[str], None] = lambda message: None) -> TrialResult:
+                 log: Callable[[str], None] = lambda message: None,
+                 on_stage: Callable[[str], None] = _no_stage) -> TrialResult:
     """Evaluate the trained model, run the detectors and the unlearning, and return the rows; the
     ``TrialWarning``s raised meanwhile go into the ``trials`` row's ``warnings`` (None if none).
     Raises ``TrainingDiverged`` first when the training diverged (``check_not_diverged``)."""
     check_not_diverged(history.loss[-1], trial.data.num_classes)
     with recorded_warnings() as found:
-        result = _evaluate(trial, history, map_shards=map_shards, log=log)
+        result = _evaluate(trial, history, map_shards=map_shards, log=log, on_stage=on_stage)
     result.tables["trials"][0]["warnings"] = "\n".join(found)[:WARNINGS_MAX_CHARS] or None
     return result
 
 
-def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable, log: Callable) -> TrialResult:
+def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable, log: Callable,
+              on_stage: Callable[[str], None] = _no_stage) -> TrialResult:
     """``finish_trial``'s work: evaluate, detect, unlearn, build the rows."""
     config, data, poisoned, model = trial.config, trial.data, trial.poisoned, trial.model
     seed, model_cfg, train_config = config["seed"], config["model"], trial.train_config
@@ -182,8 +198,9 @@ def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callab
     )
     detections: dict[str, Detection] = {}
     tables: dict[str, list[dict]] = {"detections": [], "scores": [], "unlearning": []}
-    for detector in config["detectors"]:
+    for number, detector in enumerate(config["detectors"], 1):
         label = detector.get("label") or detector["name"]
+        on_stage(f"detector {label} ({number}/{len(config['detectors'])})")
         start = time.perf_counter()
         entry = DETECTORS.get(detector["name"])
         detection = entry.fn(context, seed=seed, **detector.get("params", {}))
@@ -202,6 +219,7 @@ def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callab
     if config.get("unlearn"):
         from poisonsweep.tasks.unlearn import run_unlearning
 
+        on_stage("unlearning")
         tables["unlearning"] = run_unlearning(
             model, poisoned, data.x_test, data.y_test, detections, config["unlearn"], train_config,
             trial.model_factory, seed,

@@ -14,6 +14,7 @@ import pandas as pd
 
 from poisonsweep.engine import summary
 from poisonsweep.engine.report.tables import _pct
+from poisonsweep.engine.text import printable
 
 DPI = 110
 
@@ -37,8 +38,9 @@ def _new_figure(n_panels: int, ncols: int = 3, panel=(4.2, 3.3)):
 
 def literal(text) -> str:
     """User text (a config value, a detector's name) as matplotlib shows it literally: every ``$``
-    escaped, so ``$x$`` in a label is never read as mathematics (matplotlib's own tick labels still are)."""
-    return str(text).replace("$", r"\$")
+    escaped, so ``$x$`` in a label is never read as mathematics (matplotlib's own tick labels still are), and
+    control characters shown as escapes (``printable``), as on the terminal."""
+    return printable(str(text), newlines=True).replace("$", r"\$")
 
 
 def _percent_axis(axis) -> None:
