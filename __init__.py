@@ -12,6 +12,28 @@ The public Python API, for notebooks and scripts (the CLI is a thin layer over i
     side_by_side = poisonsweep.compare(["results/a", "results/b"])  # same settings, differences
     latex = poisonsweep.export("results/quickstart", "latex")       # detector x setting table
 
+The plugin API: a plugin is a plain Python module that registers functions in the registries, and a sweep
+names it in its config (``plugins: [my_methods.py]``; see ``examples/plugin/``)::
+
+    from poisonsweep import DETECTORS, Detection, DetectionContext, Interval
+
+    @DETECTORS.register("my_detector", {"fraction": [Interval(float, 0, 1)]})
+    def my_detector(context: DetectionContext, *, seed: int, fraction: float = 0.1) -> Detection:
+        ...
+
+- ``DATASETS``: ``fn(*, root, n_train, n_test, seed) -> Dataset`` (``register(name, num_classes=K)``;
+  ``as_dataset`` turns arrays into one, with seeded class-stratified ``n_train`` / ``n_test`` subsets).
+- ``POISONS``: ``fn(data: Dataset, *, rate, seed, **params) -> PoisonedData`` (``eligible=``: how many
+  samples it may poison, so an impossible rate fails before any trial).
+- ``MODELS``: ``fn(in_shape, num_classes, **params) -> SplitModel`` (``features`` then a linear ``head``).
+- ``DETECTORS``: ``fn(context: DetectionContext, *, seed, **params) -> Detection`` (higher score = more
+  suspicious; never sees the truth).
+- ``UNLEARNERS``: unlearning methods, as ``poisonsweep.tasks.unlearn.methods`` defines them.
+
+Each ``register(name, constraints, help=..., *, needs=..., placement=..., rebuild=..., trial_check=...)``
+declares the parameters a config may set (``Interval``, ``Options``, ``OfType``...) and the entry's special
+cases (``poisonsweep.tasks.registry.Entry``); the engine reads only these, never an entry's name.
+
 Names are imported on first use, so ``import poisonsweep.tasks`` never pulls in Ray. A config problem
 raises ``poisonsweep.ConfigError`` before anything runs.
 """
@@ -19,13 +41,36 @@ raises ``poisonsweep.ConfigError`` before anything runs.
 from __future__ import annotations
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
-__all__ = ["ConfigError", "compare", "explain", "export", "load", "plan", "report", "run", "run_trial"]
+if TYPE_CHECKING:  # for type checkers and editors; at run time each name is imported on first use
+    # ruff: noqa: F401
+    from poisonsweep.engine.api import explain, load, plan, report, run, run_trial
+    from poisonsweep.engine.compare import compare
+    from poisonsweep.engine.export import export
+    from poisonsweep.tasks.data import DATASETS, Dataset
+    from poisonsweep.tasks.data.base import as_dataset
+    from poisonsweep.tasks.detect import DETECTORS, Detection, DetectionContext, flag_top
+    from poisonsweep.tasks.models import MODELS, SplitModel
+    from poisonsweep.tasks.poisons import POISONS, PoisonedData
+    from poisonsweep.tasks.registry import BOOL, NONE, STR, ConfigError, Interval, OfType, Options, TrialWarning
+    from poisonsweep.tasks.unlearn import UNLEARNERS
 
+_REGISTRY = "poisonsweep.tasks.registry"
 _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "report": "poisonsweep.engine.api",
         "run_trial": "poisonsweep.engine.api", "plan": "poisonsweep.engine.api", "explain": "poisonsweep.engine.api",
-        "ConfigError": "poisonsweep.tasks.registry",
-        "compare": "poisonsweep.engine.compare", "export": "poisonsweep.engine.export"}
+        "ConfigError": _REGISTRY, "compare": "poisonsweep.engine.compare", "export": "poisonsweep.engine.export",
+        # the plugin API: the registries (their modules register our own entries on import) and the types
+        "DATASETS": "poisonsweep.tasks.data", "Dataset": "poisonsweep.tasks.data", "as_dataset": "poisonsweep.tasks.data.base",
+        "POISONS": "poisonsweep.tasks.poisons", "PoisonedData": "poisonsweep.tasks.poisons",
+        "MODELS": "poisonsweep.tasks.models", "SplitModel": "poisonsweep.tasks.models",
+        "DETECTORS": "poisonsweep.tasks.detect", "Detection": "poisonsweep.tasks.detect",
+        "DetectionContext": "poisonsweep.tasks.detect", "flag_top": "poisonsweep.tasks.detect",
+        "UNLEARNERS": "poisonsweep.tasks.unlearn",
+        "Interval": _REGISTRY, "Options": _REGISTRY, "OfType": _REGISTRY, "BOOL": _REGISTRY, "NONE": _REGISTRY,
+        "STR": _REGISTRY, "TrialWarning": _REGISTRY}
+
+__all__ = sorted(_API)
 
 
 def __getattr__(name: str):

@@ -23,7 +23,8 @@ __all__ = ["OutputBusy", "explain", "load", "load_config", "plan", "repair", "re
 def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
                 data_root: str | None = None):
     """A validated ``poisonsweep.engine.config.Sweep`` from a YAML path or a dict in the same shape, with
-    ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied."""
+    ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied; its plugins imported first (``plugins:``
+    paths relative to the YAML file, or to the working directory for a dict)."""
     from poisonsweep.engine.config import load_sweep, sweep_from_mapping
 
     if not isinstance(config, dict):
@@ -77,7 +78,7 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tr
     for damaged, moved, problem in quarantined:
         echo(f"moved {damaged} ({problem}) to {moved}; its trial runs again")
     # the record is read and the code hashed once here, for the notes, the bar and the sweep alike
-    ids, version, versions = sweep.ids, code_version(), trial_versions(sweep.out)
+    ids, version, versions = sweep.ids, code_version(sweep.plugins), trial_versions(sweep.out)
     stale = stale_trials(sweep.out, ids, version, versions)
     if stale:
         listed = ", ".join(f"{v}: {n}" for v, n in stale.most_common())

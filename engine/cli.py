@@ -263,8 +263,22 @@ def export(
 
 
 @app.command("list")
-def list_registered():
-    """List the datasets, poisons, models, detectors and unlearning methods a config can name."""
+def list_registered(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Also list the entries of this sweep "
+                                          "config's plugins (its 'plugins:' key)."),
+    plugin: List[str] = typer.Option([], "--plugin", "-p", help="Also list this plugin's entries: an import name "
+                                     "or a path to a .py file or package folder. Repeatable."),
+):
+    """List the datasets, poisons, models, detectors and unlearning methods a config can name; a plugin's
+    entries (installed entry points, --config's plugins, --plugin) say which plugin they come from."""
+    from poisonsweep.engine.plugins import config_plugins, load_plugins, origin_of
+
+    try:
+        load_plugins(list(plugin))
+        if config is not None:
+            config_plugins(config)
+    except ConfigError as error:
+        _fail(str(error))
     import poisonsweep.tasks.detect  # noqa: F401
     from poisonsweep.tasks.data import DATASETS
     from poisonsweep.tasks.detect.base import DETECTORS
@@ -285,7 +299,9 @@ def list_registered():
             entry = registry.get(name)
             defaults = entry.defaults()
             params = ", ".join(f"{k}={defaults.get(k, '…')!r}" for k in entry.constraints)
-            table.add_row(name, escape(params), escape(entry.help))
+            origin = origin_of(entry.module)
+            table.add_row(escape(name) + (f"\n[dim](plugin {escape(origin)})[/]" if origin else ""), escape(params),
+                          escape(entry.help))
         console.print(table)
 
 

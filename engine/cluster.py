@@ -27,9 +27,12 @@ WORKER_ENV = {
 }
 
 
-def init_ray(address: str | None, verbose: bool) -> None:
+def init_ray(address: str | None, verbose: bool, py_modules: list[str] = ()) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``, set by ``ray job submit``), else start a private
-    local Ray. Never ``ray.init()`` bare: it would join whatever cluster ``ray start`` last ran here."""
+    local Ray. Never ``ray.init()`` bare: it would join whatever cluster ``ray start`` last ran here.
+    ``py_modules`` (plugin files and package folders) ship with the job to every node that runs a trial;
+    a Ray this process already joined keeps its job's environment (trials then import plugins from their
+    driver's paths, which works on this machine only)."""
     import ray
 
     if ray.is_initialized():
@@ -41,7 +44,13 @@ def init_ray(address: str | None, verbose: bool) -> None:
     local = {"_node_ip_address": "127.0.0.1"} if address == "local" else {}
     with loopback_node(address == "local"):
         ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=True,
-                 logging_level="INFO" if verbose else "WARNING", runtime_env={"env_vars": dict(WORKER_ENV)}, **local)
+                 logging_level="INFO" if verbose else "WARNING", runtime_env=job_runtime_env(py_modules), **local)
+
+
+def job_runtime_env(py_modules: list[str] = ()) -> dict:
+    """The job's Ray ``runtime_env``: ``WORKER_ENV`` and, when there are plugins, their files as ``py_modules``
+    (Ray uploads each once, content-addressed, and puts it first on every worker's ``sys.path``)."""
+    return {"env_vars": dict(WORKER_ENV), **({"py_modules": list(py_modules)} if py_modules else {})}
 
 
 @contextlib.contextmanager

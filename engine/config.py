@@ -50,6 +50,7 @@ class Sweep:
     trials: list[dict]  # fully resolved trial configs, one per grid point
     resources: dict = field(default_factory=lambda: dict(RESOURCE_DEFAULTS))
     grid: dict[str, list] = field(default_factory=dict)
+    plugins: list = field(default_factory=list)  # poisonsweep.engine.plugins.Plugin: imported, shipped with the job
     override_warnings: list[str] = field(default_factory=list)  # --set that removed or narrowed an axis
     _ids: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -228,16 +229,19 @@ def load_sweep(path: str | Path, overrides: list[str] = (), out: str | None = No
         raise ConfigErrors([f"not valid YAML: {error}"], str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigErrors(["the top level must be a mapping of keys to values"], str(path))
-    return sweep_from_mapping(raw, overrides, data_root=data_root, default_name=path.stem, out=out, source=str(path))
+    return sweep_from_mapping(raw, overrides, data_root=data_root, default_name=path.stem, out=out, source=str(path),
+                              base_dir=path.parent)
 
 
 def sweep_from_mapping(raw: dict, overrides: Iterable[str] = (), *, data_root: str | None = None,
-                       default_name: str = "sweep", out: str | None = None, source: str = "config") -> Sweep:
-    """``build_sweep`` of a config mapping (left unchanged) with ``--set`` overrides and ``--data-root`` applied."""
+                       default_name: str = "sweep", out: str | None = None, source: str = "config",
+                       base_dir: str | Path = ".") -> Sweep:
+    """``build_sweep`` of a config mapping (left unchanged) with ``--set`` overrides and ``--data-root`` applied;
+    its ``plugins:`` paths are relative to ``base_dir`` (the config file's folder)."""
     overridden = apply_overrides(raw, list(overrides))
     if data_root is not None:
         set_dotted(overridden, "data.root", data_root)  # a `data` that is not a mapping is reported by build_sweep
-    sweep = build_sweep(overridden, default_name=default_name, out=out, source=source)
+    sweep = build_sweep(overridden, default_name=default_name, out=out, source=source, base_dir=base_dir)
     sweep.override_warnings = axis_changes(raw.get("sweep"), overridden.get("sweep"), list(overrides))
     return sweep
 
@@ -267,8 +271,16 @@ def axis_changes(before, after, overrides: list[str]) -> list[str]:
     return warnings
 
 
-def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = None, source: str = "config") -> Sweep:
-    """Expand the grid and check everything in one pass: every problem of every trial is reported at once."""
+def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = None, source: str = "config",
+                base_dir: str | Path = ".") -> Sweep:
+    """Import the plugins (``plugins:``, then the rest is checked against their entries too), expand the grid
+    and check everything in one pass: every problem of every trial is reported at once."""
+    from poisonsweep.engine.plugins import PluginError, load_plugins
+
+    try:
+        plugins = load_plugins(raw.get("plugins"), base_dir)
+    except PluginError as error:  # the rest would only repeat it as unknown names
+        raise ConfigErrors([str(error)], source) from None
     errors = [f"{k} is not a known top-level key (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}); remove it"
               for k in raw if k not in TOP_LEVEL_KEYS]
     name = raw.get("name", default_name)
@@ -317,7 +329,7 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
     trials = [resolve(t) for t in trials]
     unique = {trial_id(t): t for t in trials}  # a grid that repeats a point runs it once
     return Sweep(name=name, out=out or raw.get("out") or f"results/{name}", trials=list(unique.values()),
-                 resources=resources, grid=grid, _ids=list(unique))
+                 resources=resources, grid=grid, plugins=plugins, _ids=list(unique))
 
 
 def grid_size_error(grid: dict[str, list]) -> str | None:

@@ -38,7 +38,7 @@ def plan_packs(trials: list[dict], size: int) -> list[list[dict]]:
 
 
 def record_pack(configs: list[dict], out: str, *, map_shards=None, version: str = "",
-                artifact_dir: str | None = None) -> list[dict]:
+                artifact_dir: str | None = None, plugins: list[dict] = ()) -> list[dict]:
     """Run ``configs`` as one pack and write each member's rows under its own ``trial_id``; returns
     the members' ``trials`` rows. A member that fails is recorded as failed; the others go on."""
     from poisonsweep.tasks.detect.base import serial_map
@@ -53,5 +53,5 @@ def record_pack(configs: list[dict], out: str, *, map_shards=None, version: str 
     for config, outcome in zip(configs, outcomes):
         if len(configs) == 1 and not isinstance(outcome, BaseException):
             outcome.tables["trials"][0]["pack_note"] = ALONE
-        rows.append(write_record(config, out, outcome, started=started, version=version))
+        rows.append(write_record(config, out, outcome, started=started, version=version, plugins=plugins))
     return rows

@@ -103,17 +103,32 @@ def identity(config: dict) -> dict:
             config[section] = _without(config[section], key)
     if isinstance(config.get("data"), dict) and not config["data"].get("params"):
         config["data"] = _without(config["data"], "params")  # parameterless datasets keep their earlier ids
-    for section in ("poison", "model"):  # where a poison or detector computes, not what
+    for section, registry, key in (("data", DATASETS, "name"), ("poison", POISONS, "method"), ("model", MODELS, "name")):
         if isinstance(config.get(section), dict) and config[section].get("params"):
-            config[section] = {**config[section], "params": _without(config[section]["params"], "device")}
+            placed = _placement(registry, config[section].get(key))
+            config[section] = {**config[section], "params": _without(config[section]["params"], *placed)}
     if config.get("detectors"):
-        config["detectors"] = [{**d, "params": _without(d["params"], "device")} if d.get("params") else d
-                               for d in config["detectors"]]
+        config["detectors"] = [{**d, "params": _without(d["params"], *_placement(DETECTORS, d.get("name")))}
+                               if d.get("params") else d for d in config["detectors"]]
+    unlearn = config.get("unlearn")
+    if isinstance(unlearn, dict) and isinstance(unlearn.get("methods"), list):
+        from poisonsweep.tasks.unlearn import UNLEARNERS
+
+        methods = [{**m, "params": _without(m["params"], *_placement(UNLEARNERS, m.get("name")))}
+                   if isinstance(m, dict) and isinstance(m.get("params"), dict) else m for m in unlearn["methods"]]
+        if methods != unlearn["methods"]:  # only a method with placement parameters changes the dict
+            config["unlearn"] = {**unlearn, "methods": methods}
     return config
 
 
-def _without(mapping: dict, key: str) -> dict:
-    return {k: v for k, v in mapping.items() if k != key}
+def _placement(registry, name) -> frozenset:
+    """The entry's placement parameters (registry metadata: where it computes, not what); none when the
+    name is not registered here."""
+    return registry.get(name).placement if isinstance(name, str) and name in registry else frozenset()
+
+
+def _without(mapping: dict, *keys: str) -> dict:
+    return {k: v for k, v in mapping.items() if k not in keys}
 
 
 def trial_id(config: dict) -> str:

@@ -5,7 +5,8 @@ which trials are really done, damaged files moved aside, and one writer per outp
   installed package's metadata and a SHA-256 of the science code that computes every number
   (the ``.py`` files of ``tasks/``, as imported). It needs no ``.git``, so a wheel on a cluster node
   reports the same value as the checkout it was built from, and an uncommitted edit (a dirty tree)
-  gives a different hash. The driver computes it once and every trial row records it.
+  gives a different hash. The driver computes it once and every trial row records it. A sweep with
+  plugins appends ``.plugins.<hash>`` of their sources (``poisonsweep.engine.plugins``).
 * **Done.** A trial is done when its ``trials`` row says ``ok``, every table its row lists in
   ``tables`` (those it wrote rows to) still holds its rows in readable Parquet, and
   (``rerun="stale"``) its code version is the current one. A row without ``tables`` (a record
@@ -42,13 +43,19 @@ def source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def code_version() -> str:
-    """``<version>+src.<hash>``: the installed package's version and the hash of the code that ran."""
+def code_version(plugins=()) -> str:
+    """``<version>+src.<hash>``: the installed package's version and the hash of the code that ran; with
+    plugins (``poisonsweep.engine.plugins.Plugin``), ``.plugins.<hash>`` of their sources after it, so that
+    editing a plugin makes its trials stale as editing ``tasks/`` does."""
     try:
         version = metadata.version("poisonsweep")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return f"{version}+src.{source_hash()}"
+    if not plugins:
+        return f"{version}+src.{source_hash()}"
+    from poisonsweep.engine.plugins import combined_hash
+
+    return f"{version}+src.{source_hash()}.plugins.{combined_hash(plugins)}"
 
 
 def damage(out: str) -> dict[str, str]:

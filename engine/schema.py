@@ -37,7 +37,7 @@ RESOURCE_CONSTRAINTS = {
     "influence_actors": [Interval(Integral, 0)], "actor_cpu": [Interval(Real, 0)], "actor_gpu": [Interval(Real, 0)],
     "pack": [Interval(Integral, 1)],
 }
-TOP_LEVEL_KEYS = {"name", "description", "out", "sweep", "resources"} | set(TRIAL_DEFAULTS)
+TOP_LEVEL_KEYS = {"name", "description", "out", "sweep", "resources", "plugins"} | set(TRIAL_DEFAULTS)
 SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root", "params"}, "poison": {"method", "rate", "params"},
                 "model": {"name", "params"}, "train": set(TRAIN_CONSTRAINTS)}
 DETECTOR_KEYS = {"name", "params", "label"}
@@ -147,17 +147,30 @@ def check_trial(config: dict) -> list[str]:
             errors.append(message)
     errors += _check_detectors(config["detectors"])
     errors += data_bound_errors(config, known_counts(data))
-    from poisonsweep.tasks.detect.influence import tracin_optimizer_error
-
-    for i, detector in enumerate(config["detectors"]):
-        if detector is not None and detector["name"] == "influence" and isinstance(detector["params"], dict):
-            if message := tracin_optimizer_error(detector["params"].get("solver"), config["train"]["optimizer"]):
-                errors.append(f"detectors[{i}]: {message}")
+    errors += trial_check_errors(config)
     if config.get("unlearn"):
         from poisonsweep.tasks.unlearn import check_unlearn_config
 
         labels = [d["label"] for d in config["detectors"] if isinstance(d, dict)]
         errors += check_unlearn_config(config["unlearn"], labels)
+    return errors
+
+
+def trial_check_errors(config: dict) -> list[str]:
+    """What the dataset's, poison's, model's and detectors' own ``trial_check`` (registry metadata) find wrong with
+    their params given the rest of the trial (e.g. the influence detector's TracIn solver needs SGD)."""
+    entries = [(DATASETS, config["data"]["name"], "data", config["data"].get("params", {})),
+               (POISONS, config["poison"]["method"], "poison", config["poison"]["params"]),
+               (MODELS, config["model"]["name"], "model", config["model"]["params"])]
+    entries += [(DETECTORS, d["name"], f"detectors[{i}]", d["params"])
+                for i, d in enumerate(config["detectors"]) if d is not None]
+    errors = []
+    for registry, name, prefix, params in entries:
+        if not (isinstance(name, str) and name in registry and isinstance(params, dict)):
+            continue  # an unknown name or odd params: reported by the value checks
+        entry = registry.get(name)
+        if entry.trial_check is not None and (message := entry.trial_check({**entry.defaults(), **params}, config)):
+            errors.append(f"{prefix}: {message}")
     return errors
 
 

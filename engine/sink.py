@@ -49,6 +49,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("total_seconds", _F64), ("node", _STR), ("node_ip", _STR), ("ray_node_id", _STR), ("device", _STR),
         ("pack_size", _I64), ("pack_note", _STR),  # resources.pack: models trained together, why alone
         ("code_version", _STR), ("warnings", _STR),  # the trial's TrialWarnings, one first line each
+        ("plugins", _STR),  # JSON list of the plugins the trial ran with (module, origin, path, sha256); null before
         ("tables", pa.list_(_STR)),  # the other tables holding rows of this trial: resume checks they are there
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ]),

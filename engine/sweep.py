@@ -284,7 +284,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
 
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_dead_temporaries(sweep.out, held="run")  # left by writers killed mid-write; no reader ever saw them
-    version = code_version() if version is None else version
+    version = code_version(sweep.plugins) if version is None else version
     ids = sweep.ids
     wanted = set(trials_to_run(sweep.out, ids, rerun, version) if to_run is None else to_run)
     pending = [t for t, tid in zip(sweep.trials, ids) if tid in wanted]
@@ -293,7 +293,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     if not pending:
         return outcome
     before = _recorded_rows(sweep.out, pending_ids)  # a failed or lost trial's earlier row, to tell a new one
-    init_ray(address, verbose)
+    from poisonsweep.engine.plugins import runtime_env_modules
+
+    init_ray(address, verbose, py_modules=runtime_env_modules(sweep.plugins))
     check_cluster_resources(sweep.resources)
     for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
@@ -301,12 +303,13 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     units = plan_units(pending, sweep.resources["pack"])
     id_of = {id(config): tid for config, tid in zip(pending, pending_ids)}  # units hold the plan's own dicts
     unit_ids = [[id_of[id(c)] for c in unit] for unit in units]
+    plugins = [p.record() for p in sweep.plugins]  # each trial process imports them, from the shipped copy
     plan = [ray.put(units)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
     # a live display's board for the trials' stages (engine.progress), else none: trials then post nothing
     stages = [getattr(progress, "stage_board", lambda: None)()]
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources,
-                             stages=stages),
+                             plugins=plugins, stages=stages),
         trial_resources(sweep.resources),
     )
     log = TrialLog()
@@ -342,7 +345,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
                     error = f"{type(result.error).__name__}: {result.error}"
                     for config in units[result.config["index"]]:
                         try:
-                            record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE)
+                            record_trial(config, out, version=version, attempt_error=error, where=UNKNOWN_NODE,
+                                         plugins=plugins)
                         except OutputError as unwritable:
                             log.unwritten[id_of[id(config)]] = str(unwritable)
                             continue

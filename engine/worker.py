@@ -30,12 +30,14 @@ def _now() -> dt.datetime:
 
 
 def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", artifact_dir: str | None = None,
-                 attempt_error: str | None = None, where: dict | None = None, on_stage=None) -> dict:
+                 attempt_error: str | None = None, where: dict | None = None, on_stage=None,
+                 plugins: list[dict] = ()) -> dict:
     """Run one trial (unless ``attempt_error`` says it already failed) and write all its rows.
 
     A trial that raises is recorded with status ``failed`` and its error; nothing is re-raised,
     so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
-    ``trials`` row. ``on_stage`` (optional) hears the trial's stages (``run_trial``).
+    ``trials`` row. ``on_stage`` (optional) hears the trial's stages (``run_trial``); ``plugins`` (their
+    ``Plugin.record`` dicts) are the sweep's, recorded in the row.
     """
     from poisonsweep.tasks.detect.base import serial_map
     from poisonsweep.tasks.trial import run_trial
@@ -48,18 +50,19 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
             outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir, **stages)
         except Exception as error:  # recorded, not lost: the summary shows it
             outcome = error
-    return write_record(config, out, outcome, started=started, version=version, where=where)
+    return write_record(config, out, outcome, started=started, version=version, where=where, plugins=plugins)
 
 
 def write_record(config: dict, out: str, outcome, *, started: dt.datetime, version: str = "",
-                 where: dict | None = None) -> dict:
+                 where: dict | None = None, plugins: list[dict] = ()) -> dict:
     """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
     of an error. Returns the ``trials`` row."""
     from poisonsweep.engine.config import config_columns, key_columns, trial_id
+    from poisonsweep.engine.plugins import column
 
     tid = trial_id(config)
     base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
-            "code_version": version, "started_at": started}
+            "code_version": version, "plugins": column(plugins), "started_at": started}
     tables: dict[str, list[dict]] = {}
     if isinstance(outcome, str):
         row = {**base, "status": "failed", "error": outcome}
@@ -125,24 +128,37 @@ def _plan_of(holder: list) -> list[dict]:
 
 
 def tune_trainable(config: dict, *, plan: list, out: str, version: str, resources: dict,
-                   stages: list | None = None) -> dict:
-    """The Ray Tune function trainable: run and record the plan's unit ``config["index"]`` (one trial,
-    or a pack of them with ``resources.pack`` > 1), report a small summary. ``stages`` wraps the
-    driver's stage board (``poisonsweep.engine.progress.StageBoard``) when a live display watches."""
+                   stages: list | None = None, plugins: list[dict] = ()) -> dict:
+    """The Ray Tune function trainable: import the sweep's ``plugins``, then run and record the plan's unit
+    ``config["index"]`` (one trial, or a pack of them with ``resources.pack`` > 1), report a small summary.
+    ``stages`` wraps the driver's stage board (``poisonsweep.engine.progress.StageBoard``) when a live display
+    watches. A plugin that cannot be imported here, or whose source is not the driver's, fails the unit's trials."""
+    from poisonsweep.engine.plugins import PluginError, import_in_worker
+
     _set_threads(resources["cpu"])
     unit = _plan_of(plan)[config["index"]]
     try:
-        with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir, \
-                stage_sender(stages, config.get("trial_id", ""), unit) as on_stage:
-            if resources["pack"] > 1:
-                from poisonsweep.engine.packs import record_pack
+        import_in_worker(plugins)
+    except PluginError as error:
+        missing = str(error)
+    else:
+        missing = None
+    try:
+        if missing is not None:
+            rows = [record_trial(c, out, version=version, attempt_error=missing, plugins=plugins) for c in unit]
+        else:
+            with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir, \
+                    stage_sender(stages, config.get("trial_id", ""), unit) as on_stage:
+                if resources["pack"] > 1:
+                    from poisonsweep.engine.packs import record_pack
 
-                if on_stage is not None:
-                    on_stage(f"pack of {len(unit)} trials")
-                rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir)
-            else:
-                rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir,
-                                     on_stage=on_stage)]
+                    if on_stage is not None:
+                        on_stage(f"pack of {len(unit)} trials")
+                    rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir,
+                                       plugins=plugins)
+                else:
+                    rows = [record_trial(unit[0], out, map_shards=pool, version=version, artifact_dir=artifact_dir,
+                                         on_stage=on_stage, plugins=plugins)]
     except OutputError as error:  # the output cannot be written: no retry helps, the next run does
         from poisonsweep.engine.config import trial_id
 

@@ -129,6 +129,12 @@ def check_value(key: str, value: Any, allowed: list) -> str | None:
 # What an entry may need from the trial that runs it; ``run_trial`` reads these, never a name.
 NEEDS = ("checkpoints", "artifact_dir", "sample_losses")
 
+# How the report may rebuild a poison's training images from a trial's config (images are never stored):
+# "apply" runs the poison again with the trial's seed and checks given labels, true labels and poison mask;
+# "clean" is for a poison that changes labels only and costs minutes to run again (FLIP trains experts):
+# the report shows the clean images, which are the trial's images, and checks the true labels only.
+REBUILDS = ("apply", "clean")
+
 
 @functools.cache
 def _signature(fn: Callable) -> inspect.Signature:
@@ -148,6 +154,14 @@ class Entry:
     = how many training samples it may poison, so an impossible rate is caught before any trial.
     ``num_classes``: for a dataset, its number of classes, so that class indices (``BelowData``
     constraints) are checked without loading it (None: checked once the data is loaded).
+    ``placement``: parameters that say where the entry computes, not what (e.g. ``device``): left out of
+    the trial's identity, so moving a trial to a GPU does not make it a new trial.
+    ``rebuild`` (a poison): how the report rebuilds its images, one of ``REBUILDS``; ``rebuild_cached``:
+    for ``"clean"``, ``rebuild_cached(artifact_dir)`` says whether the sweep's cached work makes running it
+    again cheap (the report then shows its success set too).
+    ``trial_check``: ``trial_check(params, trial) -> str | None``, a problem of the entry's params given the
+    rest of the trial config (e.g. TracIn needs ``train.optimizer: sgd``), reported before any trial starts.
+    ``module``: the module that registered it (``poisonsweep.tasks...`` for ours, a plugin's name otherwise).
     """
 
     name: str
@@ -158,6 +172,11 @@ class Entry:
     tables: tuple[str, ...] = ()
     eligible: Callable | None = None
     num_classes: int | None = None
+    placement: frozenset = frozenset()
+    rebuild: str = "apply"
+    rebuild_cached: Callable[[str], bool] | None = None
+    trial_check: Callable[[dict, dict], str | None] | None = None
+    module: str = ""
 
     def needs_for(self, params: dict[str, Any]) -> frozenset:
         """What this entry needs when run with ``params`` (registry defaults filled in)."""
@@ -202,6 +221,12 @@ class Entry:
         return errors
 
 
+def _same_function(a: Callable, b: Callable) -> bool:
+    """The same function defined again (its module re-imported), by module and qualified name."""
+    return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == (
+        getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
 class Registry:
     """A named set of entries of one kind, e.g. ``DETECTORS``."""
 
@@ -211,9 +236,15 @@ class Registry:
 
     def register(self, name: str, constraints: dict[str, list] | None = None, help: str = "", *,
                  needs: frozenset | set | tuple | Callable[[dict], frozenset] = frozenset(),
-                 tables: tuple[str, ...] = (), eligible: Callable | None = None, num_classes: int | None = None):
+                 tables: tuple[str, ...] = (), eligible: Callable | None = None, num_classes: int | None = None,
+                 placement: frozenset | set | tuple = frozenset(), rebuild: str = "apply",
+                 rebuild_cached: Callable[[str], bool] | None = None,
+                 trial_check: Callable[[dict, dict], str | None] | None = None):
+        """Register the decorated function as ``name`` (see :class:`Entry` for what each argument declares).
+        Registering the same function again (same module and qualified name: a re-imported plugin, a
+        re-run notebook cell) replaces it; another function under a taken name is an error."""
         def decorator(fn: Callable) -> Callable:
-            if name in self._entries:
+            if name in self._entries and not _same_function(self._entries[name].fn, fn):
                 raise ValueError(f"a {self.kind} is already registered under the name {name!r}")
             constraints_ = constraints or {}
             params = inspect.signature(fn).parameters
@@ -223,15 +254,23 @@ class Registry:
             unknown = [] if callable(needs) else sorted(set(needs) - set(NEEDS))
             if unknown:
                 raise ValueError(f"{self.kind} {name!r} needs {unknown}; known needs: {', '.join(NEEDS)}")
+            unknown = sorted(set(placement) - set(constraints_))
+            if unknown:
+                raise ValueError(f"{self.kind} {name!r} declares placement parameters {unknown} it has no "
+                                 "constraints for")
+            if rebuild not in REBUILDS:
+                raise ValueError(f"{self.kind} {name!r}: rebuild must be one of {', '.join(REBUILDS)}; got {rebuild!r}")
             summary = help or (fn.__doc__ or "").strip().split("\n")[0]
             fixed_needs = needs if callable(needs) else frozenset(needs)
             self._entries[name] = Entry(name, fn, constraints_, summary, fixed_needs, tuple(tables), eligible,
-                                        num_classes)
+                                        num_classes, frozenset(placement), rebuild, rebuild_cached, trial_check,
+                                        getattr(fn, "__module__", "") or "")
             return fn
 
         return decorator
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:

@@ -296,3 +296,40 @@ def test_a_gpu_asked_of_a_cluster_without_gpus_is_a_clear_error(cluster, tmp_pat
     assert "resources ask for GPUs (gpu: 0.25, actor_gpu: 0) but the Ray cluster has none" in message
     assert "--set resources.gpu=0" in message
     assert not (out / "trials").exists()
+
+
+# a plugin detector that refuses to run from the driver's copy of its file: a trial must import the copy
+# Ray shipped with the job (runtime_env py_modules), as a node without the file would
+DRIVER_ONLY_PLUGIN = '''
+from pathlib import Path
+
+import numpy as np
+from poisonsweep import DETECTORS, Detection, flag_top
+
+DRIVER_COPY = Path({folder!r})
+
+
+@DETECTORS.register("shipped_loss")
+def shipped_loss(context, *, seed):
+    """The training loss, computed only from a shipped copy of this file."""
+    if Path(__file__).resolve().parent == DRIVER_COPY:
+        raise RuntimeError(f"imported from the driver's copy {{__file__}}, not the one shipped with the job")
+    scores = np.asarray(context.losses, dtype=float)
+    return Detection(scores=scores, flagged=flag_top(scores, 0.1))
+'''
+
+
+def test_a_plugin_only_on_the_driver_runs_its_trials_on_both_nodes(cluster, tmp_path):
+    folder = tmp_path / "driver_only"
+    folder.mkdir()
+    (folder / "driver_plugin.py").write_text(DRIVER_ONLY_PLUGIN.format(folder=str(folder.resolve())))
+    config = write_config(folder, "plugin_two_nodes", [0, 1], train={**TRIAL["train"], "epochs": 5},
+                          plugins=["driver_plugin.py"], detectors=["shipped_loss"])
+    out = tmp_path / "out"
+    result = run_cli(cluster, "run", str(config), "--out", str(out), "--address", cluster.address,
+                     "--no-reuse-actors")  # one fresh process per trial: the two trials land on the two nodes
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = assert_each_trial_once_in_every_table(out, 2, 1000)
+    assert set(trials.ray_node_id) == cluster.node_ids()
+    assert set(pd.read_parquet(out / "detections").detector) == {"shipped_loss"}
+    assert trials.plugins.str.contains('"module": "driver_plugin"').all()

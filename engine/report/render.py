@@ -107,6 +107,10 @@ def write_report(out: str, directory: str | Path | None = None) -> Report:
 def _write_report(out: str, plan: pd.DataFrame | None, directory: Path) -> Report:
     directory.mkdir(parents=True, exist_ok=True)
     trials = summary.load(out, "trials")
+    if "plugins" in trials:  # a plugin poison's images are rebuilt by its own code, where its file is here
+        from poisonsweep.engine.plugins import load_recorded
+
+        load_recorded(trials["plugins"].dropna().unique())
     detection_rows, unlearning_rows = summary.load(out, "detections"), summary.load(out, "unlearning")
     setting = _setting_columns(trials, plan)
     status = record_status(trials, plan, set(detection_rows["trial_id"]) | set(unlearning_rows["trial_id"]), setting)

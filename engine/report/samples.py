@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,9 +24,14 @@ from poisonsweep.engine.record import read_table as read_record
 from poisonsweep.engine.sink import filesystem
 
 SCORE_COLUMNS = ["detector", "index", "label_given", "label_true", "is_poison", "score", "flagged"]
-# poisons whose images cost minutes to rebuild (FLIP trains expert models) but which change no image:
-# the clean images are the trial's images, and only the true labels can be checked
-LABEL_ONLY_EXPENSIVE = {"flip"}
+
+
+def _poison_entry(method: str):
+    """The poison's registry entry (its ``rebuild`` metadata), or None when it is not registered here (a
+    plugin's poison, its plugin not loaded)."""
+    from poisonsweep.tasks.poisons import POISONS
+
+    return POISONS.get(method) if method in POISONS else None
 
 
 def representative_trials(trials: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
@@ -106,7 +110,10 @@ def rebuild_images(config_json: str, out: str, rows: pd.DataFrame) -> Rebuilt:
         return Rebuilt(mismatches=len(indices), checked=len(indices),
                        note=f"the record's indices exceed the rebuilt training set ({len(data.y_train)} samples)")
     true_ok = data.y_train.numpy()[indices] == rows["label_true"].to_numpy()
-    if poison_cfg["method"] in LABEL_ONLY_EXPENSIVE:
+    entry = _poison_entry(poison_cfg["method"])
+    if entry is None:
+        return Rebuilt(note=f"images not shown: poison {poison_cfg['method']!r} is not registered here (load its plugin)")
+    if entry.rebuild == "clean":
         x, agree = data.x_train, true_ok
         note = f"clean images ({poison_cfg['method']} changes labels only); true labels checked"
     else:
@@ -162,13 +169,15 @@ class SuccessSet:
 
 def rebuild_success_set(config_json: str, out: str, n: int) -> SuccessSet | None:
     """The first ``n`` inputs of the trial's success set, or None where they cannot be rebuilt cheaply
-    (no data here, or a FLIP trial without its cached expert artifact)."""
+    (no data here, its poison not registered here, or a costly poison without its cached work, e.g. a FLIP
+    trial without its expert artifact)."""
     if not isinstance(config_json, str):  # no config recorded: nothing to rebuild from
         return None
     config = json.loads(config_json)
     poison_cfg = config["poison"]
     artifacts = _artifact_dir(out)
-    if poison_cfg["method"] in LABEL_ONLY_EXPENSIVE and not (artifacts and list(Path(artifacts).glob("flip-*.npz"))):
+    entry = _poison_entry(poison_cfg["method"])
+    if entry is None or (entry.rebuild == "clean" and not (entry.rebuild_cached and entry.rebuild_cached(artifacts))):
         return None
     try:
         _dataset(**_data_key(config))  # loaded here to tell missing data apart; _poisoned reuses it

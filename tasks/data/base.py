@@ -14,6 +14,8 @@ DATASETS = Registry("dataset")
 
 @dataclass
 class Dataset:
+    """A dataset's two splits as tensors: images float32 (n, C, H, W) in [0, 1], labels int64 0..K-1."""
+
     name: str
     x_train: torch.Tensor  # float32, (n, C, H, W), in [0, 1]
     y_train: torch.Tensor  # int64, (n,)

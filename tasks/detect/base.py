@@ -96,6 +96,9 @@ class DetectionContext:
 
 @dataclass
 class Detection:
+    """What a detector returns: a score per training sample (higher = more suspicious) and its own flags;
+    ``extras[table]``: rows of the extra record tables its registry entry declares (``tables=``)."""
+
     scores: np.ndarray  # float64, shape (n,), higher = more suspicious
     flagged: np.ndarray  # bool, shape (n,)
     extras: dict = field(default_factory=dict)  # extra tables a detector produces (e.g. influence)

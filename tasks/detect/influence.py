@@ -91,7 +91,12 @@ def tracin_optimizer_error(solver: str, optimizer: str) -> str | None:
     return None
 
 
-@DETECTORS.register("influence", CONSTRAINTS, tables=("influence",),
+def _tracin_needs_sgd(params: dict, trial: dict) -> str | None:
+    """``trial_check``: the solver against the trial's ``train.optimizer``, before any trial starts."""
+    return tracin_optimizer_error(params.get("solver"), trial["train"]["optimizer"])
+
+
+@DETECTORS.register("influence", CONSTRAINTS, tables=("influence",), trial_check=_tracin_needs_sgd,
                     needs=lambda params: {"checkpoints"} if params["solver"] == "tracin" else set())
 def detect(context: DetectionContext, *, seed: int, solver: str = "exact", params: str = "last_layer", k: int = 2,
            damping: float = DEFAULT_DAMPING, flag_rule: str = "auto", flag_fraction: float = 0.1, test_points: int | list = 0,

@@ -23,6 +23,9 @@ POISONS = Registry("poison")
 
 @dataclass
 class PoisonedData:
+    """What a poison returns: the training set the victim sees, the truth (``true_labels``, ``is_poison``:
+    they only measure, no detector sees them) and the test inputs its success is measured on."""
+
     x_train: torch.Tensor  # training images as the victim sees them (triggers stamped for backdoors)
     labels: torch.Tensor  # the labels the victim trains on
     true_labels: torch.Tensor

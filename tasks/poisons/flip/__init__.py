@@ -32,7 +32,7 @@ from poisonsweep.tasks.data import Dataset
 from poisonsweep.tasks.models import MODELS
 from poisonsweep.tasks.poisons.base import POISONS, PoisonedData, n_to_poison
 from poisonsweep.tasks.poisons.flip.artifacts import (
-    FlipArtifact, artifact_key, compute_artifact, data_digest, load_or_optimise_logits,
+    FlipArtifact, artifact_key, compute_artifact, data_digest, has_cached_experts, load_or_optimise_logits,
 )
 from poisonsweep.tasks.poisons.flip.attack import (
     RECIPES, SINUSOID_AMPLITUDE, TRIGGERS, FlipAttack, expert_poison_sources, flip_margins, random_flips_to_target,
@@ -82,6 +82,8 @@ def _all_samples(class_counts, **_) -> int:
     },
     eligible=_all_samples,
     needs={"artifact_dir"},
+    placement={"device"},  # where the experts train, not what they compute
+    rebuild="clean", rebuild_cached=has_cached_experts,  # labels only, and minutes to train the experts again
 )
 def flip(data: Dataset, *, rate: float, seed: int, source: int | str | None = 9, target: int = 4,
          trigger: str = "sinusoid", patch_size: int = 3, amplitude: float = SINUSOID_AMPLITUDE,

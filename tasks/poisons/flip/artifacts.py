@@ -64,6 +64,11 @@ def artifact_path(artifact_dir: str | os.PathLike, key: str) -> Path:
     return Path(artifact_dir) / f"flip-{key}.npz"
 
 
+def has_cached_experts(artifact_dir: str | os.PathLike | None) -> bool:
+    """Whether ``artifact_dir`` holds any cached expert logits (so FLIP runs again in seconds, not minutes)."""
+    return artifact_dir is not None and any(Path(artifact_dir).glob(artifact_path("", "*").name))
+
+
 def save_artifact(path: Path, artifact: FlipArtifact, settings: str) -> None:
     """Write atomically (``poisonsweep.tasks.files.atomic_write``): a reader never sees half a file."""
 
