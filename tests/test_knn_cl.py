@@ -17,6 +17,7 @@ from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext, label_iss
 from poisonsweep.tasks.detect.confident_learning import (
     FILTERS, RANKINGS, assign_folds, confident_learning, cross_val_pred_probs,
 )
+from poisonsweep.tasks.detect.label_issues import lift_flagged
 from poisonsweep.tasks.detect.knn import TIE_BREAK_WEIGHT, deep_knn, knn
 from poisonsweep.tasks.registry import TrialWarning
 from poisonsweep.tasks.train import TrainConfig
@@ -102,7 +103,8 @@ def test_knn_matches_a_brute_force_search():
     labels = rng.integers(0, 3, 30)
     detection = deep_knn(features, labels, 3, k=5, flag_rule="plurality")
     scores, flagged = brute_force_deep_knn(features, labels, 3, 5)
-    np.testing.assert_allclose(detection.scores, scores, rtol=0, atol=ATOL)
+    # the plurality flags are not the top shares, so their scores are lifted (tested by hand in test_label_issues)
+    np.testing.assert_allclose(detection.scores, lift_flagged(scores, flagged), rtol=0, atol=ATOL)
     np.testing.assert_array_equal(detection.flagged, flagged)
 
 

@@ -33,10 +33,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from cleanlab.filter import find_label_issues
-from sklearn.neighbors import NearestNeighbors
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
+from poisonsweep.tasks.detect.label_issues import decide_by_cleanlab, lift_flagged
+from poisonsweep.tasks.detect.neighbours import nearest_neighbours
 from poisonsweep.tasks.registry import BelowData, Options, TrialWarning
 
 KNN_FLAG_RULES = ("auto", "plurality", "cleanlab")
@@ -44,24 +44,6 @@ KNN_FLAG_RULES = ("auto", "plurality", "cleanlab")
 # The tie-break term is at most this share of one neighbour's vote (1/k), so it orders samples
 # with equal disagreement shares and never reorders samples whose shares differ.
 TIE_BREAK_WEIGHT = 1e-3
-
-
-def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distances and indices of the ``k`` nearest other samples of every sample.
-
-    Parameters
-    ----------
-    features : ndarray of shape (n_samples, n_features)
-    k : int
-        Neighbours per sample; must be below n_samples.
-
-    Returns
-    -------
-    distances, indices : ndarrays of shape (n_samples, k), nearest first. Sample i never appears
-        in row i (scikit-learn drops the query point when ``kneighbors`` is called without X).
-    """
-    search = NearestNeighbors(n_neighbors=k, metric="euclidean").fit(features)
-    return search.kneighbors(return_distance=True)
 
 
 def vote_counts(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -124,7 +106,7 @@ def disagreement_scores(distances: np.ndarray, disagrees: np.ndarray) -> np.ndar
 
 
 def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
-             flag_rule: str = "auto") -> Detection:
+             flag_rule: str = "auto", device: str = "cpu") -> Detection:
     """Deep k-NN scores and flags on given features (the pure part of the ``knn`` detector).
 
     Parameters
@@ -160,7 +142,7 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
         warnings.warn(TrialWarning(
             f"knn k={k} is not below the {n} samples it votes over: used k={k_used}, so every sample's neighbours "
             "are all the others and the votes say little; set detectors[].params.k below the training samples"), stacklevel=2)
-    distances, indices = nearest_neighbours(np.asarray(features, dtype=np.float64), k_used)
+    distances, indices = nearest_neighbours(np.asarray(features, dtype=np.float64), k_used, device=device)
     neighbour_labels = labels[indices]
     plurality = plurality_labels(neighbour_labels, num_classes)
     scores = disagreement_scores(distances, neighbour_labels != labels[:, None])
@@ -168,10 +150,10 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
     if flag_rule == "plurality":
         flagged = plurality != labels
     elif flag_rule == "cleanlab":
-        flagged = find_label_issues(labels, shares, filter_by="prune_by_noise_rate", n_jobs=1)
+        scores, flagged = decide_by_cleanlab(scores, labels, shares)
     else:
         flagged = flag_top_n(scores, label_issue_count(labels, shares))
-    return Detection(scores=scores, flagged=flagged,
+    return Detection(scores=lift_flagged(scores, flagged), flagged=flagged,
                      extras={"plurality_label": plurality, "k": k_used})
 
 
@@ -201,4 +183,4 @@ def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "
         Score = share of the k neighbours whose label differs from the given label (plus a
         closeness tie-break below 1/k); ``flagged`` by ``flag_rule``.
     """
-    return deep_knn(context.features, context.labels, context.num_classes, k, flag_rule)
+    return deep_knn(context.features, context.labels, context.num_classes, k, flag_rule, device=context.device)
