@@ -109,9 +109,9 @@ def table(results: list[tuple[str, str, int, list[dict]]]) -> str:
     for dataset, setup, seed, rows in results:
         for row in rows:
             ratio = row["f1"] / row["precision_at_n"] if row["precision_at_n"] else float("nan")
-            lines.append(f"| {dataset} | {setup} | {seed} | {row['test_accuracy']:.3f} | {row['detector']} | {row['auroc']:.3f} "
-                         f"| {row['precision_at_n']:.3f} | {row['f1']:.3f} | {row['n_flagged']} / {row['n_poisoned']} "
-                         f"| {ratio:.2f} | {row['seconds']:.1f} |")
+            lines.append(f"| {dataset} | {setup} | {seed} | {row['test_accuracy']:.3f} | {row['detector']} "
+                         f"| {row['auroc']:.3f} | {row['precision_at_n']:.3f} | {row['f1']:.3f} "
+                         f"| {row['n_flagged']} / {row['n_poisoned']} | {ratio:.2f} | {row['seconds']:.1f} |")
     return "\n".join(lines)
 
 

@@ -158,7 +158,7 @@ def test_a_clean_training_set_is_not_flagged():
     assert result.flagged.mean() <= 0.02  # measured 0: no class has a cluster its neighbours relabel
 
 
-# ---------------------------------------------------------------- the paper's reclassifier: a model retrained without the suspects
+# ---------------------------------------------------------------- the paper's reclassifier: retrained without the suspects
 
 def mlp_context(method: str, rate: float, params: dict | None = None):
     data = load_dataset("digits", seed=0)

@@ -17,8 +17,8 @@ from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext, label_iss
 from poisonsweep.tasks.detect.confident_learning import (
     FILTERS, RANKINGS, assign_folds, confident_learning, cross_val_pred_probs,
 )
-from poisonsweep.tasks.detect.label_issues import lift_flagged
 from poisonsweep.tasks.detect.knn import TIE_BREAK_WEIGHT, deep_knn, knn
+from poisonsweep.tasks.detect.label_issues import lift_flagged
 from poisonsweep.tasks.registry import TrialWarning
 from poisonsweep.tasks.train import TrainConfig
 
@@ -194,8 +194,14 @@ def test_confident_learning_ranks_planted_flips_first(flipped_context, flipped_d
 @pytest.mark.parametrize("filter_by", FILTERS)
 def test_confident_learning_flags_most_planted_flips(flipped_context, flipped_digits, filter_by):
     _, _, is_planted = flipped_digits
-    flagged = confident_learning(flipped_context, seed=0, filter_by=filter_by).flagged
+    detection = confident_learning(flipped_context, seed=0, filter_by=filter_by)
+    flagged = detection.flagged
     assert flagged.dtype == bool
+    # cleanlab's own mask on the same fold predictions, and scores that agree with it
+    predictions = flipped_context.cache[("confident_learning.cross_val_pred_probs", 5, 0)]
+    np.testing.assert_array_equal(flagged, find_label_issues(flipped_context.labels, predictions.pred_probs,
+                                                             filter_by=filter_by, n_jobs=1))
+    assert detection.scores[flagged].min() >= detection.scores[~flagged].max()
     assert flagged[is_planted].mean() >= 0.8  # recall
     assert is_planted[flagged].mean() >= 0.5  # precision (chance: 0.1)
 
