@@ -49,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=7500)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", default="keras_cnn")
-    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS_DEFAULT))
+    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS_DEFAULT),
+                        help="names, or name:key=value,... for non-default parameters")
     parser.add_argument("--cache", type=Path, default=None, help="keep / reuse each trained model's arrays here")
     parser.add_argument("--only", default=None, help="run only set-ups whose name contains this text")
     return parser.parse_args()
@@ -65,7 +66,16 @@ def trial_config(dataset: str, method: str, rate: float, params: dict, seed: int
             "poison": {"method": method, "rate": rate, "params": params},
             "model": {"name": args.model, "params": {}},
             "train": {"epochs": args.epochs, "batch_size": 64, "lr": 0.001, "optimizer": "adam"},
-            "detectors": [{"name": name} for name in args.detectors], "seed": seed}
+            "detectors": [dict(zip(("name", "params"), detector_spec(name))) for name in args.detectors], "seed": seed}
+
+
+def detector_spec(text: str) -> tuple[str, dict]:
+    """``"activation_clustering:reclassifier=retrain,k=20"`` -> (name, params); values parsed as YAML."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    params = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in rest.split(",") if item)}
+    return name, params
 
 
 def run_setup(config: dict, detectors: list[str], saved_model: Path | None = None) -> list[dict]:
@@ -88,7 +98,8 @@ def run_setup(config: dict, detectors: list[str], saved_model: Path | None = Non
     rows, arrays = [], {}
     for name in detectors:
         start = time.perf_counter()
-        detection = DETECTORS.get(name).fn(context, seed=config["seed"])
+        entry, params = detector_spec(name)
+        detection = DETECTORS.get(entry).fn(context, seed=config["seed"], **params)
         arrays[f"{name}_scores"], arrays[f"{name}_flagged"] = detection.scores, detection.flagged
         rows.append({"detector": name, **detection_metrics(detection.scores, detection.flagged, is_poison),
                      "seconds": time.perf_counter() - start})

@@ -68,7 +68,7 @@ def test_knn_auto_rule_flags_the_cleanlab_count_of_brute_force_vote_shares():
     neighbours = np.argsort(distances, axis=1, kind="stable")[:, :k]
     shares = np.stack([(given[neighbours] == c).mean(axis=1) for c in range(4)], axis=1)
     expected_n = label_issue_count(given, shares)
-    detection = knn(context_with_features(features, given, 4), seed=0, k=k)
+    detection = knn(context_with_features(features, given, 4), seed=0, k=k, flag_rule="auto")
     assert detection.flagged.sum() == expected_n > 0
     assert is_planted[detection.flagged].all()  # the flags are the most disagreeing samples
     cleanlab_flags = knn(context_with_features(features, given, 4), seed=0, k=k, flag_rule="cleanlab").flagged
@@ -126,7 +126,7 @@ def test_knn_equal_shares_are_ordered_by_how_close_the_disagreeing_neighbour_is(
     # sample 0's disagreeing neighbour is nearer, so sample 0 must score higher
     features = np.array([[0.0], [0.1], [-1.0], [100.0], [101.0], [99.9]])
     labels = np.array([0, 1, 0, 0, 1, 0])
-    detection = deep_knn(features, labels, 2, k=2)
+    detection = deep_knn(features, labels, 2, k=2, flag_rule="auto")
     share = detection.scores.round(2)
     assert share[0] == share[3] == 0.5
     assert detection.scores[0] > detection.scores[3]
