@@ -22,6 +22,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA, FastICA
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
 from poisonsweep.tasks.detect.knn import plurality_labels
@@ -324,8 +325,13 @@ default="exclusionary_reclassification"
     labels = np.asarray(context.labels)
     flagged = np.zeros(len(features), dtype=bool)
     by_reclassification = analysis == "exclusionary_reclassification"
-    splits = {label: split_class(features[labels == label], n_components=n_components, reduce=reduce, seed=seed,
-                                 with_silhouette=analysis == "silhouette") for label in np.unique(labels)}
+    # one thread: a class's PCA and 2-means are small (n_c x 128), and on a shared machine OpenMP / BLAS
+    # threads spin-wait for each other (5,000 x 128 class: 0.07 CPU-s on one thread, 3 CPU-s and 50 s wall on
+    # two under load 17; benchmarks/RESULTS.md, "Label-noise decisions")
+    with threadpool_limits(limits=1):
+        splits = {label: split_class(features[labels == label], n_components=n_components, reduce=reduce,
+                                     seed=seed, with_silhouette=analysis == "silhouette")
+                  for label in np.unique(labels)}
     if by_reclassification and reclassifier == "retrain":
         suspects = np.zeros(len(labels), dtype=bool)
         for label, split in splits.items():
