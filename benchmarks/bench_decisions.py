@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
                         help="names, or name:key=value,... for non-default parameters")
     parser.add_argument("--cache", type=Path, default=None, help="keep / reuse each trained model's arrays here")
     parser.add_argument("--only", default=None, help="run only set-ups whose name contains this text")
+    parser.add_argument("--rescore", action="store_true", help="only re-decide the models saved under --cache")
     return parser.parse_args()
 
 
@@ -128,6 +129,9 @@ def table(results: list[tuple[str, str, int, list[dict]]]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.rescore:
+        print(rescore(args.cache))
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = []
     for dataset in args.datasets:
@@ -149,6 +153,32 @@ def main() -> None:
                 print(f"{dataset} {name} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
                 print(table(results[-1:]), flush=True)
     print("\n" + table(results))
+
+
+def rescore(cache: Path) -> str:
+    """The table again from every model saved under ``cache``, with today's decision rules on its saved
+    arrays: loss and cleanlab's filter from the in-sample probabilities, knn from the saved features
+    (exact search, k = 50), influence from its saved self-influence scores; no training."""
+    from poisonsweep.tasks.detect.knn import deep_knn
+    from poisonsweep.tasks.detect.label_issues import decide_by_cleanlab
+
+    lines = []
+    for path in sorted(cache.glob("*.npz")):
+        arrays = np.load(path)
+        labels, is_poison, probs = arrays["labels"], arrays["is_poison"], arrays["pred_probs"]
+        losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
+        rows = {"loss": decide_by_cleanlab(losses, labels, probs)}
+        knn = deep_knn(arrays["features"].astype(np.float64), labels, probs.shape[1], 50)
+        rows["knn"] = (knn.scores, knn.flagged)
+        if "influence_scores" in arrays:
+            rows["influence"] = decide_by_cleanlab(arrays["influence_scores"], labels, probs)
+        rows["cleanlab filter (in-sample)"] = (losses, cleanlab_flags(labels, probs))
+        for name, (scores, flagged) in rows.items():
+            m = detection_metrics(scores, flagged, is_poison)
+            lines.append(f"| {path.stem} | {name} | {m['auroc']:.3f} | {m['precision_at_n']:.3f} | {m['f1']:.3f} "
+                         f"| {m['n_flagged']} / {int(is_poison.sum())} | {m['f1'] / m['precision_at_n']:.2f} |")
+    return "\n".join(["| model | detector | AUROC | P@n | own F1 | flags / poisons | F1 / P@n |",
+                      "|---|---|---:|---:|---:|---:|---:|", *lines])
 
 
 if __name__ == "__main__":
