@@ -65,7 +65,7 @@ def test_every_problem_is_reported_at_once_with_key_value_and_what_is_allowed(tm
     for expected in [
         "colour is not a known top-level key",
         "resources.cpu must be a number in (0, inf); got 0",
-        "data.name must be one of cifar10, digits, fashion_mnist, mnist; got 'imagenet'",
+        "data.name must be one of cifar10, digits, fashion_mnist, fashion_mnist_jitter, mnist; got 'imagenet'",
         "poison.rate must be a number in [0, 1]; got 1.5",
         "poison.params.shfit is not a parameter of 'one_shift' (allowed: shift); remove it",
         "model.params.hidden must be an int in [1, inf); got -3",
