@@ -156,3 +156,45 @@ def test_a_clean_training_set_is_not_flagged():
     context, _ = trained_context("none", 0.0)
     result = activation_clustering(context, seed=0)
     assert result.flagged.mean() <= 0.02  # measured 0: no class has a cluster its neighbours relabel
+
+
+# ---------------------------------------------------------------- the paper's reclassifier: retrained without the suspects
+
+def mlp_context(method: str, rate: float, params: dict | None = None):
+    data = load_dataset("digits", seed=0)
+    poisoned = apply_poison(data, method, rate=rate, seed=0, params=params)
+    train = TrainConfig(epochs=8, batch_size=32, lr=1e-3, device="cpu")
+    model = build_model("mlp", data.in_shape, data.num_classes, {"hidden": 64}, seed=0)
+    train_model(model, poisoned.x_train, poisoned.labels, train, seed=0)
+    context = DetectionContext(model=model, x_train=poisoned.x_train, labels=poisoned.labels.numpy(),
+                               num_classes=data.num_classes, model_name="mlp", model_params={"hidden": 64},
+                               train_config=train)
+    return context, poisoned.is_poison
+
+
+@pytest.fixture(scope="module")
+def one_shift_third():
+    return mlp_context("one_shift", 0.33)
+
+
+def test_retrained_reclassifier_flags_one_shift_poisons_at_a_third(one_shift_third):
+    context, poison = one_shift_third
+    result = activation_clustering(context, seed=0, reclassifier="retrain")
+    precision, recall = precision_recall(result.flagged, poison)
+    assert precision >= 0.8 and recall >= 0.8
+    assert result.scores[result.flagged].min() >= result.scores[~result.flagged].max()
+
+
+def test_retrained_reclassifier_never_trains_on_a_flagged_sample(one_shift_third, monkeypatch):
+    import poisonsweep.tasks.detect.activation_clustering as ac
+
+    context, _ = one_shift_third
+    context.cache.clear()
+    seen = []
+    real_train = ac.train_model
+    monkeypatch.setattr(ac, "train_model", lambda model, x, y, *a, **kw: (seen.append(x), real_train(model, x, y, *a, **kw)))
+    result = activation_clustering(context, seed=0, reclassifier="retrain")
+    assert len(seen) == 1 and len(seen[0]) < len(context.labels)
+    trained = {row.numpy().tobytes() for row in seen[0]}
+    flagged_inputs = {row.numpy().tobytes() for row in context.x_train[torch.as_tensor(result.flagged)]}
+    assert not trained & flagged_inputs  # the flags come from a model that never saw them

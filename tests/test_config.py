@@ -65,7 +65,8 @@ def test_every_problem_is_reported_at_once_with_key_value_and_what_is_allowed(tm
     for expected in [
         "colour is not a known top-level key",
         "resources.cpu must be a number in (0, inf); got 0",
-        "data.name must be one of arrays, cifar10, cifar100, digits, fashion_mnist, gtsrb, image_folder, mnist, svhn; "
+        "data.name must be one of arrays, cifar10, cifar100, digits, fashion_mnist, fashion_mnist_jitter, gtsrb, "
+        "image_folder, mnist, svhn; "
         "got 'imagenet'",
         "poison.rate must be a number in [0, 1]; got 1.5",
         "poison.params.shfit is not a parameter of 'one_shift' (allowed: shift); remove it",

@@ -143,7 +143,8 @@ def test_subset_larger_than_split_is_a_clear_config_error():
 
 
 def test_unknown_dataset_lists_the_names():
-    with pytest.raises(ConfigError, match="arrays, cifar10, cifar100, digits, fashion_mnist, gtsrb, image_folder, mnist, svhn"):
+    names = "arrays, cifar10, cifar100, digits, fashion_mnist, fashion_mnist_jitter, gtsrb, image_folder, mnist, svhn"
+    with pytest.raises(ConfigError, match=names):
         load_dataset("imagenet")
 
 
@@ -398,3 +399,20 @@ def test_a_pickle_bomb_and_an_unreadable_file_are_errors_naming_the_file(tmp_pat
     folder.mkdir()
     with pytest.raises(DatasetFileError, match=r"t10k-labels-idx1-ubyte is unreadable: read error"):
         read_idx(folder)
+
+
+def test_jitter_is_seeded_shifts_within_bounds_and_inverts_about_half():
+    from poisonsweep.tasks.data.builtin import JITTER_MAX_SHIFT, jitter_images
+
+    images = np.zeros((400, 1, 16, 16), dtype=np.uint8)
+    images[:, :, 8, 8] = 255  # one bright pixel in the centre
+    out = jitter_images(images)
+    np.testing.assert_array_equal(out, jitter_images(images))  # fixed seed: the same dataset every time
+    flat = out.reshape(400, -1).astype(int)
+    background = np.median(flat, axis=1)
+    spot = np.abs(flat - background[:, None]).argmax(axis=1)  # where the pixel went
+    inverted = flat[np.arange(400), spot] < background  # darker than its background
+    assert 0.4 < inverted.mean() < 0.6
+    rows, cols = np.unravel_index(spot, (16, 16))
+    assert np.abs(rows - 8).max() <= JITTER_MAX_SHIFT and np.abs(cols - 8).max() <= JITTER_MAX_SHIFT
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 20  # the shift varies per image

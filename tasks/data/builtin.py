@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from numbers import Integral
 from pathlib import Path
+import numpy as np
 
 from poisonsweep.tasks.data.base import DATASETS, Dataset, as_dataset
 from poisonsweep.tasks.data.fingerprint import FINGERPRINTS, user_path_fingerprint
@@ -96,3 +97,41 @@ def image_folder(*, root: str | None, n_train: int | None, n_test: int | None, s
 
 
 FINGERPRINTS.update(arrays=user_path_fingerprint, image_folder=user_path_fingerprint)
+JITTER_SEED = 24  # fixed: the jitter is part of the dataset, the same in every trial and subset
+JITTER_MAX_SHIFT = 4  # pixels, each axis
+
+
+def jitter_images(images: np.ndarray, seed: int = JITTER_SEED) -> np.ndarray:
+    """Each image shifted, rescaled in contrast and, for half of them, inverted, by seeded per-image draws.
+
+    The shift (up to ``JITTER_MAX_SHIFT`` px each axis, zero fill), the contrast c ~ U(0.4, 1), the
+    offset b ~ U(0, 1 - c) and the inversion (p = 1/2) move an image's pixels far more than they
+    change what it shows: pixel neighbours stop sharing a class, as on natural images, while a CNN
+    (translation-equivariant, free to learn both polarities) still learns the classes. uint8 in
+    (N, 1, H, W), uint8 out.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(images)
+    shifts = rng.integers(-JITTER_MAX_SHIFT, JITTER_MAX_SHIFT + 1, size=(n, 2))
+    contrast = rng.uniform(0.4, 1.0, size=n)
+    offset = rng.uniform(0.0, 1.0, size=n) * (1.0 - contrast)
+    invert = rng.random(n) < 0.5
+    pad = JITTER_MAX_SHIFT
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    height, width = images.shape[2:]
+    out = np.empty_like(images)
+    for dy, dx in {tuple(s) for s in shifts.tolist()}:  # one slice per distinct shift
+        chosen = np.flatnonzero((shifts[:, 0] == dy) & (shifts[:, 1] == dx))
+        out[chosen] = padded[chosen, :, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
+    scaled = out * contrast[:, None, None, None] + 255.0 * offset[:, None, None, None]
+    scaled[invert] = 255.0 - scaled[invert]
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+@DATASETS.register("fashion_mnist_jitter", num_classes=10)
+def fashion_mnist_jitter(*, root: str | None, n_train: int | None, n_test: int | None, seed: int) -> Dataset:
+    """Fashion-MNIST with a fixed per-image shift, contrast and inversion (:func:`jitter_images`): a proxy
+    of natural-image difficulty, where pixel k-NN fails but a CNN still learns (issue 24)."""
+    x_train, y_train, x_test, y_test = load_arrays("fashion_mnist", root)
+    return as_dataset("fashion_mnist_jitter", jitter_images(np.asarray(x_train)), y_train,
+                      jitter_images(np.asarray(x_test), JITTER_SEED + 1), y_test, 10, n_train, n_test, seed)

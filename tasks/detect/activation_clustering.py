@@ -13,21 +13,28 @@ poisoned network. The paper's size and silhouette analyses remain as options.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
+import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA, FastICA
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
-from poisonsweep.tasks.detect.knn import nearest_neighbours, plurality_labels
+from poisonsweep.tasks.detect.knn import plurality_labels
+from poisonsweep.tasks.detect.neighbours import nearest_neighbours
+from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.registry import Interval, Options
+from poisonsweep.tasks.train import predict_logits, train_model
 
 REDUCERS = ("ica", "pca")
 ANALYSES = ("exclusionary_reclassification", "relative_size", "silhouette", "smaller")
 REPRESENTATIONS = ("input", "features")
+RECLASSIFIERS = ("neighbours", "retrain")
 KMEANS_INITS = 10  # k-means restarts per class (fixed, so results depend only on the seed)
 SPREAD_RTOL = 1e-12  # a class whose activations vary less than this (relative) has no spread
 SILHOUETTE_MAX_SAMPLES = 5_000  # silhouette is O(n²): larger classes use a seeded sample
@@ -110,14 +117,16 @@ def is_poison_cluster(split: ClassSplit, *, analysis: str, size_threshold: float
     return small_enough and split.silhouette > silhouette_threshold
 
 
-def reclassify_by_neighbours(space: np.ndarray, labels: np.ndarray, num_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Classify every sample by the plurality label of its ``k`` nearest *other* samples.
+def reclassify_by_neighbours(space: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
+                             device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Classify every sample by the plurality label of its ``k`` nearest *other* samples (exact
+    search, blocked torch matmul on ``device``: ``neighbours.nearest_neighbours``).
 
     Returns the predicted labels (n,) and each sample's share of neighbours whose label differs
     from its own (n,), in [0, 1]. The sample itself never votes, its cluster-mates do.
     """
     k_used = min(int(k), len(labels) - 1)
-    _, neighbours = nearest_neighbours(space, k_used)
+    _, neighbours = nearest_neighbours(space, k_used, device=device)
     neighbour_labels = labels[neighbours]
     disagreement = (neighbour_labels != labels[:, None]).mean(axis=1)
     return plurality_labels(neighbour_labels, num_classes), disagreement
@@ -159,16 +168,43 @@ def cached_reclassification(context: DetectionContext, representation: str, k: i
     key = ("reclassify_by_neighbours", representation, int(k))
     if key not in context.cache:
         context.cache[key] = reclassify_by_neighbours(reclassification_space(context, representation),
-                                                      np.asarray(context.labels), context.num_classes, k)
+                                                      np.asarray(context.labels), context.num_classes, k,
+                                                      device=context.device)
     return context.cache[key]
 
 
-def reclassification_space(context: DetectionContext, representation: str) -> np.ndarray:
+def retrained_probs(context: DetectionContext, suspects: np.ndarray, seed: int) -> np.ndarray:
+    """Class probabilities of every sample under a model trained *without* the ``suspects``.
+
+    Chen et al.'s exclusionary reclassification (2018, §4.1): train a fresh network of the
+    trial's own architecture, parameters and training settings (``context.train_config``, on
+    its device) on the training set minus the suspect clusters, then classify the suspects.
+    The model never sees a suspect, so a trigger or a flip carried only by the suspects is not
+    learned; what it predicts for them is what the rest of the data says. Seeded from ``seed``.
+    """
+    keep = np.flatnonzero(~suspects)
+    model_seed = int(np.random.SeedSequence([seed, 1811]).generate_state(1)[0])
+    model = build_model(context.model_name, tuple(context.x_train.shape[1:]), context.num_classes,
+                        context.model_params, seed=model_seed)
+    labels = torch.as_tensor(np.asarray(context.labels)[keep], dtype=torch.int64)
+    train_model(model, context.x_train[torch.as_tensor(keep)], labels, context.train_config, seed=model_seed)
+    return torch.softmax(predict_logits(model, context.x_train).double(), dim=1).numpy()
+
+
+def cached_retrained_probs(context: DetectionContext, suspects: np.ndarray, seed: int) -> np.ndarray:
+    """``retrained_probs`` once per (suspect set, seed) of the trial."""
+    key = ("activation_clustering.retrained_probs", seed, hashlib.sha1(np.packbits(suspects).tobytes()).hexdigest())
+    if key not in context.cache:
+        context.cache[key] = retrained_probs(context, suspects, seed)
+    return context.cache[key]
+
+
+def reclassification_space(context: DetectionContext, representation: str):
     """The samples as the reclassifier sees them: flattened inputs or penultimate activations."""
     if representation == "features":
         return np.asarray(context.features, dtype=np.float64)
-    images = context.x_train.detach().cpu()
-    return images.reshape(len(images), -1).numpy().astype(np.float32, copy=False)
+    images = context.x_train.detach()
+    return images.reshape(len(images), -1)
 
 
 @DETECTORS.register(
@@ -178,6 +214,7 @@ def reclassification_space(context: DetectionContext, representation: str) -> np
         "reduce": [Options(REDUCERS)],
         "analysis": [Options(ANALYSES)],
         "representation": [Options(REPRESENTATIONS)],
+        "reclassifier": [Options(RECLASSIFIERS)],
         "k": [Interval(Integral, 1)],
         "size_threshold": [Interval(Real, 0, 0.5)],
         "silhouette_threshold": [Interval(Real, -1, 1)],
@@ -186,7 +223,8 @@ def reclassification_space(context: DetectionContext, representation: str) -> np
          "clusters judged by exclusionary reclassification.",
 )
 def activation_clustering(context: DetectionContext, *, seed: int, n_components: int = 10, reduce: str = "pca",
-                          analysis: str = "exclusionary_reclassification", representation: str = "input",
+                          analysis: str = "exclusionary_reclassification", reclassifier: str = "neighbours",
+                          representation: str = "input",
                           k: int = 50, size_threshold: float = 0.35,
                           silhouette_threshold: float = 0.10) -> Detection:
     """Activation clustering of the penultimate activations; higher = more suspicious.
@@ -235,6 +273,17 @@ default="exclusionary_reclassification"
         ``relative_size``, ``silhouette`` and ``smaller`` are the paper's / ART's analyses of
         the smaller cluster (:func:`is_poison_cluster`); they cannot tell which of two clusters
         is poisonous when the poisons are the larger one.
+    reclassifier : {"neighbours", "retrain"}, default="neighbours"
+        What classifies the samples in exclusionary reclassification. ``"neighbours"``: the
+        leave-one-out k-NN vote in ``representation`` (above). ``"retrain"``: the paper's own
+        reclassifier, a fresh model of the trial's architecture and training settings trained
+        without every class's smaller cluster (the suspects), which then predicts every sample
+        (:func:`retrained_probs`; costs one training). It rests on no pixel similarity, so it
+        suits natural images; a smaller cluster is poisonous when at most half its members are
+        predicted as their label. Its limit is the one the paper has: when the poisons are the
+        *larger* cluster of their class, the clean cluster is left out and judged by a model
+        that never saw the class's content. Scores s_i = (1 − p_i(y_i)) · (1 − 1e-6), p_i the
+        retrained model's probabilities.
     representation : {"input", "features"}, default="input"
         Where the reclassifying vote is taken: the flattened training inputs (Euclidean), or
         the penultimate activations. Input space suits data whose pixel distances follow the
@@ -243,7 +292,8 @@ default="exclusionary_reclassification"
         (a 3×3 patch on 8×8 digits) makes triggered images each other's neighbours, and on
         natural images pixel neighbours rarely share a class; "features" is then the better
         vote for label flips, but misses learned backdoors (see ``analysis``). The search is
-        exact (scikit-learn, brute force): time grows as n² times the input size.
+        exact (blocked torch matmul on the trial's device, ``neighbours.nearest_neighbours``):
+        time grows as n² times the input size, memory stays bounded.
     k : int, default=50
         Neighbours in the vote, the default of the ``knn`` detector (Peri et al. 2020): enough
         to out-vote a group of same-label poisons that sit together, fewer than a class holds.
@@ -275,15 +325,29 @@ default="exclusionary_reclassification"
     labels = np.asarray(context.labels)
     flagged = np.zeros(len(features), dtype=bool)
     by_reclassification = analysis == "exclusionary_reclassification"
-    if by_reclassification:
+    # one thread: a class's PCA and 2-means are small (n_c x 128), and on a shared machine OpenMP / BLAS
+    # threads spin-wait for each other (5,000 x 128 class: 0.07 CPU-s on one thread, 3 CPU-s and 50 s wall on
+    # two under load 17; benchmarks/RESULTS.md, "Label-noise decisions")
+    with threadpool_limits(limits=1):
+        splits = {label: split_class(features[labels == label], n_components=n_components, reduce=reduce,
+                                     seed=seed, with_silhouette=analysis == "silhouette")
+                  for label in np.unique(labels)}
+    if by_reclassification and reclassifier == "retrain":
+        suspects = np.zeros(len(labels), dtype=bool)
+        for label, split in splits.items():
+            if split is not None:
+                suspects[np.flatnonzero(labels == label)[split.in_small]] = True
+        probs = cached_retrained_probs(context, suspects, seed)
+        predicted = probs.argmax(axis=1)
+        # strictly below 1, so that the +1 of a flagged sample puts it above every unflagged one
+        scores = (1.0 - probs[np.arange(len(labels)), labels]) * (1.0 - 1e-6)
+    elif by_reclassification:
         predicted, disagreement = cached_reclassification(context, representation, k)
         scores = disagreement * k / (k + 1)
     else:
         scores = np.zeros(len(features))
-    for label in np.unique(labels):
+    for label, split in splits.items():
         members = np.flatnonzero(labels == label)
-        split = split_class(features[members], n_components=n_components, reduce=reduce, seed=seed,
-                            with_silhouette=analysis == "silhouette")
         if split is None:
             continue
         if by_reclassification:

@@ -61,6 +61,7 @@ class DetectionContext:
     seed: int = 0
     # per-trial scratch space shared by detectors (e.g. cross-validated fold predictions)
     cache: dict = field(default_factory=dict)
+    device: str = "cpu"
 
     @cached_property
     def features(self) -> np.ndarray:

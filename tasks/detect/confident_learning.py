@@ -17,18 +17,15 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from sklearn.model_selection import StratifiedKFold
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, serial_map
+from poisonsweep.tasks.detect.label_issues import FILTERS, decide_by_cleanlab
 from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.registry import Interval, Options
 from poisonsweep.tasks.train import TrainConfig, predict_logits, train_model
 
-# cleanlab.filter.find_label_issues(filter_by=...) methods (cleanlab 2.x)
-FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
-           "low_normalized_margin", "low_self_confidence")
 # cleanlab.rank.get_label_quality_scores(method=...) methods
 RANKINGS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 
@@ -166,14 +163,14 @@ def confident_learning(context: DetectionContext, *, seed: int, folds: int = 5,
     Returns
     -------
     detection : Detection
-        ``scores`` = 1 - label quality (float64, higher = more suspicious); ``flagged`` = the
-        ``find_label_issues`` mask; ``extras["fold_of"]`` = fold id of every sample.
+        ``scores`` = 1 - label quality (float64, higher = more suspicious), the flagged ones
+        lifted by one constant so that each scores at least as high as every unflagged sample
+        (``label_issues.lift_flagged``; cleanlab prunes per class by margin, so its flags need not
+        be the lowest qualities); ``flagged`` = the ``find_label_issues`` mask on the fold
+        predictions (``label_issues.cleanlab_flags``); ``extras["fold_of"]`` = fold id of every sample.
     """
     predictions = cached_fold_predictions(context, folds, seed)
     labels = np.asarray(context.labels, dtype=np.int64)
-    # n_jobs=1: cleanlab's multiprocessing misbehaves inside workers (cleanlab #150) and a trial
-    # already runs alongside others
-    flagged = find_label_issues(labels, predictions.pred_probs, filter_by=filter_by, n_jobs=1)
     quality = get_label_quality_scores(labels, predictions.pred_probs, method=rank_by)
-    return Detection(scores=(1.0 - quality).astype(np.float64), flagged=np.asarray(flagged, dtype=bool),
-                     extras={"fold_of": predictions.fold_of.copy()})
+    scores, flagged = decide_by_cleanlab((1.0 - quality).astype(np.float64), labels, predictions.pred_probs, filter_by)
+    return Detection(scores=scores, flagged=flagged, extras={"fold_of": predictions.fold_of.copy()})

@@ -3,10 +3,15 @@
 Score = self-influence g_i^T H^{-1} g_i of the sample under its *given* label (TracIn: the sum
 over checkpoints of lr ||g_i||^2; grad_norm: ||g_i||^2). Higher = more suspicious: a mislabelled
 sample is one the model can fit only by bending towards it, so removing it would change its own
-loss the most. By default (``flag_rule="auto"``) the n highest scores are flagged, n = confident
-learning's estimate of the number of label errors from the trained model's probabilities
-(``base.label_issue_count``): self-influence ranks label noise, so the label-noise estimator sizes
-the decision. ``flag_rule="fraction"`` flags the top ``flag_fraction`` instead. Like ``loss``, the
+loss the most. By default (``flag_rule="cleanlab"``) the flags are ``cleanlab.filter.find_label_issues``
+on the trained model's in-sample probabilities (Northcutt et al., JAIR 2021;
+``label_issues.decide_by_cleanlab``), and the flagged scores are lifted by one constant so that
+they all score at least as high as every unflagged sample. Self-influence has no class
+probabilities of its own; the model it measures influence in does, and deciding with them is the
+label-noise decision of that same model (it equals the ``loss`` detector's flags, ranked by
+self-influence instead of loss). ``flag_rule="auto"`` flags the n highest scores, n = confident
+learning's estimate of the number of label errors (``base.label_issue_count``);
+``flag_rule="fraction"`` the top ``flag_fraction``. Like ``loss``, the
 score is oriented for label noise: a learned backdoor's samples are fitted easily and score low.
 
 With ``test_points`` > 0 it also returns, in ``extras["influence"]``, the ``top_k`` most harmful and
@@ -23,7 +28,8 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from poisonsweep.tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext, flag_by_rule
+from poisonsweep.tasks.detect.base import DETECTORS, FLAG_CONSTRAINTS, Detection, DetectionContext
+from poisonsweep.tasks.detect.label_issues import DEFAULT_FILTER, FILTERS, LABEL_NOISE_FLAG_RULES, decide_label_noise
 from poisonsweep.tasks.influence import (DEFAULT_DAMPING, DEFAULT_SHARD_SIZE, PARAM_SUBSETS, SOLVERS, SolverSettings,
                              fit_influence, score_influence, select_parameters, uses_head_features)
 from poisonsweep.tasks.registry import INT_LIST, NONE, ConfigError, Interval, Options
@@ -36,6 +42,8 @@ CONSTRAINTS = {
     "k": [Interval(Integral, 1)],
     "damping": [Interval(Real, 0)],
     **FLAG_CONSTRAINTS,
+    "flag_rule": [Options(LABEL_NOISE_FLAG_RULES)],
+    "filter_by": [Options(FILTERS)],
     "test_points": [Interval(Integral, 0), INT_LIST],
     "top_k": [Interval(Integral, 1)],
     "hessian_samples": [Interval(Integral, 1), NONE],
@@ -99,7 +107,8 @@ def _tracin_needs_sgd(params: dict, trial: dict) -> str | None:
 @DETECTORS.register("influence", CONSTRAINTS, tables=("influence",), trial_check=_tracin_needs_sgd,
                     needs=lambda params: {"checkpoints"} if params["solver"] == "tracin" else set())
 def detect(context: DetectionContext, *, seed: int, solver: str = "exact", params: str = "last_layer", k: int = 2,
-           damping: float = DEFAULT_DAMPING, flag_rule: str = "auto", flag_fraction: float = 0.1, test_points: int | list = 0,
+           damping: float = DEFAULT_DAMPING, flag_rule: str = "cleanlab", flag_fraction: float = 0.1,
+           filter_by: str = DEFAULT_FILTER, test_points: int | list = 0,
            top_k: int = 10, hessian_samples: int | None = None, cg_tol: float = 1e-4, cg_maxiter: int = 300,
            lissa_scale: float | str = "auto", lissa_depth: int = 1000, lissa_repeats: int = 1,
            lissa_batch_size: int = 128, arnoldi_iters: int = 100, arnoldi_rank: int = 50) -> Detection:
@@ -113,10 +122,13 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
         Layers differentiated when ``params="last_k_layers"``.
     damping : float, default=0.01
         Added to the Hessian (with ``train.weight_decay``, the L2 term of the objective).
-    flag_rule : {"auto", "fraction"}, default="auto"
-        ``"auto"``: flag as many as confident learning estimates label errors (module docstring).
+    flag_rule : {"cleanlab", "auto", "fraction"}, default="cleanlab"
+        ``"cleanlab"``: cleanlab's ``find_label_issues`` on the model's probabilities, scores
+        lifted; ``"auto"``: the top n, n = confident learning's count (module docstring).
     flag_fraction : float, default=0.1
         Share flagged with ``flag_rule="fraction"``.
+    filter_by : str, default="prune_by_noise_rate"
+        ``find_label_issues``' method with ``flag_rule="cleanlab"``.
     test_points : int or list of int, default=0
         How many test points (seeded) or which ones get a train -> test influence table.
     top_k : int, default=10
@@ -154,5 +166,6 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
     result = score_influence(payload, context.map_shards, SHARD_SIZE)
     scores = np.asarray(result.self_influence, dtype=np.float64)
     rows = influence_rows(result.test_influence, test_indices, top_k) if result.test_influence is not None else []
-    flagged = flag_by_rule(scores, flag_rule, flag_fraction, lambda: context.n_label_issues)
+    scores, flagged = decide_label_noise(scores, context, flag_rule=flag_rule, flag_fraction=flag_fraction,
+                                         filter_by=filter_by)
     return Detection(scores=scores, flagged=flagged, extras={"influence": rows})

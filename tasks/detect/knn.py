@@ -21,11 +21,16 @@ hundreds), and cheap. Raise ``k`` towards the per-class count for high poison ra
 Decision. The paper removes every sample whose label is not its neighbours' plurality label
 (``flag_rule="plurality"``). That also removes every clean sample on a class boundary, which at
 low poison rates outnumbers the poisons (MNIST 7,500, one-shift 1 %: 220 flags for 75 poisons,
-benchmarks/RESULTS.md §9). The default ``flag_rule="auto"`` sizes the decision with confident
-learning instead: the neighbours' vote shares are out-of-sample class probabilities (the sample
-never votes for itself), so cleanlab's estimate of the number of label errors from them
-(``base.label_issue_count``, Northcutt et al. 2021) says how many to flag, and the highest
-disagreement scores are flagged.
+benchmarks/RESULTS.md §9). The default ``flag_rule="cleanlab"`` is confident learning's filter
+on the neighbours' vote shares instead: they are out-of-sample class probabilities (the sample
+never votes for itself), so ``cleanlab.filter.find_label_issues`` (its default
+``prune_by_noise_rate``; Northcutt, Jiang & Chuang, JAIR 2021) decides on them as on any
+held-out probabilities, pruning per given label by the margin of the out-voting class.
+``flag_rule="auto"`` flags the highest disagreement scores, as many as cleanlab counts label
+errors in the same shares (``base.label_issue_count``). Whatever the rule, a flagged sample's
+score is lifted by one constant where needed so that it is at least every unflagged score
+(``label_issues.lift_flagged``): the cleanlab and plurality flags are not always the top
+disagreement shares.
 """
 
 from __future__ import annotations
@@ -33,35 +38,17 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from cleanlab.filter import find_label_issues
-from sklearn.neighbors import NearestNeighbors
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
+from poisonsweep.tasks.detect.label_issues import decide_by_cleanlab, lift_flagged
+from poisonsweep.tasks.detect.neighbours import nearest_neighbours
 from poisonsweep.tasks.registry import BelowData, Options, TrialWarning
 
-KNN_FLAG_RULES = ("auto", "plurality", "cleanlab")
+KNN_FLAG_RULES = ("cleanlab", "auto", "plurality")
 
 # The tie-break term is at most this share of one neighbour's vote (1/k), so it orders samples
 # with equal disagreement shares and never reorders samples whose shares differ.
 TIE_BREAK_WEIGHT = 1e-3
-
-
-def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distances and indices of the ``k`` nearest other samples of every sample.
-
-    Parameters
-    ----------
-    features : ndarray of shape (n_samples, n_features)
-    k : int
-        Neighbours per sample; must be below n_samples.
-
-    Returns
-    -------
-    distances, indices : ndarrays of shape (n_samples, k), nearest first. Sample i never appears
-        in row i (scikit-learn drops the query point when ``kneighbors`` is called without X).
-    """
-    search = NearestNeighbors(n_neighbors=k, metric="euclidean").fit(features)
-    return search.kneighbors(return_distance=True)
 
 
 def vote_counts(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -124,7 +111,7 @@ def disagreement_scores(distances: np.ndarray, disagrees: np.ndarray) -> np.ndar
 
 
 def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
-             flag_rule: str = "auto") -> Detection:
+             flag_rule: str = "cleanlab", device: str = "cpu") -> Detection:
     """Deep k-NN scores and flags on given features (the pure part of the ``knn`` detector).
 
     Parameters
@@ -137,17 +124,18 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
         Neighbours per sample; lowered to n_samples - 1 when the set is smaller, with a
         ``TrialWarning`` (the value used is returned in ``extras["k"]``). A sweep refuses such a
         ``k`` before any trial starts (its ``BelowData`` constraint).
-    flag_rule : {"auto", "plurality", "cleanlab"}, default="auto"
-        ``"plurality"``: the paper's rule; ``"auto"``: the top n scores, n = confident learning's
-        count of label errors from the neighbours' vote shares (module docstring); ``"cleanlab"``:
-        cleanlab's own decision on those vote shares (``find_label_issues``, its default
-        ``prune_by_noise_rate``), which ranks by the margin of the out-voting class, as the
-        plurality rule does, rather than by the pooled disagreement share.
+    flag_rule : {"cleanlab", "auto", "plurality"}, default="cleanlab"
+        ``"cleanlab"``: cleanlab's own decision on the neighbours' vote shares
+        (``find_label_issues``, its default ``prune_by_noise_rate``), which ranks by the margin
+        of the out-voting class, as the plurality rule does, rather than by the pooled
+        disagreement share; ``"auto"``: the top n scores, n = confident learning's count of label
+        errors from those shares; ``"plurality"``: the paper's rule (module docstring).
 
     Returns
     -------
     detection : Detection
-        ``scores`` (float64, higher = more suspicious) from :func:`disagreement_scores`;
+        ``scores`` (float64, higher = more suspicious) from :func:`disagreement_scores`, the
+        flagged ones lifted to the unflagged maximum where lower (``label_issues.lift_flagged``);
         ``flagged`` by ``flag_rule``;
         ``extras["plurality_label"]`` and ``extras["k"]``.
     """
@@ -160,7 +148,7 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
         warnings.warn(TrialWarning(
             f"knn k={k} is not below the {n} samples it votes over: used k={k_used}, so every sample's neighbours "
             "are all the others and the votes say little; set detectors[].params.k below the training samples"), stacklevel=2)
-    distances, indices = nearest_neighbours(np.asarray(features, dtype=np.float64), k_used)
+    distances, indices = nearest_neighbours(np.asarray(features, dtype=np.float64), k_used, device=device)
     neighbour_labels = labels[indices]
     plurality = plurality_labels(neighbour_labels, num_classes)
     scores = disagreement_scores(distances, neighbour_labels != labels[:, None])
@@ -168,10 +156,12 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
     if flag_rule == "plurality":
         flagged = plurality != labels
     elif flag_rule == "cleanlab":
-        flagged = find_label_issues(labels, shares, filter_by="prune_by_noise_rate", n_jobs=1)
-    else:
+        scores, flagged = decide_by_cleanlab(scores, labels, shares)
+    elif flag_rule == "auto":
         flagged = flag_top_n(scores, label_issue_count(labels, shares))
-    return Detection(scores=scores, flagged=flagged,
+    else:
+        raise ValueError(f"knn flag_rule must be one of {KNN_FLAG_RULES}; got {flag_rule!r}")
+    return Detection(scores=lift_flagged(scores, flagged), flagged=flagged,
                      extras={"plurality_label": plurality, "k": k_used})
 
 
@@ -180,7 +170,7 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
     {"k": [BelowData(low=1, of="train_samples")], "flag_rule": [Options(KNN_FLAG_RULES)]},
     help="Deep k-NN (Peri et al. 2020): share of the k nearest neighbours whose label disagrees",
 )
-def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "auto") -> Detection:
+def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "cleanlab") -> Detection:
     """Deep k-NN on the penultimate features of the trained model.
 
     Parameters
@@ -190,10 +180,10 @@ def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "
         Unused: the search is exact and deterministic.
     k : int, default=50
         Neighbours per sample (see the module docstring for the choice).
-    flag_rule : {"auto", "plurality", "cleanlab"}, default="auto"
-        ``"auto"``: flag as many as confident learning counts label errors in the neighbours'
-        votes; ``"plurality"``: the paper's plurality label != given label; ``"cleanlab"``:
-        cleanlab's ``find_label_issues`` on the vote shares (see :func:`deep_knn`).
+    flag_rule : {"cleanlab", "auto", "plurality"}, default="cleanlab"
+        ``"cleanlab"``: cleanlab's ``find_label_issues`` on the vote shares; ``"auto"``: flag as
+        many as confident learning counts label errors in them; ``"plurality"``: the paper's
+        plurality label != given label (see :func:`deep_knn`).
 
     Returns
     -------
@@ -201,4 +191,4 @@ def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "
         Score = share of the k neighbours whose label differs from the given label (plus a
         closeness tie-break below 1/k); ``flagged`` by ``flag_rule``.
     """
-    return deep_knn(context.features, context.labels, context.num_classes, k, flag_rule)
+    return deep_knn(context.features, context.labels, context.num_classes, k, flag_rule, device=context.device)
