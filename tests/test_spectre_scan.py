@@ -69,7 +69,7 @@ def test_spectre_sees_a_low_rate_signal_that_spectral_signatures_misses(seed):
 
 def test_spectre_flags_the_papers_budget_per_class_and_most_planted_points():
     features, labels, planted = low_rate_anisotropic(2)
-    detection = spectre(context_with_features(features, labels), seed=0, eps=0.05)
+    detection = spectre(context_with_features(features, labels), seed=0, eps=0.05, flag_rule="fraction")
     for label in range(3):
         assert detection.flagged[labels == label].sum() == round(1.5 * 0.05 * 200)
     assert detection.flagged[planted].mean() >= 0.8
