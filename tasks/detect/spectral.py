@@ -45,7 +45,7 @@ EPS_MULTIPLIER = 1.5
 OUTLIER_BOUND_BETA = 3.3
 
 __all__ = ["EPS_MULTIPLIER", "OUTLIER_BOUND_BETA", "spectral_projections", "spectral_scores", "spectral_flags",
-           "spectral_outlier_flags", "class_z_scores", "outlier_count", "flag_outliers", "spectral_signature"]
+           "spectral_outlier_flags", "class_z_scores", "outlier_count", "flag_outliers", "spectral_outlier_count", "spectral_signature"]
 
 
 def spectral_projections(features: np.ndarray, labels: np.ndarray, *, device=None) -> np.ndarray:
@@ -155,10 +155,10 @@ def outlier_count(p_values: np.ndarray, beta: float = OUTLIER_BOUND_BETA) -> int
     n = len(p)
     if n == 0:
         return 0
-    ranks = np.arange(1, n + 1)
     inside = (p >= 1 / n) & (p <= 0.5)
-    bound = (ranks - n * p - beta * np.sqrt(n * p * (1 - p))) / (1 - p)
-    return int(max(0, math.ceil(np.max(bound[inside], initial=0.0))))
+    ranks, t = np.arange(1, n + 1)[inside], p[inside]
+    bound = (ranks - n * t - beta * np.sqrt(n * t * (1 - t))) / (1 - t)
+    return int(max(0, math.ceil(np.max(bound, initial=0.0))))
 
 
 def flag_outliers(z: np.ndarray, *, two_sided: bool) -> np.ndarray:
@@ -166,6 +166,14 @@ def flag_outliers(z: np.ndarray, *, two_sided: bool) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     p = 2 * norm.sf(np.abs(z)) if two_sided else norm.sf(z)
     return flag_top_n(np.abs(z) if two_sided else z, outlier_count(p))
+
+
+def spectral_outlier_count(features: np.ndarray, labels: np.ndarray, *, device=None) -> int:
+    """How many samples ``spectral_signature``'s default rule flags: the Meinshausen-Rice count of the
+    two-sided p-values of the per-class modified z-scores of the top-direction projections."""
+    labels = np.asarray(labels)
+    z = class_z_scores(spectral_projections(features, labels, device=device), labels)
+    return outlier_count(2 * norm.sf(np.abs(z)))
 
 
 @DETECTORS.register(

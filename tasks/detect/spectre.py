@@ -37,7 +37,7 @@ import torch
 
 from poisonsweep.tasks.detect import linalg
 from poisonsweep.tasks.detect.base import DETECTORS, FLAG_RULES, Detection, DetectionContext, flag_top_n
-from poisonsweep.tasks.detect.spectral import EPS_MULTIPLIER, class_z_scores, flag_outliers, spectral_flags
+from poisonsweep.tasks.detect.spectral import EPS_MULTIPLIER, class_z_scores, spectral_flags, spectral_outlier_count
 from poisonsweep.tasks.registry import Interval, Options
 
 __all__ = ["que_scores", "robust_selection", "spectre_class", "spectre_scores", "spectre_z_scores", "spectre"]
@@ -211,25 +211,33 @@ def spectre_class(features, n_poison: float, *, alpha: float = QUE_ALPHA,
     return scores, k, statistic
 
 
-def spectre_scores(features: np.ndarray, labels: np.ndarray, *, eps: float, alpha: float = QUE_ALPHA,
-                   device=None) -> np.ndarray:
-    """Per-class SPECTRE QUE scores, each divided by its class mean; higher = more suspicious.
+def spectre_classes(features: np.ndarray, labels: np.ndarray, *, eps: float, alpha: float = QUE_ALPHA,
+                    device=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class SPECTRE QUE scores, each divided by its class mean, and each class's QUE statistic
+    tr(Σ′M)/tr(M) at its chosen k (0 for a class too small to whiten), in ``np.unique(labels)`` order.
 
     The within-class ranking is SPECTRE's. Classes with too few samples or no spread to whiten
     (fewer than 4 samples) score 0. The features go to ``device`` once; each class is a slice there.
     """
     x = linalg.as_tensor(features, device)
     labels = np.asarray(labels)
-    scores = np.zeros(len(x))
-    for label in np.unique(labels):
+    classes = np.unique(labels)
+    scores, statistics = np.zeros(len(x)), np.zeros(len(classes))
+    for c, label in enumerate(classes):
         members = np.flatnonzero(labels == label)
         class_features = x[torch.as_tensor(members, device=x.device)]
         if len(members) < 4 or bool(torch.all(class_features == class_features[0])):
             continue
-        class_scores, _, _ = spectre_class(class_features, eps * len(members), alpha=alpha)
+        class_scores, _, statistics[c] = spectre_class(class_features, eps * len(members), alpha=alpha)
         mean = class_scores.mean()
         scores[members] = class_scores / mean if mean > 0 else 0.0
-    return scores
+    return scores, statistics
+
+
+def spectre_scores(features: np.ndarray, labels: np.ndarray, *, eps: float, alpha: float = QUE_ALPHA,
+                   device=None) -> np.ndarray:
+    """The QUE scores of :func:`spectre_classes`; higher = more suspicious."""
+    return spectre_classes(features, labels, eps=eps, alpha=alpha, device=device)[0]
 
 
 def spectre_z_scores(que: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -258,8 +266,12 @@ def spectre(context: DetectionContext, *, seed: int, flag_rule: str = "auto", ep
         Unused: the method is deterministic (its eigen-solver starts from a fixed vector).
     flag_rule : {"auto", "fraction"}, default="auto"
         ``"auto"``: the scores are :func:`spectre_z_scores` (one scale for every class) and the
-        flags their one-sided outliers by the Meinshausen-Rice count (``spectral.flag_outliers``),
-        an estimate of the contamination, not a budget. ``"fraction"``: the paper's rule, the top
+        flags the top N̂ of them, N̂ the contamination ``spectral_signature`` estimates
+        (``spectral.spectral_outlier_count``: the Meinshausen-Rice count of outlying top-direction
+        projections), an estimate, not a budget. SPECTRE's own QUE scores cannot give that count:
+        its filter removes its full 2·eps·n_y on real features (MNIST keras_cnn, every class), so a
+        tenth of every class lies far outside the robust covariance and any tail count of the QUE
+        scores flags about 15 % of the data whatever the contamination. ``"fraction"``: the paper's rule, the top
         round(1.5·eps·n_y) QUE scores of every class (as ``spectral_signature``), scored by QUE
         score over its class mean (a flagged sample outscores the unflagged ones of its class).
     eps : float, default=0.1
@@ -278,5 +290,6 @@ def spectre(context: DetectionContext, *, seed: int, flag_rule: str = "auto", ep
     que = spectre_scores(context.features, labels, eps=eps, alpha=alpha, device=context.device)
     if flag_rule == "auto":
         scores = spectre_z_scores(que, labels)
-        return Detection(scores=scores, flagged=flag_outliers(scores, two_sided=False))
+        count = spectral_outlier_count(context.features, labels, device=context.device)
+        return Detection(scores=scores, flagged=flag_top_n(scores, count))
     return Detection(scores=que, flagged=spectral_flags(que, labels, eps))
