@@ -45,7 +45,8 @@ EPS_MULTIPLIER = 1.5
 OUTLIER_BOUND_BETA = 3.3
 
 __all__ = ["EPS_MULTIPLIER", "OUTLIER_BOUND_BETA", "spectral_projections", "spectral_scores", "spectral_flags",
-           "spectral_outlier_flags", "class_z_scores", "outlier_count", "flag_outliers", "spectral_outlier_count", "spectral_signature"]
+           "spectral_outlier_flags", "class_z_scores", "outlier_count", "flag_outliers", "spectral_outlier_count",
+           "spectral_signature"]
 
 
 def spectral_projections(features: np.ndarray, labels: np.ndarray, *, device=None) -> np.ndarray:
