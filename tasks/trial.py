@@ -194,7 +194,7 @@ def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callab
         model=model, x_train=poisoned.x_train, labels=poisoned.labels.numpy(), num_classes=data.num_classes,
         model_name=model_cfg["name"], model_params=model_cfg.get("params") or {}, train_config=train_config,
         x_test=data.x_test, y_test=data.y_test.numpy(), map_shards=map_shards, checkpoints=history.checkpoints,
-        sample_losses=history.sample_losses, seed=seed,
+        sample_losses=history.sample_losses, seed=seed, device=str(resolve_device(train_config.device)),
     )
     detections: dict[str, Detection] = {}
     tables: dict[str, list[dict]] = {"detections": [], "scores": [], "unlearning": []}

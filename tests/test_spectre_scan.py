@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -10,7 +11,7 @@ from poisonsweep.engine.config import build_sweep
 from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext
 from poisonsweep.tasks.detect.scan import THRESHOLD, anomaly_index, scan, scan_classes
 from poisonsweep.tasks.detect.spectral import spectral_scores
-from poisonsweep.tasks.detect.spectre import que_scores, robust_selection, spectre, spectre_scores
+from poisonsweep.tasks.detect.spectre import que_scores, robust_selection, spectre, spectre_class, spectre_scores
 from poisonsweep.tasks.trial import run_trial
 
 
@@ -69,7 +70,7 @@ def test_spectre_sees_a_low_rate_signal_that_spectral_signatures_misses(seed):
 
 def test_spectre_flags_the_papers_budget_per_class_and_most_planted_points():
     features, labels, planted = low_rate_anisotropic(2)
-    detection = spectre(context_with_features(features, labels), seed=0, eps=0.05)
+    detection = spectre(context_with_features(features, labels), seed=0, eps=0.05, flag_rule="fraction")
     for label in range(3):
         assert detection.flagged[labels == label].sum() == round(1.5 * 0.05 * 200)
     assert detection.flagged[planted].mean() >= 0.8
@@ -168,3 +169,99 @@ def test_spectre_and_scan_run_from_a_config_on_digits():
     rows = {row["detector"]: row for row in result.tables["detections"]}
     assert set(rows) == {"spectre", "scan"}
     assert len(result.tables["scores"]) == 2 * 400
+
+
+# ------------------------------------------------------------------ torch against the numpy implementation (issue 25)
+# tests/numpy_reference.py is a frozen copy of the numpy/ARPACK code these detectors ran before.
+# Tolerances: the linear algebra is the same up to float64 rounding (1e-9 relative); SPECTRE's
+# fourth-moment eigenpair is found to the same EIG_TOL = 1e-3 by Lanczos instead of ARPACK, which on
+# these inputs leaves the filter's choices, hence the scores, equal to 1e-6.
+
+import numpy_reference  # noqa: E402
+
+from poisonsweep.tasks.detect import linalg  # noqa: E402
+from poisonsweep.tasks.detect.spectral import outlier_count, spectral_projections, spectral_signature  # noqa: E402
+
+
+def test_spectral_projections_equal_the_numpy_implementation():
+    features, labels, _ = low_rate_anisotropic(4)
+    features = np.concatenate([features, np.random.default_rng(4).normal(size=(5, 24))])  # a class with n < d
+    labels = np.concatenate([labels, np.full(5, 3)])
+    np.testing.assert_allclose(np.abs(spectral_projections(features, labels)),
+                               np.abs(numpy_reference.spectral_projections(features, labels)), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed, same_path", [(1, True), (2, True), (0, False)])
+def test_spectre_class_equals_the_numpy_arpack_implementation(seed, same_path):
+    # where two eigenvalues of the fourth-moment operator nearly tie, ARPACK and Lanczos return
+    # different (equally valid, to EIG_TOL) directions and the filter may drop different points
+    # (seeds 0 and 5 of 0-5 here; none of the classes of one MNIST keras_cnn trial checked, 1e-10):
+    # there the ranking agrees instead
+    features, labels, planted = low_rate_anisotropic(seed)
+    x = features[labels == 0]
+    scores, k, statistic = spectre_class(x, 20.0)
+    old_scores, old_k, old_statistic = numpy_reference.spectre_class(x, 20.0)
+    assert k == old_k
+    if same_path:
+        np.testing.assert_allclose(scores, old_scores, rtol=1e-6)
+        assert statistic == pytest.approx(old_statistic, rel=1e-6)
+    else:
+        assert spearmanr(scores, old_scores)[0] >= 0.95
+        in_class = planted[labels == 0]
+        assert abs(roc_auc_score(in_class, scores) - roc_auc_score(in_class, old_scores)) <= 0.01
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_scan_classes_equal_the_numpy_implementation(seed):
+    features, labels, _ = relabelled_class(seed)
+    new, old = scan_classes(features, labels, seed=seed), numpy_reference.scan_classes(features, labels, seed=seed)
+    np.testing.assert_array_equal(new["group"], old["group"])
+    np.testing.assert_allclose(new["index"], old["index"], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(new["distance"], old["distance"], rtol=1e-9)
+
+
+def test_lanczos_top_eigenpair_matches_a_dense_solve_and_blocked_moments_match_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 60))
+    a = a @ a.T
+    matrix = torch.as_tensor(a)
+    value, vector = linalg.top_eigenpair(lambda v: matrix @ v, torch.ones(60, dtype=torch.float64), tol=1e-10,
+                                         max_restarts=50)
+    assert value == pytest.approx(np.linalg.eigvalsh(a)[-1], rel=1e-9)
+    assert float(torch.linalg.vector_norm(matrix @ vector - value * vector)) <= 1e-8 * value
+    x = rng.normal(size=(20000, 7))
+    old_block = linalg.BLOCK_ROWS
+    linalg.BLOCK_ROWS = 999  # several blocks
+    try:
+        np.testing.assert_allclose(linalg.centred_covariance(torch.as_tensor(x)).numpy(), np.cov(x, rowvar=False),
+                                   rtol=1e-10, atol=1e-12)
+    finally:
+        linalg.BLOCK_ROWS = old_block
+
+
+# ------------------------------------------------------------------ contamination-adaptive flags (issue 24, point 4)
+
+def test_outlier_count_is_a_lower_bound_that_finds_a_planted_excess():
+    rng = np.random.default_rng(0)
+    null = rng.random(5000)
+    assert outlier_count(null) <= 5
+    planted = np.concatenate([null[:4800], rng.random(200) * 1e-3])  # 200 non-null p-values below 0.001
+    assert 150 <= outlier_count(planted) <= 200
+
+
+@pytest.mark.parametrize("share", [0.02, 0.1])
+def test_spectral_and_spectre_default_flags_adapt_to_the_planted_share(share):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), 300)
+    features = rng.normal(size=(len(labels), 16))
+    planted = np.zeros(len(labels), dtype=bool)
+    for label in range(4):  # every class holds a shifted cluster of `share` of its samples
+        chosen = rng.choice(np.flatnonzero(labels == label), int(share * 300), replace=False)
+        features[chosen] += 6.0 * rng.normal(size=16) / 4
+        planted[chosen] = True
+    context = context_with_features(features, labels)
+    for detection in (spectral_signature(context, seed=0), spectre(context, seed=0)):
+        n_flagged = detection.flagged.sum()
+        assert planted.sum() * 0.5 <= n_flagged <= 2 * planted.sum()
+        assert planted[detection.flagged].mean() >= 0.7
+        assert detection.scores[detection.flagged].min() >= detection.scores[~detection.flagged].max()

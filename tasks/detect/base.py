@@ -61,7 +61,8 @@ class DetectionContext:
     seed: int = 0
     # per-trial scratch space shared by detectors (e.g. cross-validated fold predictions)
     cache: dict = field(default_factory=dict)
-    device: str = "cpu"
+    # where detectors run their heavy linear algebra (torch): the trial's training device; None = CPU
+    device: str | None = None
 
     @cached_property
     def features(self) -> np.ndarray:

@@ -36,7 +36,7 @@ def block_rows(n: int, itemsize: int, max_bytes: int = MAX_BLOCK_BYTES) -> int:
     return max(1, min(n, max_bytes // max(1, n * itemsize)))
 
 
-def nearest_neighbours(points: np.ndarray | torch.Tensor, k: int, *, device: str | torch.device = "cpu",
+def nearest_neighbours(points: np.ndarray | torch.Tensor, k: int, *, device: str | torch.device | None = "cpu",
                        max_block_bytes: int = MAX_BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Distances and indices of the ``k`` nearest other samples of every sample, nearest first.
 
@@ -44,7 +44,7 @@ def nearest_neighbours(points: np.ndarray | torch.Tensor, k: int, *, device: str
     measured faster there than torch: 0.42 against 0.61-1.1 CPU-seconds for 6,250 x 128, k = 50);
     on an accelerator :func:`blocked_nearest_neighbours`. Both are exact; see the module docstring.
     """
-    device = torch.device(device)
+    device = torch.device(device or "cpu")  # None: the CPU, as DetectionContext.device means
     if device.type == "cpu":
         from sklearn.neighbors import NearestNeighbors
 
@@ -76,7 +76,7 @@ def blocked_nearest_neighbours(points: np.ndarray | torch.Tensor, k: int, *, dev
     distances : ndarray of shape (n_samples, k), float64
     indices : ndarray of shape (n_samples, k), int64. Sample i never appears in row i.
     """
-    device = torch.device(device)
+    device = torch.device(device or "cpu")
     dtype = search_dtype(device)
     x = torch.as_tensor(np.asarray(points) if not isinstance(points, torch.Tensor) else points)
     x = x.reshape(len(x), -1).to(device=device, dtype=dtype)

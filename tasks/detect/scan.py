@@ -54,7 +54,9 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
+import torch
 
+from poisonsweep.tasks.detect import linalg
 from poisonsweep.tasks.detect.activation_clustering import (REPRESENTATIONS, cached_reclassification,
                                                              judge_by_reclassification)
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
@@ -73,45 +75,56 @@ SUBGROUP_RULES = ("reclassification", "smaller")
 
 @dataclass
 class GlobalModel:
-    identity_cov: np.ndarray  # S_μ, (d, d)
-    variation_cov: np.ndarray  # S_ε, (d, d)
-    precision: np.ndarray  # F = pinv(S_ε)
+    identity_cov: torch.Tensor  # S_μ, (d, d)
+    variation_cov: torch.Tensor  # S_ε, (d, d)
+    precision: torch.Tensor  # F = pinv(S_ε)
 
 
-def _posterior_identity(sums: np.ndarray, count: int, identity_cov: np.ndarray, variation_cov: np.ndarray,
-                        precision: np.ndarray) -> np.ndarray:
-    """E[μ | the class's samples] = S_ε (n S_μ + S_ε)⁻¹ S_μ F · Σ_i x_i, as in the toolkits' E-step."""
-    gain = np.linalg.pinv(count * identity_cov + variation_cov) @ identity_cov @ precision
-    return variation_cov @ gain @ sums
+def _posterior_identities(sums: torch.Tensor, counts: torch.Tensor, identity_cov: torch.Tensor,
+                          variation_cov: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """E[μ_c | class c's samples] = S_ε (n_c S_μ + S_ε)⁻¹ S_μ F · Σ_i x_i for every class c at once
+    (the toolkits' E-step; one batched pseudo-inverse): (classes, d)."""
+    gains = torch.linalg.pinv(counts[:, None, None] * identity_cov + variation_cov) @ (identity_cov @ precision)
+    return (variation_cov @ gains @ sums[:, :, None])[:, :, 0]
 
 
-def fit_global_model(features: np.ndarray, labels: np.ndarray) -> GlobalModel:
-    """S_μ and S_ε by EM over every class (features centred on their overall mean)."""
-    x = features - features.mean(axis=0)
+def _spread(identities: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """``np.cov(identities[inverse], rowvar=False)`` without the (n, d) copy: each class's identity
+    weighted by its count."""
+    mean = (counts[:, None] * identities).sum(dim=0) / total
+    centred = identities - mean
+    return linalg.second_moment(centred, counts) / (total - 1)
+
+
+def fit_global_model(features, labels: np.ndarray) -> GlobalModel:
+    """S_μ and S_ε by EM over every class (features centred on their overall mean), in torch on the
+    device of ``features`` (a numpy array runs on the CPU)."""
+    features = linalg.as_tensor(features, features.device if torch.is_tensor(features) else None)
+    x = features - features.mean(dim=0)
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    sums = np.zeros((len(classes), x.shape[1]))
-    np.add.at(sums, inverse, x)
+    inverse = torch.as_tensor(inverse, device=x.device)
+    counts = torch.as_tensor(counts, dtype=x.dtype, device=x.device)
+    sums = x.new_zeros((len(classes), x.shape[1])).index_add_(0, inverse, x)
     identities = sums / counts[:, None]
-    identity_cov = np.cov(identities[inverse], rowvar=False)
-    variation_cov = np.cov(x - identities[inverse], rowvar=False)
+    identity_cov = _spread(identities, counts, len(x))
+    variation_cov = linalg.centred_covariance(x - identities[inverse])
     for _ in range(MAX_ITERATIONS):
-        precision = np.linalg.pinv(variation_cov)
-        identities = np.stack([_posterior_identity(sums[c], counts[c], identity_cov, variation_cov, precision)
-                               for c in range(len(classes))])
-        new_identity = np.cov(identities[inverse], rowvar=False)
-        new_variation = np.cov(x - identities[inverse], rowvar=False)
-        change = np.linalg.norm(new_identity - identity_cov) + np.linalg.norm(new_variation - variation_cov)
+        precision = torch.linalg.pinv(variation_cov)
+        identities = _posterior_identities(sums, counts, identity_cov, variation_cov, precision)
+        new_identity = _spread(identities, counts, len(x))
+        new_variation = linalg.centred_covariance(x - identities[inverse])
+        change = float(torch.linalg.norm(new_identity - identity_cov) + torch.linalg.norm(new_variation - variation_cov))
         identity_cov, variation_cov = new_identity, new_variation
         if change <= TOLERANCE:
             break
-    return GlobalModel(identity_cov, variation_cov, np.linalg.pinv(variation_cov))
+    return GlobalModel(identity_cov, variation_cov, torch.linalg.pinv(variation_cov))
 
 
-def split_class(x: np.ndarray, precision: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def split_class(x: torch.Tensor, precision: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
     """Two-subgroup EM of one class; True for the members of subgroup 1.
 
-    Starts from a random assignment and alternates subgroup means and the linear discriminant
-    until the assignment (or its complement) repeats.
+    Starts from a random assignment (drawn by ``rng`` in numpy, as before the move to torch) and
+    alternates subgroup means and the linear discriminant until the assignment (or its complement) repeats.
     """
     n = len(x)
     group = rng.random(n) >= 0.5
@@ -121,9 +134,10 @@ def split_class(x: np.ndarray, precision: np.ndarray, rng: np.random.Generator) 
     for _ in range(MAX_ITERATIONS):
         if group.all() or not group.any():
             break
-        u1, u2 = x[group].mean(axis=0), x[~group].mean(axis=0)
+        mask = torch.as_tensor(group, device=x.device)
+        u1, u2 = x[mask].mean(dim=0), x[~mask].mean(dim=0)
         bias = u1 @ precision @ u1 - u2 @ precision @ u2
-        new = bias - 2 * (x @ precision @ (u1 - u2)) < 0
+        new = (bias - 2 * (x @ (precision @ (u1 - u2))) < 0).cpu().numpy()
         if previous is not None and (np.array_equal(new, previous) or np.array_equal(new, ~previous)):
             group = new
             break
@@ -131,17 +145,19 @@ def split_class(x: np.ndarray, precision: np.ndarray, rng: np.random.Generator) 
     return group
 
 
-def split_statistic(x: np.ndarray, group: np.ndarray, model: GlobalModel) -> float:
+def split_statistic(x: torch.Tensor, group: np.ndarray, model: GlobalModel) -> float:
     """The per-sample log-likelihood ratio J of two subgroups against one identity (``calc_test``)."""
     n = len(x)
     precision = model.precision
-    mu = _posterior_identity(x.sum(axis=0), n, model.identity_cov, model.variation_cov, precision)
-    means = [x[group].mean(axis=0) if group.any() else mu, x[~group].mean(axis=0) if (~group).any() else mu]
+    count = torch.tensor([n], dtype=x.dtype, device=x.device)
+    mu = _posterior_identities(x.sum(dim=0)[None], count, model.identity_cov, model.variation_cov, precision)[0]
+    mask = torch.as_tensor(group, device=x.device)
     statistic = 0.0
-    for members, u in ((group, means[0]), (~group, means[1])):
-        count = int(members.sum())
-        statistic += count * (mu @ precision @ mu - u @ precision @ u)
-        statistic -= 2 * float(x[members].sum(axis=0) @ precision @ (mu - u))
+    for members in (mask, ~mask):
+        size = int(members.sum())
+        u = x[members].mean(dim=0) if size else mu
+        statistic += size * float(mu @ precision @ mu - u @ precision @ u)
+        statistic -= 2 * float(x[members].sum(dim=0) @ precision @ (mu - u))
     return statistic / n
 
 
@@ -153,35 +169,37 @@ def anomaly_index(values: np.ndarray) -> np.ndarray:
     return (scaled - median) / mad if mad > 0 else np.zeros_like(scaled)
 
 
-def best_split(x: np.ndarray, model: GlobalModel, rng: np.random.Generator,
+def best_split(x: torch.Tensor, model: GlobalModel, rng: np.random.Generator,
                starts: int = SPLIT_STARTS) -> np.ndarray:
     """The two-subgroup split of one class with the largest statistic J over ``starts`` random starts."""
     splits = [split_class(x, model.precision, rng) for _ in range(starts)]
     return max(splits, key=lambda group: split_statistic(x, group, model))
 
 
-def scan_classes(features: np.ndarray, labels: np.ndarray, *, seed: int) -> dict:
+def scan_classes(features: np.ndarray, labels: np.ndarray, *, seed: int, device=None) -> dict:
     """Global models, per-class splits and statistics: ``{"classes", "index": J* per class,
     "group": each sample's subgroup (bool) in its class's split, "model": the subgroup-level model,
-    "distance": each sample's squared Mahalanobis distance from its class's mean under that model}``."""
-    features = np.asarray(features, dtype=np.float64)
+    "distance": each sample's squared Mahalanobis distance from its class's mean under that model}``.
+    The linear algebra runs in torch on ``device``."""
+    features = linalg.as_tensor(features, device)
     classes, inverse = np.unique(np.asarray(labels), return_inverse=True)
-    x = features - features.mean(axis=0)
+    x = features - features.mean(dim=0)
     class_model = fit_global_model(features, inverse)
     rng = np.random.default_rng(seed)
     group = np.zeros(len(inverse), dtype=bool)
     members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
-    for rows in members:
+    rows_of = [torch.as_tensor(rows, device=x.device) for rows in members]
+    for rows, index in zip(members, rows_of):
         if len(rows) >= 2:
-            group[rows] = best_split(x[rows], class_model, rng)
+            group[rows] = best_split(x[index], class_model, rng)
     # the same splits scored under a model whose identities are the subgroups (see the module's notes)
     model = fit_global_model(features, 2 * inverse + group)
-    statistics = np.array([split_statistic(x[rows], group[rows], model) if len(rows) >= 2 else 0.0
-                           for rows in members])
+    statistics = np.array([split_statistic(x[index], group[rows], model) if len(rows) >= 2 else 0.0
+                           for rows, index in zip(members, rows_of)])
     distance = np.zeros(len(inverse))
-    for rows in members:
-        offsets = x[rows] - x[rows].mean(axis=0)
-        distance[rows] = np.einsum("ij,jk,ik->i", offsets, model.precision, offsets)
+    for rows, index in zip(members, rows_of):
+        offsets = x[index] - x[index].mean(dim=0)
+        distance[rows] = ((offsets @ model.precision) * offsets).sum(dim=1).cpu().numpy()
     return {"classes": classes, "index": anomaly_index(statistics), "group": group, "model": model,
             "distance": distance}
 
@@ -245,10 +263,10 @@ def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, 
         module's notes).
     """
     labels = np.asarray(context.labels)
-    result = scan_classes(context.features, labels, seed=seed)
+    result = scan_classes(context.features, labels, seed=seed, device=context.device)
     flagged = poisonous_subgroups(
         result, labels, result["index"] > threshold, rule=subgroup,
         reclassify=lambda: cached_reclassification(context, representation, k)[0])
     distance = result["distance"]
-    expected = max(np.linalg.matrix_rank(result["model"].precision), 1)  # E[m] under the model
+    expected = max(int(torch.linalg.matrix_rank(result["model"].precision)), 1)  # E[m] under the model
     return Detection(scores=flagged + distance / (distance + expected), flagged=flagged)
