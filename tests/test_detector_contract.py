@@ -16,7 +16,6 @@ from poisonsweep.tasks.train import TrainConfig, train_model
 
 # detectors whose decision issue 24 gives to another helper (NAME=noise) and that fail the contract
 # today (cleanlab's filter flags by per-class thresholds its ranking does not follow)
-NOT_YET = {"confident_learning"}
 
 
 @pytest.fixture(scope="module", params=[("badnets", {"target": 0, "mode": "all_to_one"}), ("one_shift", {"shift": 1})],
@@ -34,13 +33,7 @@ def trained_context(request):
                 y_test=data.y_test.numpy(), checkpoints=history.checkpoints, sample_losses=history.sample_losses)
 
 
-def marked(name: str):
-    if name in NOT_YET:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="decision owned by issue 24 pt 2-3"))
-    return name
-
-
-@pytest.mark.parametrize("name", [marked(name) for name in DETECTORS.names()])
+@pytest.mark.parametrize("name", DETECTORS.names())
 def test_flags_are_the_top_scores_and_scores_are_well_formed(trained_context, name):
     torch.manual_seed(0)
     detection = DETECTORS.get(name).fn(DetectionContext(**trained_context), seed=0)
