@@ -131,16 +131,21 @@ def spectral_outlier_flags(projections: np.ndarray, labels: np.ndarray) -> np.nd
     return flagged
 
 
+Z_DECIMALS = 9  # far below any z that ranks differently, far above float64 noise (1e-16 relative)
+
+
 def class_z_scores(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Each value's modified z-score within its label (``base.modified_z_scores``); 0 for a class
-    whose values are all equal (no spread, nothing to rank)."""
+    whose values are all equal (no spread, nothing to rank). Rounded to ``Z_DECIMALS`` decimals: the two
+    middle values of an even-sized class lie at the same distance from its median up to one ulp, and
+    without rounding their order in ``|z|`` (so AUROC) would be decided by floating-point noise."""
     values = np.asarray(values, dtype=np.float64)
     z = np.zeros(len(values))
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         if np.ptp(values[members]) > 0:
             z[members] = modified_z_scores(values[members])
-    return z
+    return np.round(z, Z_DECIMALS)
 
 
 def outlier_count(p_values: np.ndarray, beta: float = OUTLIER_BOUND_BETA) -> int:
