@@ -72,7 +72,7 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
 
 def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tracker=None):
     from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trial_versions, trials_to_run
-    from poisonsweep.engine.sweep import run_sweep
+    from poisonsweep.engine.sweep import _recorded_rows, run_sweep
 
     quarantined = quarantine(sweep.out)
     for damaged, moved, problem in quarantined:
@@ -89,6 +89,8 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tr
         echo(note)
     # the files just moved aside send their trials back (and so does any table a trial lists but lacks)
     to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[path for path, *_ in quarantined])
+    if tracker is not None:
+        tracker.earlier = _recorded_rows(sweep.out, to_run)  # rows of earlier runs are not logged as this run's
     bar = progress(len(to_run)) if progress else contextlib.nullcontext()
     from poisonsweep.engine.progress import RayWarningsKept
     from poisonsweep.engine.sweep import TUNE_DIR

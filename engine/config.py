@@ -256,17 +256,18 @@ def axis_changes(before, after, overrides: list[str]) -> list[str]:
     before, after = _axes(before), _axes(after)
     size = lambda grid: math.prod(len(v) for v in grid.values())  # noqa: E731
     change = f"the grid goes from {size(before):,} to {size(after):,} points"
+    keyed = [(parse_override(text)[0], text) for text in overrides]
     warnings = []
     for key, values in before.items():
-        cause = next((text for text in overrides if _related(parse_override(text)[0], key)
-                      or parse_override(text)[0] == f"sweep.{key}"), "--set")
+        cause = next((f"--set {text}" for set_key, text in keyed if _related(set_key, key) or set_key == f"sweep.{key}"),
+                     "an override")
         if key not in after:
             paired = sorted({sub for v in values if isinstance(v, dict) for sub in v})
             section = f" (a section sweeping {', '.join(f'{key}.{k}' for k in paired)} together)" if paired else ""
-            warnings.append(f"--set {cause} removes the sweep axis {key!r}{section}, {len(values)} values: {change}; "
+            warnings.append(f"{cause} removes the sweep axis {key!r}{section}, {len(values)} values: {change}; "
                             f"to keep the axis, set its values with --set 'sweep.{key}=[...]'")
         elif len(after[key]) < len(values):
-            warnings.append(f"--set {cause} narrows the sweep axis {key!r} from {len(values)} to "
+            warnings.append(f"{cause} narrows the sweep axis {key!r} from {len(values)} to "
                             f"{len(after[key])} values: {change}")
     return warnings
 

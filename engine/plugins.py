@@ -232,7 +232,7 @@ def import_in_worker(records: Iterable[dict]) -> None:
             if error.name != name.split(".")[0] or not path or not Path(path).exists():
                 raise PluginError(f"plugin {record['origin']!r} is not importable on this node ({_one_line(error)}); "
                                   "let poisonsweep start or join Ray so it ships the plugin with the job") from None
-            module = _import_path(name.split(".")[0], Path(path), record["origin"])
+            _import_path(name.split(".")[0], Path(path), record["origin"])
             module = importlib.import_module(name)
         except Exception as error:  # the plugin itself raised: the trial records why
             raise PluginError(f"plugin {record['origin']!r} failed to import on this node: {_one_line(error)}") from None

@@ -64,6 +64,7 @@ class MlflowTracker(Callback):
             raise ConfigError('--mlflow needs the MLflow client: pip install "poisonsweep[mlflow]" '
                               "(or mlflow-skinny)") from None
         self.uri, self.out, self.logged = uri, out, set()
+        self.earlier: dict[str, tuple] = {}  # trial_id -> (started_at, finished_at) of a row older than this run
         try:
             self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
@@ -87,7 +88,9 @@ class MlflowTracker(Callback):
         wanted = [tid for tid in trial_ids if tid not in self.logged]
         if not wanted:
             return 0
-        rows = self._rows("trials", wanted)
+        # a trial about to rerun still shows its earlier row until the new one is written: not this run's
+        rows = [row for row in self._rows("trials", wanted)
+                if (row["started_at"], row["finished_at"]) != self.earlier.get(row["trial_id"])]
         detections: dict[str, list[dict]] = {}
         for row in self._rows("detections", [r["trial_id"] for r in rows]):
             detections.setdefault(row["trial_id"], []).append(row)
@@ -122,7 +125,7 @@ class MlflowTracker(Callback):
         tags = {"poisonsweep.trial_id": tid, "poisonsweep.sweep": str(trial.get("sweep")),
                 "poisonsweep.status": str(trial.get("status")), "poisonsweep.code_version": str(trial.get("code_version"))}
         if trial.get("error"):
-            tags["poisonsweep.error"] = trial["error"].strip().splitlines()[0][:PARAM_CHARS]
+            tags["poisonsweep.error"] = (trial["error"].strip().splitlines() or ["error"])[0][:PARAM_CHARS]
         run = self.client.create_run(self.experiment_id, run_name=tid, tags=tags)
         run_id = run.info.run_id
         params = [Param(k, v) for k, v in flat_params(json.loads(trial.get("config_json") or "{}")).items()]

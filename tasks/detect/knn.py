@@ -40,7 +40,7 @@ import warnings
 import numpy as np
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
-from poisonsweep.tasks.detect.label_issues import decide_by_cleanlab, lift_flagged
+from poisonsweep.tasks.detect.label_issues import cleanlab_flags, lift_flagged
 from poisonsweep.tasks.detect.neighbours import nearest_neighbours
 from poisonsweep.tasks.registry import BelowData, Options, TrialWarning
 
@@ -156,7 +156,7 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
     if flag_rule == "plurality":
         flagged = plurality != labels
     elif flag_rule == "cleanlab":
-        scores, flagged = decide_by_cleanlab(scores, labels, shares)
+        flagged = cleanlab_flags(labels, shares)
     elif flag_rule == "auto":
         flagged = flag_top_n(scores, label_issue_count(labels, shares))
     else:

@@ -33,7 +33,7 @@ from scipy.stats import norm
 
 from poisonsweep.tasks.detect import linalg
 from poisonsweep.tasks.detect.base import (DETECTORS, FLAG_RULES, Detection, DetectionContext, flag_top, flag_top_n,
-                                           modified_z_scores, robust_outliers)
+                                           modified_z_scores)
 from poisonsweep.tasks.registry import BOOL, Interval, Options
 
 # the paper removes 1.5·ε·n_y samples per class; ART calls this factor eps_multiplier
@@ -45,7 +45,7 @@ EPS_MULTIPLIER = 1.5
 OUTLIER_BOUND_BETA = 3.3
 
 __all__ = ["EPS_MULTIPLIER", "OUTLIER_BOUND_BETA", "spectral_projections", "spectral_scores", "spectral_flags",
-           "spectral_outlier_flags", "class_z_scores", "outlier_count", "flag_outliers", "spectral_outlier_count",
+           "class_z_scores", "outlier_count", "flag_outliers", "spectral_outlier_count",
            "spectral_signature"]
 
 
@@ -117,17 +117,6 @@ def spectral_flags(scores: np.ndarray, labels: np.ndarray, eps: float) -> np.nda
         members = np.flatnonzero(labels == label)
         if np.any(scores[members] > 0):
             flagged[members] = flag_top(scores[members], EPS_MULTIPLIER * eps)
-    return flagged
-
-
-def spectral_outlier_flags(projections: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Flag, within every label, the samples whose signed top-direction projection is a
-    two-sided modified-z outlier (|M| > 3.5, ``base.robust_outliers``)."""
-    flagged = np.zeros(len(projections), dtype=bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        if np.any(projections[members] != 0):
-            flagged[members] = robust_outliers(projections[members], two_sided=True)
     return flagged
 
 
