@@ -145,12 +145,18 @@ def split_class(x: torch.Tensor, precision: torch.Tensor, rng: np.random.Generat
     return group
 
 
-def split_statistic(x: torch.Tensor, group: np.ndarray, model: GlobalModel) -> float:
-    """The per-sample log-likelihood ratio J of two subgroups against one identity (``calc_test``)."""
+def class_identity(x: torch.Tensor, model: GlobalModel) -> torch.Tensor:
+    """The posterior identity of all of ``x`` taken as one class (the null of ``split_statistic``)."""
+    count = torch.tensor([len(x)], dtype=x.dtype, device=x.device)
+    return _posterior_identities(x.sum(dim=0)[None], count, model.identity_cov, model.variation_cov, model.precision)[0]
+
+
+def split_statistic(x: torch.Tensor, group: np.ndarray, model: GlobalModel, mu: torch.Tensor | None = None) -> float:
+    """The per-sample log-likelihood ratio J of two subgroups against one identity (``calc_test``);
+    ``mu``: ``class_identity(x, model)`` when the caller already has it (it depends on the class only)."""
     n = len(x)
     precision = model.precision
-    count = torch.tensor([n], dtype=x.dtype, device=x.device)
-    mu = _posterior_identities(x.sum(dim=0)[None], count, model.identity_cov, model.variation_cov, precision)[0]
+    mu = class_identity(x, model) if mu is None else mu
     mask = torch.as_tensor(group, device=x.device)
     statistic = 0.0
     for members in (mask, ~mask):
@@ -173,7 +179,8 @@ def best_split(x: torch.Tensor, model: GlobalModel, rng: np.random.Generator,
                starts: int = SPLIT_STARTS) -> np.ndarray:
     """The two-subgroup split of one class with the largest statistic J over ``starts`` random starts."""
     splits = [split_class(x, model.precision, rng) for _ in range(starts)]
-    return max(splits, key=lambda group: split_statistic(x, group, model))
+    mu = class_identity(x, model)  # one pseudo-inverse for every start
+    return max(splits, key=lambda group: split_statistic(x, group, model, mu))
 
 
 def scan_classes(features: np.ndarray, labels: np.ndarray, *, seed: int, device=None) -> dict:

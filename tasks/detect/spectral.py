@@ -45,7 +45,7 @@ EPS_MULTIPLIER = 1.5
 OUTLIER_BOUND_BETA = 3.3
 
 __all__ = ["EPS_MULTIPLIER", "OUTLIER_BOUND_BETA", "spectral_projections", "spectral_scores", "spectral_flags",
-           "class_z_scores", "outlier_count", "flag_outliers", "spectral_outlier_count",
+           "class_z_scores", "outlier_count", "flag_outliers", "spectral_outlier_count", "cached_projections",
            "spectral_signature"]
 
 
@@ -163,12 +163,20 @@ def flag_outliers(z: np.ndarray, *, two_sided: bool) -> np.ndarray:
     return flag_top_n(np.abs(z) if two_sided else z, outlier_count(p))
 
 
-def spectral_outlier_count(features: np.ndarray, labels: np.ndarray, *, device=None) -> int:
+def spectral_outlier_count(projections: np.ndarray, labels: np.ndarray) -> int:
     """How many samples ``spectral_signature``'s default rule flags: the Meinshausen-Rice count of the
-    two-sided p-values of the per-class modified z-scores of the top-direction projections."""
-    labels = np.asarray(labels)
-    z = class_z_scores(spectral_projections(features, labels, device=device), labels)
+    two-sided p-values of the per-class modified z-scores of the top-direction ``projections``."""
+    z = class_z_scores(projections, np.asarray(labels))
     return outlier_count(2 * norm.sf(np.abs(z)))
+
+
+def cached_projections(context: DetectionContext) -> np.ndarray:
+    """``spectral_projections`` of the trial's features, computed once per trial: spectral signatures and
+    SPECTRE's count take the same per-class eigen-solves."""
+    if "spectral_projections" not in context.cache:
+        context.cache["spectral_projections"] = spectral_projections(
+            context.features, np.asarray(context.labels), device=context.device)
+    return context.cache["spectral_projections"]
 
 
 @DETECTORS.register(
@@ -205,7 +213,7 @@ def spectral_signature(context: DetectionContext, *, seed: int, flag_rule: str =
         ``scores`` float64 of shape (n_samples,), ``flagged`` bool of shape (n_samples,).
     """
     labels = np.asarray(context.labels)
-    projections = spectral_projections(context.features, labels, device=context.device)
+    projections = cached_projections(context)
     if flag_rule == "auto":
         scores = np.abs(class_z_scores(projections, labels))
         return Detection(scores=scores, flagged=flag_outliers(scores, two_sided=True))

@@ -37,7 +37,8 @@ import torch
 
 from poisonsweep.tasks.detect import linalg
 from poisonsweep.tasks.detect.base import DETECTORS, FLAG_RULES, Detection, DetectionContext, flag_top_n
-from poisonsweep.tasks.detect.spectral import EPS_MULTIPLIER, class_z_scores, spectral_flags, spectral_outlier_count
+from poisonsweep.tasks.detect.spectral import (EPS_MULTIPLIER, cached_projections, class_z_scores, spectral_flags,
+                                               spectral_outlier_count)
 from poisonsweep.tasks.registry import Interval, Options
 
 __all__ = ["que_scores", "robust_selection", "spectre_class", "spectre_scores", "spectre_z_scores", "spectre"]
@@ -290,6 +291,6 @@ def spectre(context: DetectionContext, *, seed: int, flag_rule: str = "auto", ep
     que = spectre_scores(context.features, labels, eps=eps, alpha=alpha, device=context.device)
     if flag_rule == "auto":
         scores = spectre_z_scores(que, labels)
-        count = spectral_outlier_count(context.features, labels, device=context.device)
+        count = spectral_outlier_count(cached_projections(context), labels)
         return Detection(scores=scores, flagged=flag_top_n(scores, count))
     return Detection(scores=que, flagged=spectral_flags(que, labels, eps))
