@@ -121,7 +121,7 @@ def compare(outs: list[str], metric: str = "auroc") -> Comparison:
 
 def varying_columns(frame: pd.DataFrame, setting: list[str]) -> list[str]:
     """The setting columns whose value changes among ``frame``'s rows (all of them where none does)."""
-    return [c for c in setting if frame[c].astype(str).nunique() > 1] or list(setting)
+    return summary.swept_columns(frame, setting) or list(setting)
 
 
 def setting_labels(frame: pd.DataFrame, setting: list[str]) -> list[str]:

@@ -108,8 +108,9 @@ def key_label(key: str) -> str:
 
 
 def swept_keys(frame: pd.DataFrame, setting: list[str]) -> list[str]:
-    """The setting columns that take more than one value in ``frame`` (the plan and the trials)."""
-    return [c for c in setting if c in frame and frame[c].astype(str).nunique() > 1]
+    """The setting columns that take more than one value in ``frame`` (the plan and the trials), as
+    ``show`` counts them (``summary.swept_columns``: None and NaN are one "unset")."""
+    return summary.swept_columns(frame, setting)
 
 
 def _numeric(values: pd.Series) -> bool:
