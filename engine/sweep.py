@@ -128,17 +128,18 @@ def _worker_died(trial) -> bool:
     return isinstance(error, RayActorError) or not isinstance(error, Exception)
 
 
-class _StopWhenUnwritable(Stopper):
-    """Stops the sweep once a trial's rows could not be written: the next trials would fail the same way."""
+class _StopSweep(Stopper):
+    """Stops the experiment (its running trials too) on Ctrl-C, or once a trial's rows could not be
+    written: the next trials would fail the same way. Tune asks ``stop_all`` at every step."""
 
-    def __init__(self, log: TrialLog):
-        self.log = log
+    def __init__(self, log: TrialLog, ctrl_c: "CtrlC"):
+        self.log, self.ctrl_c = log, ctrl_c
 
     def __call__(self, trial_id, result) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        return bool(self.log.unwritten)
+        return self.ctrl_c.pressed or bool(self.log.unwritten)
 
 
 class _OneLineErrors(logging.Filter):
@@ -168,6 +169,9 @@ TRIALS_PER_TUNER = int(os.environ.get("POISONSWEEP_TRIALS_PER_TUNER", 2000))
 # Tune's per-trial CSV, JSON and TensorBoard logs: the Parquet record holds every result, and
 # 10,000 trials would write 30,000 more files
 TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+# Tune's own SIGINT handler takes a Ctrl-C without telling anyone: one that lands as an experiment
+# ends is lost and the sweep goes on to the next. CtrlC owns SIGINT, _StopSweep stops the experiment.
+OWN_SIGINT = {"TUNE_DISABLE_SIGINT_HANDLER": "1"}
 
 
 def _without_missing_metrics_warning(record: logging.LogRecord) -> bool:
@@ -196,12 +200,12 @@ def _recorded_anew(out: str, before: dict[str, tuple], trial_ids: list[str]) -> 
 
 
 class CtrlC:
-    """Ctrl-C between two Tune experiments stops the sweep there.
+    """Ctrl-C anywhere in a sweep stops it: during an experiment (``_StopSweep`` then stops Tune's
+    running trials at its next step) or between two, where the next is not started.
 
-    During ``fit`` Tune's own handler takes SIGINT (it stops the experiment cleanly, then hands
-    SIGINT back to the handler it found: this one). Tune does not put the old handler back when an
-    experiment ends normally, so a Ctrl-C between experiments would reach a finished experiment's
-    handler and be lost; ``listen`` reinstalls this one after each experiment.
+    Tune's own SIGINT handler is switched off (``OWN_SIGINT``). Should another handler be installed
+    during an experiment anyway (Tune leaves a finished experiment's handler in place when that
+    variable is unset), ``listen`` reinstalls this one after each experiment.
     """
 
     def __init__(self):
@@ -237,9 +241,16 @@ def _fit(tuner, verbose: bool = False):
     handlers, short_errors = [] if verbose else list(logging.getLogger("ray").handlers), _OneLineErrors()
     for handler in handlers:
         handler.addFilter(short_errors)
+    tune_sigint = {key: os.environ.get(key) for key in OWN_SIGINT}
+    os.environ.update(OWN_SIGINT)
     try:
         return tuner.fit()
     finally:
+        for key, value in tune_sigint.items():  # a caller's own Tune runs keep Tune's handler
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         analysis_log.removeFilter(_without_missing_metrics_warning)
         logging.getLogger("ray.tune.tune").removeFilter(restore_hint)
         for handler in handlers:
@@ -326,7 +337,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
             run_config=tune.RunConfig(
                 name=name if first == 0 else f"{name}-{first}", storage_path=join_uri(out, TUNE_DIR),
                 failure_config=tune.FailureConfig(max_failures=sweep.resources["max_failures"]),
-                stop=_StopWhenUnwritable(log),
+                stop=_StopSweep(log, ctrl_c),
                 verbose=2 if verbose else 0, callbacks=callbacks,
                 progress_reporter=None,
             ),
