@@ -69,13 +69,6 @@ def differences(trials: list[pd.DataFrame], labels: list[str], setting: list[str
     return lines
 
 
-def _stats(frame: pd.DataFrame, by: list[str], metrics, label: str) -> pd.DataFrame:
-    grouped = frame.groupby(by, dropna=False)
-    stats = grouped[list(metrics)].agg(["mean", "std", "count"])
-    stats.columns = [f"{label}_{metric}_{'n' if stat == 'count' else stat}" for metric, stat in stats.columns]
-    return stats.reset_index()
-
-
 def _side_by_side(frames: list[pd.DataFrame], keys: list[str], metrics, labels: list[str]) -> pd.DataFrame:
     merged = frames[0]
     for frame in frames[1:]:
@@ -111,10 +104,10 @@ def compare(outs: list[str], metric: str = "auroc") -> Comparison:
     trials = [t for t, _ in loaded]
     setting = shared_setting(trials)
     detections = [summary.with_setting(d, t, setting) for t, d in loaded]
-    by_detector = _side_by_side([_stats(d, setting + ["detector"], METRICS, label)
+    by_detector = _side_by_side([summary.mean_std(d, setting + ["detector"], METRICS, f"{label}_", per_metric_n=True)
                                  for d, label in zip(detections, labels)], setting + ["detector"], METRICS, labels)
-    by_setting = _side_by_side([_stats(t, setting, TRIAL_METRICS, label) for t, label in zip(trials, labels)],
-                               setting, TRIAL_METRICS, labels)
+    by_setting = _side_by_side([summary.mean_std(t, setting, TRIAL_METRICS, f"{label}_", per_metric_n=True)
+                                for t, label in zip(trials, labels)], setting, TRIAL_METRICS, labels)
     return Comparison(list(outs), labels, setting, metric, by_detector, by_setting,
                       differences(trials, labels, setting))
 

@@ -59,10 +59,7 @@ def detector_pivot(out: str, metric: str = "auroc") -> tuple[pd.DataFrame, pd.Da
 
 
 def _cell(mean: float, std: float, count: bool) -> str:
-    if pd.isna(mean):
-        return "–"
-    digits = 0 if count else 3
-    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return summary.fmt(mean, std, digits=0 if count else 3, sep=" ± ")
 
 
 def _best(means: pd.DataFrame, metric: str) -> pd.DataFrame:

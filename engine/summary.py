@@ -98,23 +98,27 @@ def with_setting(frame: pd.DataFrame, trials: pd.DataFrame, setting: list[str]) 
     return frame.merge(trials[["trial_id"] + missing], on="trial_id", how="inner")
 
 
-def _mean_std(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+def mean_std(frame: pd.DataFrame, by: list[str], metrics: list[str], prefix: str = "",
+             per_metric_n: bool = False) -> pd.DataFrame:
+    """Per group of ``by``: ``{prefix}{metric}_mean`` and ``_std`` over its rows (the seeds), and ``n``, the
+    group's rows; with ``per_metric_n`` a ``{prefix}{metric}_n`` per metric instead (its non-missing values)."""
     grouped = frame.groupby(by, dropna=False)
-    stats = grouped[metrics].agg(["mean", "std"])
-    stats.columns = [f"{metric}_{stat}" for metric, stat in stats.columns]
-    stats["n"] = grouped.size()
+    stats = grouped[list(metrics)].agg(["mean", "std", "count"] if per_metric_n else ["mean", "std"])
+    stats.columns = [f"{prefix}{metric}_{'n' if stat == 'count' else stat}" for metric, stat in stats.columns]
+    if not per_metric_n:
+        stats["n"] = grouped.size()
     return stats.reset_index()
 
 
 def trial_summary(trials: pd.DataFrame, setting: list[str] = SETTING) -> pd.DataFrame:
     """Per setting: clean accuracy and poison success over the ``ok`` trials."""
     ok = trials[trials["status"] == "ok"]
-    return _mean_std(ok, setting, TRIAL_METRICS)
+    return mean_std(ok, setting, TRIAL_METRICS)
 
 
 def detection_summary(detections: pd.DataFrame, setting: list[str] = SETTING) -> pd.DataFrame:
     """Per setting and detector: AUROC, precision at n_poisoned, AUPRC, F1, flags and recall at 10 %."""
-    return _mean_std(detections, setting + ["detector"], DETECTION_METRICS + ["seconds"])
+    return mean_std(detections, setting + ["detector"], DETECTION_METRICS + ["seconds"])
 
 
 def unlearning_summary(unlearning: pd.DataFrame, setting: list[str] = SETTING) -> pd.DataFrame:
@@ -130,7 +134,7 @@ def unlearning_summary(unlearning: pd.DataFrame, setting: list[str] = SETTING) -
     frame = unlearning.assign(fraction_key=unlearning["identified_fraction"].where(
         unlearning["selection_kind"] == "oracle", top_q.where(unlearning["selection_kind"] == "top")))
     by = setting + ["selection", "selection_kind", "fraction_key", "method"]
-    stats = _mean_std(frame, by, UNLEARNING_METRICS)
+    stats = mean_std(frame, by, UNLEARNING_METRICS)
     stats["retain_acc_after_min"] = frame.groupby(by, dropna=False)["retain_acc_after"].min().values
     stats["identified_fraction"] = stats["identified_fraction_mean"]
     return stats.drop(columns="fraction_key")
@@ -149,11 +153,11 @@ def warned(trials: pd.DataFrame) -> pd.DataFrame:
     return flagged[["trial_id", "poison_method", "poison_rate", "seed", "warnings"]]
 
 
-def fmt(mean: float, std: float) -> str:
-    """``0.912 ± 0.013``; no ± for a single value; ``–`` for undefined."""
+def fmt(mean: float, std: float, digits: int = 3, sep: str = "±") -> str:
+    """``0.912±0.013``; no ± for a single value; ``–`` for undefined."""
     if pd.isna(mean):
         return "–"
-    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f}±{std:.3f}"
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f}{sep}{std:.{digits}f}"
 
 
 # trials whose scores are read into memory at once (the scores table is one row per sample × detector × trial)
