@@ -327,7 +327,8 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
         trials.append(trial)
     if errors:
         raise ConfigErrors(errors, source)
-    trials = [resolve(t) for t in trials]
+    fingerprints: dict = {}  # one read of a user's dataset per sweep
+    trials = [resolve(t, fingerprints) for t in trials]
     unique = {trial_id(t): t for t in trials}  # a grid that repeats a point runs it once
     return Sweep(name=name, out=out or raw.get("out") or f"results/{name}", trials=list(unique.values()),
                  resources=resources, grid=grid, plugins=plugins, _ids=list(unique))

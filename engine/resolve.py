@@ -58,15 +58,25 @@ def normalise_detector(entry: Any) -> Any:
     return entry
 
 
-def resolve(config: dict) -> dict:
+def _fingerprint(data: dict, fingerprints: dict) -> str | None:
+    key = (data["name"], json.dumps(data["params"], sort_keys=True, default=str))
+    if key not in fingerprints:
+        fingerprints[key] = dataset_fingerprint(data["name"], data["params"])
+    return fingerprints[key]
+
+
+def resolve(config: dict, fingerprints: dict | None = None) -> dict:
     """The trial as it runs: every registry default filled into ``params``, numbers normalised (an int
     given where a float is meant becomes a float), so that ``trial_id`` changes when a default does and
-    ``rate: 1`` and ``rate: 1.0`` are one trial. Expects a config that passed ``check_trial``."""
+    ``rate: 1`` and ``rate: 1.0`` are one trial. Expects a config that passed ``check_trial``.
+
+    ``fingerprints``: a dict shared by the trials of one sweep, so a user's dataset is read once per
+    sweep, not once per grid point (a folder of images is a walk over every file)."""
     config = plain_copy(config)
     config["poison"]["rate"] = float(config["poison"]["rate"])
     for section, registry, key in (("data", DATASETS, "name"), ("poison", POISONS, "method"), ("model", MODELS, "name")):
         config[section]["params"] = _resolved_params(registry, config[section][key], config[section]["params"])
-    if fingerprint := dataset_fingerprint(config["data"]["name"], config["data"]["params"]):
+    if fingerprint := _fingerprint(config["data"], {} if fingerprints is None else fingerprints):
         config["data"]["fingerprint"] = fingerprint  # the content of a user's file is part of the identity
     for detector in config["detectors"]:
         detector["params"] = _resolved_params(DETECTORS, detector["name"], detector["params"])

@@ -36,12 +36,14 @@ def file_digest(path: Path) -> str:
 
 def tree_digest(root: Path) -> str:
     """sha256 over every file under ``root`` (sorted relative paths and each file's digest)."""
-    digest = hashlib.sha256()
+    digest, root = hashlib.sha256(), os.path.realpath(root)  # resolved once: its files' paths then are real
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
-            path = Path(folder) / name
-            digest.update(f"{path.relative_to(root).as_posix()}\0{file_digest(path)}\n".encode())
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            digest.update(f"{relative}\0{_file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
     return digest.hexdigest()
 
 
