@@ -29,9 +29,9 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    stat = path.stat()
-    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+def file_digest(path: str | Path) -> str:
+    stat = os.stat(path)
+    return _file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def tree_digest(root: Path) -> str:
@@ -41,9 +41,8 @@ def tree_digest(root: Path) -> str:
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(folder, name)
-            stat = os.stat(path)
             relative = os.path.relpath(path, root).replace(os.sep, "/")
-            digest.update(f"{relative}\0{_file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+            digest.update(f"{relative}\0{file_digest(path)}\n".encode())
     return digest.hexdigest()
 
 
