@@ -11,6 +11,10 @@ the forward pass for the features (which every detector needs) apart from the de
     python benchmarks/bench_detectors_scale.py                      # n = 7,500, 25,000, 50,000 + CIFAR-sized
     python benchmarks/bench_detectors_scale.py --sizes 2000,4000 --cifar-n 2000 --detectors spectre,scan
     python benchmarks/bench_detectors_scale.py --device cuda --out results/scale_gpu.json
+    python benchmarks/bench_detectors_scale.py --detectors knn,knn:search=exact,activation_clustering:search=exact
+
+A detector may carry parameters, ``NAME:key=value:key=value`` (values read as YAML), to set one variant beside
+another; every row also measures the detection against the poison mask (AUROC, P@n, F1; measurement only).
 
 Seconds are wall-clock: note the machine and its ``uptime`` load average beside them (printed first).
 """
@@ -30,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 import poisonsweep.tasks.detect  # noqa: F401  (registers the detectors)
 from poisonsweep.tasks.data import load_dataset
 from poisonsweep.tasks.data.base import as_dataset
+from poisonsweep.tasks.metrics import detection_metrics
 from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext
 from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.poisons import apply_poison
@@ -79,14 +85,22 @@ def prepare(name: str, data, directory: Path, device: str) -> dict:
     history = train_model(model, poisoned.x_train, poisoned.labels, config, seed=0, keep_checkpoints=True)
     epoch = time.perf_counter() - started
     torch.save({"state": model.state_dict(), "in_shape": data.in_shape, "x_train": poisoned.x_train,
-                "labels": poisoned.labels.numpy(), "x_test": data.x_test[:1000], "y_test": data.y_test[:1000].numpy(),
+                "labels": poisoned.labels.numpy(), "is_poison": poisoned.is_poison,
+                "x_test": data.x_test[:1000], "y_test": data.y_test[:1000].numpy(),
                 "checkpoints": history.checkpoints, "sample_losses": history.sample_losses, "device": device},
                directory / "trial.pt")
     return {"input": name, "n": len(poisoned.labels), "detector": "epoch", "seconds": epoch}
 
 
-def worker(directory: str, name: str) -> None:
+def detector_spec(spec: str) -> tuple[str, dict]:
+    """``NAME:key=value:...`` as the registered name and its parameters."""
+    name, *pairs = spec.split(":")
+    return name, {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+
+
+def worker(directory: str, spec: str) -> None:
     """One detector on the saved trial, in this process; prints one JSON line."""
+    name, params = detector_spec(spec)
     saved = torch.load(Path(directory) / "trial.pt", weights_only=False)
     model = build_model(MODEL, saved["in_shape"], 10, None, seed=0)
     model.load_state_dict(saved["state"])
@@ -100,10 +114,12 @@ def worker(directory: str, name: str) -> None:
     context.features  # noqa: B018  (the forward pass every detector needs, timed apart)
     features_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    detection = DETECTORS.get(name).fn(context, seed=0)
+    detection = DETECTORS.get(name).fn(context, seed=0, **params)
     seconds = time.perf_counter() - started
+    measured = detection_metrics(np.asarray(detection.scores), np.asarray(detection.flagged), saved["is_poison"])
     print(json.dumps({"features_seconds": features_seconds, "seconds": seconds, "loaded_rss_mib": loaded_rss,
-                      "peak_rss_mib": peak_rss_mib(), "flagged": int(detection.flagged.sum())}))
+                      "peak_rss_mib": peak_rss_mib(), "flagged": int(detection.flagged.sum()),
+                      **{key: float(measured[key]) for key in ("auroc", "precision_at_n", "f1")}}))
 
 
 def run_detector(directory: Path, name: str, threads: int, timeout: float) -> dict:
@@ -131,11 +147,11 @@ def growth_exponent(rows: list[dict], detector: str, sizes: list[int]) -> float 
 
 def markdown(rows: list[dict], sizes: list[int]) -> str:
     lines = ["| input | n | detector | seconds | share of an epoch | features s | peak RSS MiB | RSS after load MiB "
-             "| growth n^ |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| growth n^ | AUROC | P@n | F1 | flags |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     epochs = {(row["input"], row["n"]): row["seconds"] for row in rows if row["detector"] == "epoch"}
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['input']} | {row['n']} | {row['detector']} | {row['error']} | | | | | |")
+            lines.append(f"| {row['input']} | {row['n']} | {row['detector']} | {row['error']} | | | | | | | | | |")
             continue
         share = row["seconds"] / epochs[(row["input"], row["n"])]
         growth = growth_exponent(rows, row["detector"], sizes) if row["input"] == "mnist" and row["n"] == sizes[-1] else None
@@ -145,6 +161,8 @@ def markdown(rows: list[dict], sizes: list[int]) -> str:
                  f"{row['peak_rss_mib']:.0f}" if "peak_rss_mib" in row else "",
                  f"{row['loaded_rss_mib']:.0f}" if "loaded_rss_mib" in row else "",
                  f"{growth:.2f}" if growth is not None else ""]
+        cells += [f"{row[key]:.3f}" if key in row else "" for key in ("auroc", "precision_at_n", "f1")]
+        cells.append(str(row.get("flagged", "")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,7 +175,7 @@ def main() -> None:
         return
     sizes = [int(size) for size in args.sizes.split(",") if size]
     names = [name for name in args.detectors.split(",") if name] or DETECTORS.names()
-    unknown = sorted(set(names) - set(DETECTORS.names()))
+    unknown = sorted({detector_spec(name)[0] for name in names} - set(DETECTORS.names()))
     if unknown:
         raise SystemExit(f"--detectors: unknown {unknown}; registered: {DETECTORS.names()}")
     print(f"# uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; "

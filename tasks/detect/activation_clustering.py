@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
 from poisonsweep.tasks.detect.knn import plurality_labels
-from poisonsweep.tasks.detect.neighbours import nearest_neighbours
+from poisonsweep.tasks.detect.neighbours import SEARCHES, nearest_neighbours
 from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.registry import Interval, Options
 from poisonsweep.tasks.train import predict_logits, train_model
@@ -118,15 +118,15 @@ def is_poison_cluster(split: ClassSplit, *, analysis: str, size_threshold: float
 
 
 def reclassify_by_neighbours(space: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
-                             device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Classify every sample by the plurality label of its ``k`` nearest *other* samples (exact
-    search, blocked torch matmul on ``device``: ``neighbours.nearest_neighbours``).
+                             device: str = "cpu", search: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """Classify every sample by the plurality label of its ``k`` nearest *other* samples
+    (``neighbours.nearest_neighbours`` on ``device``, exact or from the HNSW graph by ``search``).
 
     Returns the predicted labels (n,) and each sample's share of neighbours whose label differs
     from its own (n,), in [0, 1]. The sample itself never votes, its cluster-mates do.
     """
     k_used = min(int(k), len(labels) - 1)
-    _, neighbours = nearest_neighbours(space, k_used, device=device)
+    _, neighbours = nearest_neighbours(space, k_used, device=device, search=search)
     neighbour_labels = labels[neighbours]
     disagreement = (neighbour_labels != labels[:, None]).mean(axis=1)
     return plurality_labels(neighbour_labels, num_classes), disagreement
@@ -162,14 +162,15 @@ def judge_by_reclassification(predicted: np.ndarray, label: int, in_small: np.nd
     return flagged
 
 
-def cached_reclassification(context: DetectionContext, representation: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``reclassify_by_neighbours`` of the trial's samples, computed once per (representation, k):
+def cached_reclassification(context: DetectionContext, representation: str, k: int,
+                            search: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """``reclassify_by_neighbours`` of the trial's samples, computed once per (representation, k, search):
     activation clustering and SCAn take the same vote."""
-    key = ("reclassify_by_neighbours", representation, int(k))
+    key = ("reclassify_by_neighbours", representation, int(k), search)
     if key not in context.cache:
         context.cache[key] = reclassify_by_neighbours(reclassification_space(context, representation),
                                                       np.asarray(context.labels), context.num_classes, k,
-                                                      device=context.device)
+                                                      device=context.device, search=search)
     return context.cache[key]
 
 
@@ -216,6 +217,7 @@ def reclassification_space(context: DetectionContext, representation: str):
         "representation": [Options(REPRESENTATIONS)],
         "reclassifier": [Options(RECLASSIFIERS)],
         "k": [Interval(Integral, 1)],
+        "search": [Options(SEARCHES)],
         "size_threshold": [Interval(Real, 0, 0.5)],
         "silhouette_threshold": [Interval(Real, -1, 1)],
     },
@@ -225,7 +227,7 @@ def reclassification_space(context: DetectionContext, representation: str):
 def activation_clustering(context: DetectionContext, *, seed: int, n_components: int = 10, reduce: str = "pca",
                           analysis: str = "exclusionary_reclassification", reclassifier: str = "neighbours",
                           representation: str = "input",
-                          k: int = 50, size_threshold: float = 0.35,
+                          k: int = 50, search: str = "auto", size_threshold: float = 0.35,
                           silhouette_threshold: float = 0.10) -> Detection:
     """Activation clustering of the penultimate activations; higher = more suspicious.
 
@@ -291,12 +293,16 @@ default="exclusionary_reclassification"
         image's neighbours are its source class. A trigger that dominates the pixel distance
         (a 3×3 patch on 8×8 digits) makes triggered images each other's neighbours, and on
         natural images pixel neighbours rarely share a class; "features" is then the better
-        vote for label flips, but misses learned backdoors (see ``analysis``). The search is
-        exact (blocked torch matmul on the trial's device, ``neighbours.nearest_neighbours``):
-        time grows as n² times the input size, memory stays bounded.
+        vote for label flips, but misses learned backdoors (see ``analysis``).
     k : int, default=50
         Neighbours in the vote, the default of the ``knn`` detector (Peri et al. 2020): enough
         to out-vote a group of same-label poisons that sit together, fewer than a class holds.
+    search : {"auto", "exact", "hnsw"}, default="auto"
+        How the vote's neighbours are found (``neighbours.nearest_neighbours``): ``"exact"`` compares
+        every pair (time n² times the input size, memory bounded); ``"hnsw"`` answers from a faiss
+        HNSW graph in n log n, approximate (98 % of the true 50 neighbours on MNIST, 99.5 % of the
+        votes unchanged; benchmarks/RESULTS.md §22); ``"auto"``: exact on an accelerator and up to
+        ``neighbours.EXACT_MAX_WORK`` pair-values on the CPU (7,500 MNIST images are exact), the graph above.
     size_threshold : float, default=0.35
         The relative-size threshold of Chen et al. / ART (``analysis`` "relative_size" and
         "silhouette").
@@ -342,7 +348,7 @@ default="exclusionary_reclassification"
         # strictly below 1, so that the +1 of a flagged sample puts it above every unflagged one
         scores = (1.0 - probs[np.arange(len(labels)), labels]) * (1.0 - 1e-6)
     elif by_reclassification:
-        predicted, disagreement = cached_reclassification(context, representation, k)
+        predicted, disagreement = cached_reclassification(context, representation, k, search)
         scores = disagreement * k / (k + 1)
     else:
         scores = np.zeros(len(features))

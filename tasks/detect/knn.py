@@ -41,7 +41,7 @@ import numpy as np
 
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext, flag_top_n, label_issue_count
 from poisonsweep.tasks.detect.label_issues import cleanlab_flags, lift_flagged
-from poisonsweep.tasks.detect.neighbours import nearest_neighbours
+from poisonsweep.tasks.detect.neighbours import SEARCHES, nearest_neighbours
 from poisonsweep.tasks.registry import BelowData, Options, TrialWarning
 
 KNN_FLAG_RULES = ("cleanlab", "auto", "plurality")
@@ -111,7 +111,7 @@ def disagreement_scores(distances: np.ndarray, disagrees: np.ndarray) -> np.ndar
 
 
 def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
-             flag_rule: str = "cleanlab", device: str = "cpu") -> Detection:
+             flag_rule: str = "cleanlab", device: str = "cpu", search: str = "exact") -> Detection:
     """Deep k-NN scores and flags on given features (the pure part of the ``knn`` detector).
 
     Parameters
@@ -130,6 +130,9 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
         of the out-voting class, as the plurality rule does, rather than by the pooled
         disagreement share; ``"auto"``: the top n scores, n = confident learning's count of label
         errors from those shares; ``"plurality"``: the paper's rule (module docstring).
+    device : str, default="cpu"
+    search : {"exact", "hnsw", "auto"}, default="exact"
+        How the neighbours are found (``neighbours.nearest_neighbours``).
 
     Returns
     -------
@@ -148,7 +151,8 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
         warnings.warn(TrialWarning(
             f"knn k={k} is not below the {n} samples it votes over: used k={k_used}, so every sample's neighbours "
             "are all the others and the votes say little; set detectors[].params.k below the training samples"), stacklevel=2)
-    distances, indices = nearest_neighbours(np.asarray(features, dtype=np.float64), k_used, device=device)
+    distances, indices = nearest_neighbours(np.asarray(features, dtype=np.float64), k_used, device=device,
+                                             search=search)
     neighbour_labels = labels[indices]
     plurality = plurality_labels(neighbour_labels, num_classes)
     scores = disagreement_scores(distances, neighbour_labels != labels[:, None])
@@ -167,23 +171,27 @@ def deep_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
 
 @DETECTORS.register(
     "knn",
-    {"k": [BelowData(low=1, of="train_samples")], "flag_rule": [Options(KNN_FLAG_RULES)]},
+    {"k": [BelowData(low=1, of="train_samples")], "flag_rule": [Options(KNN_FLAG_RULES)], "search": [Options(SEARCHES)]},
     help="Deep k-NN (Peri et al. 2020): share of the k nearest neighbours whose label disagrees",
 )
-def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "cleanlab") -> Detection:
+def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "cleanlab", search: str = "auto") -> Detection:
     """Deep k-NN on the penultimate features of the trained model.
 
     Parameters
     ----------
     context : DetectionContext
     seed : int
-        Unused: the search is exact and deterministic.
+        Unused: the search is deterministic (exact, or a graph built on one thread).
     k : int, default=50
         Neighbours per sample (see the module docstring for the choice).
     flag_rule : {"cleanlab", "auto", "plurality"}, default="cleanlab"
         ``"cleanlab"``: cleanlab's ``find_label_issues`` on the vote shares; ``"auto"``: flag as
         many as confident learning counts label errors in them; ``"plurality"``: the paper's
         plurality label != given label (see :func:`deep_knn`).
+    search : {"auto", "exact", "hnsw"}, default="auto"
+        How the neighbours are found: exact, from a faiss HNSW graph (approximate, n log n), or
+        exact up to ``neighbours.EXACT_MAX_WORK`` on the CPU and the graph above
+        (``neighbours.nearest_neighbours``; at 50,000 samples of 128 features the graph is used).
 
     Returns
     -------
@@ -191,4 +199,5 @@ def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "
         Score = share of the k neighbours whose label differs from the given label (plus a
         closeness tie-break below 1/k); ``flagged`` by ``flag_rule``.
     """
-    return deep_knn(context.features, context.labels, context.num_classes, k, flag_rule, device=context.device)
+    return deep_knn(context.features, context.labels, context.num_classes, k, flag_rule, device=context.device,
+                    search=search)

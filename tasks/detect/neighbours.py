@@ -14,6 +14,21 @@ the float rounding of the expanded formula (relative ~1e-12 in float64, the CPU 
 float32, used on a GPU), and the same distances to 1e-7 relative (tests/test_neighbours.py; the
 two sum the expanded formula in different orders). Among
 exactly tied distances the order is the one ``torch.topk`` returns, not scikit-learn's.
+
+An exact search compares every pair, so it grows as n² · d: at 50,000 MNIST images (784 values) it
+took longer than one training epoch (benchmarks/RESULTS.md §20). ``search="hnsw"`` answers from a
+hierarchical navigable small-world graph (Malkov & Yashunin 2018, TPAMI; faiss's ``IndexHNSWFlat``,
+Douze et al. 2024), built and searched in n log n: M = 16 links per node, efConstruction = 40,
+efSearch = max(64, k + 1). It is approximate: on MNIST inputs it returned 98.1-98.3 % of the true 50
+nearest neighbours at n = 25,000 and 50,000 (recall measured against the exact search, §22), and
+tests/test_neighbours.py holds it to at least 95 % on planted data. Many exact copies of one point are
+its known weakness (40 copies each of 5 points: 80 % of rows found only copies). The graph is built on one thread,
+which faiss documents as the only reproducible build (its multi-threaded insertion order is not
+fixed); the search is deterministic on any number of threads. Distances are the graph's float32
+squared distances, square-rooted. ``search="auto"`` (what the detectors use) is exact on an
+accelerator, where a blocked matmul is fast at every size, and on the CPU while n² · d is at most
+``EXACT_MAX_WORK`` multiply-adds, about where the graph measured faster (§22); above that, the graph.
+So every set-up up to 7,500 MNIST images is searched exactly, as before.
 """
 
 from __future__ import annotations
@@ -21,9 +36,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["MAX_BLOCK_BYTES", "blocked_nearest_neighbours", "nearest_neighbours", "search_dtype"]
+__all__ = ["EXACT_MAX_WORK", "MAX_BLOCK_BYTES", "SEARCHES", "blocked_nearest_neighbours", "graph_nearest_neighbours",
+           "nearest_neighbours", "search_dtype", "uses_graph"]
 
 MAX_BLOCK_BYTES = 256 * 2**20  # one block of query-to-all distances (256 MiB), the search's peak beyond its inputs
+SEARCHES = ("auto", "exact", "hnsw")
+# n² · d above which "auto" answers from the graph on the CPU: 1e11 is 11,300 MNIST images or 28,000 samples of
+# 128 features; at 25,000 x 784 (4.9e11) the graph took 5.5 s against the exact search's 7-22 s (§22)
+EXACT_MAX_WORK = 1e11
+HNSW_LINKS = 16  # M: faiss's default for IndexHNSWFlat examples; 98 % recall of 50 neighbours on MNIST
+HNSW_EF_CONSTRUCTION = 40  # faiss's default
+HNSW_EF_SEARCH = 64  # at least k + 1 is used
 
 
 def search_dtype(device: torch.device) -> torch.dtype:
@@ -36,15 +59,28 @@ def block_rows(n: int, itemsize: int, max_bytes: int = MAX_BLOCK_BYTES) -> int:
     return max(1, min(n, max_bytes // max(1, n * itemsize)))
 
 
+def uses_graph(n: int, dims: int, search: str, device: str | torch.device | None = "cpu") -> bool:
+    """Whether ``search`` answers from the HNSW graph for ``n`` samples of ``dims`` values on ``device``."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}; got {search!r}")
+    if search != "auto":
+        return search == "hnsw"
+    return torch.device(device or "cpu").type == "cpu" and float(n) * n * dims > EXACT_MAX_WORK
+
+
 def nearest_neighbours(points: np.ndarray | torch.Tensor, k: int, *, device: str | torch.device | None = "cpu",
-                       max_block_bytes: int = MAX_BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+                       max_block_bytes: int = MAX_BLOCK_BYTES, search: str = "exact") -> tuple[np.ndarray, np.ndarray]:
     """Distances and indices of the ``k`` nearest other samples of every sample, nearest first.
 
-    On the CPU this is scikit-learn's brute force (its chunked, multi-threaded ``ArgKmin``, which
-    measured faster there than torch: 0.42 against 0.61-1.1 CPU-seconds for 6,250 x 128, k = 50);
-    on an accelerator :func:`blocked_nearest_neighbours`. Both are exact; see the module docstring.
+    ``search="exact"``: on the CPU scikit-learn's brute force (its chunked, multi-threaded ``ArgKmin``,
+    which measured faster there than torch: 0.42 against 0.61-1.1 CPU-seconds for 6,250 x 128, k = 50),
+    on an accelerator :func:`blocked_nearest_neighbours`. ``"hnsw"``: :func:`graph_nearest_neighbours`
+    (approximate). ``"auto"``: the graph only on the CPU above ``EXACT_MAX_WORK`` (module docstring).
     """
     device = torch.device(device or "cpu")  # None: the CPU, as DetectionContext.device means
+    n, dims = len(points), int(np.prod(points.shape[1:]))
+    if uses_graph(n, dims, search, device):
+        return graph_nearest_neighbours(points, k)
     if device.type == "cpu":
         from sklearn.neighbors import NearestNeighbors
 
@@ -97,3 +133,47 @@ def blocked_nearest_neighbours(points: np.ndarray | torch.Tensor, k: int, *, dev
         indices[start:stop] = nearest.indices
         del block, nearest
     return distances.double().cpu().numpy(), indices.cpu().numpy()
+
+
+def graph_nearest_neighbours(points: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest_neighbours` answered by a faiss HNSW graph on the CPU (approximate; module docstring).
+
+    A row whose graph search returns fewer than ``k`` other samples (many exact duplicates of one point
+    can crowd it out) is searched exactly instead, so every row holds ``k`` valid indices, never itself.
+    """
+    import faiss  # imported here: only large CPU searches need it
+
+    x = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
+    x = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32)
+    n = len(x)
+    if not 1 <= k < n:
+        raise ValueError(f"k must be between 1 and n_samples - 1 = {n - 1}; got {k}")
+    threads = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)  # the only reproducible build (module docstring)
+        graph = faiss.IndexHNSWFlat(x.shape[1], HNSW_LINKS)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        graph.add(x)
+        faiss.omp_set_num_threads(torch.get_num_threads())  # the trial's CPU budget (engine sets it)
+        graph.hnsw.efSearch = max(HNSW_EF_SEARCH, k + 1)
+        squared, found = graph.search(x, k + 1)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    others = (found != np.arange(n)[:, None]) & (found >= 0)
+    short = np.flatnonzero(others.sum(axis=1) < k)
+    order = np.argsort(~others, axis=1, kind="stable")[:, :k]  # each row's first k others, nearest first
+    indices = np.take_along_axis(found, order, axis=1).astype(np.int64)
+    distances = np.sqrt(np.maximum(np.take_along_axis(squared, order, axis=1), 0).astype(np.float64))
+    if len(short):
+        distances[short], indices[short] = exact_rows(x, short, k)
+    return distances, indices
+
+
+def exact_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ``k`` nearest other samples of the samples ``rows`` of ``x`` (float64)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, indices = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x).kneighbors(x[rows])
+    keep = indices != rows[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, axis=1), np.take_along_axis(indices, order, axis=1)

@@ -60,6 +60,7 @@ from poisonsweep.tasks.detect import linalg
 from poisonsweep.tasks.detect.activation_clustering import (REPRESENTATIONS, cached_reclassification,
                                                              judge_by_reclassification)
 from poisonsweep.tasks.detect.base import DETECTORS, Detection, DetectionContext
+from poisonsweep.tasks.detect.neighbours import SEARCHES
 from poisonsweep.tasks.registry import Interval, Options
 
 __all__ = ["GlobalModel", "fit_global_model", "split_class", "best_split", "split_statistic", "anomaly_index",
@@ -237,11 +238,11 @@ def poisonous_subgroups(result: dict, labels: np.ndarray, contaminated: np.ndarr
 @DETECTORS.register(
     "scan",
     {"threshold": [Interval(Real, 0, None, "neither")], "subgroup": [Options(SUBGROUP_RULES)],
-     "representation": [Options(REPRESENTATIONS)], "k": [Interval(Integral, 1)]},
+     "representation": [Options(REPRESENTATIONS)], "k": [Interval(Integral, 1)], "search": [Options(SEARCHES)]},
     help="Tang et al. 2021: two-subgroup decomposition per class against a global identity/variation model.",
 )
 def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, subgroup: str = "reclassification",
-         representation: str = "input", k: int = 50) -> Detection:
+         representation: str = "input", k: int = 50, search: str = "auto") -> Detection:
     """SCAn on the penultimate activations; higher = more suspicious.
 
     Parameters
@@ -260,6 +261,8 @@ def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, 
         Where the reclassifying neighbour vote is taken (as in ``activation_clustering``).
     k : int, default=50
         Neighbours in that vote (as in ``activation_clustering``).
+    search : {"auto", "exact", "hnsw"}, default="auto"
+        How that vote's neighbours are found (as in ``activation_clustering``).
 
     Returns
     -------
@@ -273,7 +276,7 @@ def scan(context: DetectionContext, *, seed: int, threshold: float = THRESHOLD, 
     result = scan_classes(context.features, labels, seed=seed, device=context.device)
     flagged = poisonous_subgroups(
         result, labels, result["index"] > threshold, rule=subgroup,
-        reclassify=lambda: cached_reclassification(context, representation, k)[0])
+        reclassify=lambda: cached_reclassification(context, representation, k, search)[0])
     distance = result["distance"]
     expected = max(int(torch.linalg.matrix_rank(result["model"].precision)), 1)  # E[m] under the model
     return Detection(scores=flagged + distance / (distance + expected), flagged=flagged)
