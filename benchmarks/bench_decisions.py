@@ -37,7 +37,9 @@ NOISE_SETUPS = [("one_shift", 0.01, {"shift": 1}), ("one_shift", 0.10, {"shift":
 BACKDOOR_SETUPS = [("badnets", 0.05, {"target": 0, "mode": "all_to_one"}),
                    ("badnets", 0.10, {"target": 0, "mode": "all_to_one"}),
                    ("badnets", 0.10, {"mode": "all_to_all"}), ("badnets", 0.33, {"mode": "all_to_all"})]
-SETUPS = {"noise": NOISE_SETUPS, "backdoor": BACKDOOR_SETUPS, "all": NOISE_SETUPS + BACKDOOR_SETUPS}
+FLIP_SETUPS = [("flip", 0.02, {"recipe": "fast"})]  # 2 experts: the paper's 50 take hours on a CPU
+SETUPS = {"noise": NOISE_SETUPS, "backdoor": BACKDOOR_SETUPS, "flip": FLIP_SETUPS,
+          "all": NOISE_SETUPS + BACKDOOR_SETUPS + FLIP_SETUPS}
 DETECTORS_DEFAULT = ("loss", "knn", "influence", "activation_clustering")
 
 
