@@ -29,7 +29,7 @@ class TrialWarning(UserWarning):
 class Interval:
     """A number in [low, high] (either bound may be None, meaning unbounded)."""
 
-    kind: type
+    kind: type[Any]  # Integral, float...: Any, so that a value of this kind compares with the bounds
     low: float | None = None
     high: float | None = None
     closed: str = "both"  # "both", "left", "right", "neither"
@@ -72,7 +72,7 @@ class BelowData(Interval):
     before any trial starts.
     """
 
-    kind: type = Integral
+    kind: type[Any] = Integral
     low: float | None = 0
     of: str = "classes"
 
