@@ -41,20 +41,27 @@ raises ``poisonsweep.ConfigError`` before anything runs.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time each name is imported on first use
-    # ruff: noqa: F401
-    from poisonsweep.engine.api import explain, load, plan, report, run, run_trial
-    from poisonsweep.engine.compare import compare
-    from poisonsweep.engine.export import export
-    from poisonsweep.tasks.data import DATASETS, Dataset
-    from poisonsweep.tasks.data.base import as_dataset
-    from poisonsweep.tasks.detect import DETECTORS, Detection, DetectionContext, flag_top
-    from poisonsweep.tasks.models import MODELS, SplitModel
-    from poisonsweep.tasks.poisons import POISONS, PoisonedData
-    from poisonsweep.tasks.registry import BOOL, NONE, STR, ConfigError, Interval, OfType, Options, TrialWarning
-    from poisonsweep.tasks.unlearn import UNLEARNERS
+    # `name as name`: re-exported (PEP 484), so that strict checkers take them as the package's public names
+    from poisonsweep.engine.api import (
+        explain as explain, load as load, plan as plan, report as report, run as run, run_trial as run_trial,
+    )
+    from poisonsweep.engine.compare import compare as compare
+    from poisonsweep.engine.export import export as export
+    from poisonsweep.tasks.data import DATASETS as DATASETS, Dataset as Dataset
+    from poisonsweep.tasks.data.base import as_dataset as as_dataset
+    from poisonsweep.tasks.detect import (
+        DETECTORS as DETECTORS, Detection as Detection, DetectionContext as DetectionContext, flag_top as flag_top,
+    )
+    from poisonsweep.tasks.models import MODELS as MODELS, SplitModel as SplitModel
+    from poisonsweep.tasks.poisons import POISONS as POISONS, PoisonedData as PoisonedData
+    from poisonsweep.tasks.registry import (
+        BOOL as BOOL, NONE as NONE, STR as STR, ConfigError as ConfigError, Interval as Interval, OfType as OfType,
+        Options as Options, TrialWarning as TrialWarning,
+    )
+    from poisonsweep.tasks.unlearn import UNLEARNERS as UNLEARNERS
 
 _REGISTRY = "poisonsweep.tasks.registry"
 _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "report": "poisonsweep.engine.api",
@@ -73,7 +80,7 @@ _API = {"run": "poisonsweep.engine.api", "load": "poisonsweep.engine.api", "repo
 __all__ = sorted(_API)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'poisonsweep' has no attribute {name!r}")

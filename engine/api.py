@@ -10,18 +10,29 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, overload
 
 import pyarrow as pa
 
 from poisonsweep.engine.lease import OutputBusy
 from poisonsweep.tasks.registry import ConfigError
 
+if TYPE_CHECKING:  # the return types; at run time each module is imported where it is used
+    import pandas as pd
+
+    from poisonsweep.engine.config import Sweep
+    from poisonsweep.engine.plan import SweepPlan
+    from poisonsweep.engine.progress import OnProgress, TrialCounter
+    from poisonsweep.engine.report import Report
+    from poisonsweep.engine.sweep import SweepOutcome
+    from poisonsweep.engine.tracking import MlflowTracker
+    from poisonsweep.tasks.trial import TrialResult
+
 __all__ = ["OutputBusy", "explain", "load", "load_config", "plan", "repair", "report", "run", "run_trial"]
 
 
 def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None,
-                data_root: str | None = None):
+                data_root: str | None = None) -> Sweep:
     """A validated ``poisonsweep.engine.config.Sweep`` from a YAML path or a dict in the same shape, with
     ``overrides`` (``"poison.rate=0.2"``, as ``--set``) applied; its plugins imported first (``plugins:``
     paths relative to the YAML file, or to the working directory for a dict)."""
@@ -36,16 +47,19 @@ def load_config(config: str | Path | dict, overrides: Iterable[str] = (), *, out
 def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterable[str] = (),
         address: str | None = None, data_root: str | None = None, rerun: str = "failed", verbose: bool = False,
         reuse_actors: bool = True, echo: Callable[[str], None] = print,
-        progress: Callable[[int], ContextManager] | None = None, announce: Callable | None = None,
-        mlflow: str | None = None):
+        on_progress: OnProgress | TrialCounter | None = None,
+        announce: Callable[[Sweep], object] | None = None, mlflow: str | None = None) -> SweepOutcome:
     """Run every trial of the sweep not yet done in its output directory; return its ``SweepOutcome``.
 
     ``config``: a YAML path or a dict; ``out``: a directory or URI (default: the config's ``out``,
     else ``results/<name>``); ``rerun``: ``failed`` (default), ``stale`` or ``all``; ``echo``
-    receives the notes the CLI prints (damaged files moved aside, stale trials); ``progress``, given
-    the number of trials to run, returns a Tune callback that is also a context manager (the CLI's bar);
-    ``announce`` is called with the checked sweep before anything runs; ``mlflow``: a tracking URI, to log
-    one MLflow run per trial run (``poisonsweep.engine.tracking``; off by default).
+    receives the notes the CLI prints (damaged files moved aside, stale trials); ``on_progress(done,
+    total, running)`` is called as the run begins and whenever a trial starts or ends: ``total`` trials
+    are to run (what is left of the sweep), ``done`` of them have finished (failed ones included; it
+    reaches ``total`` once every trial ran) and ``running`` are running (the CLI hands its bar,
+    ``poisonsweep.engine.progress.SweepProgress``, a ``TrialCounter`` itself); ``announce`` is called
+    with the checked sweep before anything runs; ``mlflow``: a tracking URI, to log one MLflow run per
+    trial run (``poisonsweep.engine.tracking``; off by default).
     The outcome's ``out`` is where the tables are: read them with :func:`load`.
     """
     from poisonsweep.engine.config import check_data
@@ -67,10 +81,12 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
     with run_guard(sweep.out, echo):  # a file lock (local directory) or a lease (object store): one run per output
         if announce is not None:
             announce(sweep)
-        return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tracker)
+        return _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, on_progress, tracker)
 
 
-def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tracker=None):
+def _run_locked(sweep: Sweep, address: str | None, verbose: bool, reuse_actors: bool, rerun: str,
+                echo: Callable[[str], None], on_progress: OnProgress | TrialCounter | None,
+                tracker: MlflowTracker | None = None) -> SweepOutcome:
     from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trial_versions, trials_to_run
     from poisonsweep.engine.sweep import _recorded_rows, run_sweep
 
@@ -91,14 +107,15 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tr
     to_run = trials_to_run(sweep.out, ids, rerun, version, versions, damaged=[path for path, *_ in quarantined])
     if tracker is not None:
         tracker.earlier = _recorded_rows(sweep.out, to_run)  # rows of earlier runs are not logged as this run's
-    bar = progress(len(to_run)) if progress else contextlib.nullcontext()
     from poisonsweep.engine.progress import RayWarningsKept
     from poisonsweep.engine.sweep import TUNE_DIR
 
-    # a resumed sweep's bar counts only what is left; Ray's warnings go to a file unless --verbose
-    with bar as callback, _unwritable_output_named(sweep.out), \
+    counter = progress_counter(on_progress)
+    counter.begin(len(to_run))  # a resumed sweep's progress counts only what is left
+    # Ray's warnings go to a file unless --verbose
+    with counter, _unwritable_output_named(sweep.out), \
             RayWarningsKept(sweep.out, TUNE_DIR, enabled=not verbose) as kept:
-        outcome = run_sweep(sweep, address=address, verbose=verbose, progress=callback,
+        outcome = run_sweep(sweep, address=address, verbose=verbose, progress=counter,
                             reuse_actors=reuse_actors, rerun=rerun, to_run=to_run, version=version,
                             callbacks=[tracker] if tracker is not None else None)
     outcome.out, outcome.ray_warnings, outcome.ray_log = sweep.out, kept.count, kept.path
@@ -108,8 +125,16 @@ def _run_locked(sweep, address, verbose, reuse_actors, rerun, echo, progress, tr
     return outcome
 
 
+def progress_counter(on_progress: OnProgress | TrialCounter | None) -> TrialCounter:
+    """The Tune callback that tells ``on_progress``: a plain callable wrapped in a ``TrialCounter``, and a
+    ``TrialCounter`` (the CLI's bar) used as it is."""
+    from poisonsweep.engine.progress import TrialCounter
+
+    return on_progress if isinstance(on_progress, TrialCounter) else TrialCounter(on_progress=on_progress)
+
+
 @contextlib.contextmanager
-def _unwritable_output_named(out: str):
+def _unwritable_output_named(out: str) -> Iterator[None]:
     """An error that escapes the sweep (Ray Tune's own state truncated by a full disk, a record that an
     object store no longer serves) becomes ``OutputError``, one line naming the path and the cause,
     when the output cannot be written now; any other error passes as it is."""
@@ -169,17 +194,32 @@ def check_writable(out: str) -> None:
     try:
         fs, root = filesystem(out)
         fs.create_dir(root, recursive=True)
-        probe = f"{root}/{probe_name()}"
-        with fs.open_output_stream(probe):
+        probe_uri = f"{root}/{probe_name()}"
+        with fs.open_output_stream(probe_uri):
             pass
-        fs.delete_file(probe)
+        fs.delete_file(probe_uri)
     except (OSError, ArrowException, ValueError) as error:
         raise ConfigError(f"output URI {masked(out)!r} cannot be written: {masked(str(error))}; check the URI and "
                           "the credentials (e.g. AWS_PROFILE, an instance profile) or choose another with --out") from None
 
 
+@overload
 def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,
-         as_pandas: bool = False) -> dict[str, pa.Table]:
+         as_pandas: Literal[False] = False) -> dict[str, pa.Table]: ...
+
+
+@overload
+def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,
+         as_pandas: Literal[True]) -> dict[str, pd.DataFrame]: ...
+
+
+@overload
+def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,
+         as_pandas: bool) -> dict[str, pa.Table] | dict[str, pd.DataFrame]: ...
+
+
+def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[str, list[str]] | None = None,
+         as_pandas: bool = False) -> dict[str, pa.Table] | dict[str, pd.DataFrame]:
     """The record's tables, ``{name: pyarrow.Table}`` (``as_pandas``: DataFrames), each trial's rows
     once whether per-trial or compacted. ``tables``: which, one name or several (default all);
     ``columns``: per table."""
@@ -196,7 +236,7 @@ def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[s
     return {name: table.to_pandas() for name, table in loaded.items()} if as_pandas else loaded
 
 
-def report(out: str, directory: str | Path | None = None):
+def report(out: str, directory: str | Path | None = None) -> Report:
     """Write the report (CSV/Markdown tables, PNG figures, one self-contained HTML page) of the record
     in ``out``; returns ``poisonsweep.engine.report.Report`` (its ``html`` is the page's path)."""
     from poisonsweep.engine.report import write_report
@@ -209,7 +249,7 @@ def report(out: str, directory: str | Path | None = None):
 
 
 @contextlib.contextmanager
-def _report_guard(out: str, directory: str | Path | None):
+def _report_guard(out: str, directory: str | Path | None) -> Iterator[None]:
     """While a report is written into a local record (its default place): the record's report lock
     (``OutputBusy`` if another report holds it), and the temporaries of killed reports removed. A
     read-only record, or a report written elsewhere, takes neither."""
@@ -218,7 +258,7 @@ def _report_guard(out: str, directory: str | Path | None):
     root = Path(out).resolve() if "://" not in out else None
     inside = root is not None and root.is_dir() and (
         directory is None or root in Path(directory).resolve().parents)
-    if not inside or not os.access(root, os.W_OK):
+    if root is None or not inside or not os.access(root, os.W_OK):
         yield
         return
     with run_guard(out, command="report"):
@@ -243,7 +283,8 @@ def repair(out: str) -> tuple[list[tuple[str, str, str]], int]:
         return quarantine(out), removed
 
 
-def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index: int = 0, log=print):
+def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index: int = 0,
+              log: Callable[[str], None] = print) -> TrialResult:
     """Run one trial of a sweep config in this process, without Ray; returns its rows
     (``poisonsweep.tasks.trial.TrialResult``: ``tables[name]`` is a list of row dicts).
 
@@ -259,7 +300,8 @@ def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index
     return run_one(sweep.trials[index], log=log)
 
 
-def plan(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None, n: int = 5):
+def plan(config: str | Path | dict, overrides: Iterable[str] = (), *, out: str | None = None, n: int = 5
+         ) -> SweepPlan:
     """What ``run`` would run, without Ray and without loading data: a
     ``poisonsweep.engine.plan.SweepPlan`` (trial count, grid axes, the first ``n`` trials with their swept
     values, and a warning for each ``--set`` override that removed or narrowed an axis). The config is

@@ -59,7 +59,7 @@ def run(
         outcome = api.run(config, out=out, overrides=set_, address=address, data_root=data_root, rerun=rerun,
                           verbose=verbose, reuse_actors=reuse_actors, mlflow=mlflow,
                           echo=lambda note: console.print(escape(masked(note)), highlight=False),
-                          progress=lambda total: SweepProgress(total, console),
+                          on_progress=SweepProgress(console=console),
                           announce=lambda sweep: console.print(f"sweep [bold]{escape(sweep.name)}[/]: "
                                                                f"{len(sweep.trials)} trials -> {escape(masked(sweep.out))}"))
     except (ConfigError, RuntimeError) as error:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from ray.tune import Callback
 from poisonsweep.engine.text import printable
@@ -59,15 +60,79 @@ def field_text(value: str) -> str:
     return escape(printable(value))
 
 
-class SweepProgress(Callback):
-    """Ray Tune callback driving a rich progress bar in the driver process."""
+OnProgress = Callable[[int, int, int], None]  # on_progress(done, total, running), as ``poisonsweep.run`` takes it
 
-    def __init__(self, total: int, console: Console | None = None):
+
+class TrialCounter(Callback):
+    """The engine's Tune callback for progress: counts the trials of this run that are done (failed ones
+    included; a pack counts its members) and running, and calls ``on_progress(done, total, running)``
+    when the run begins and after each change. ``poisonsweep.run(on_progress=...)`` wraps a plain
+    callable in one; the CLI's bar (:class:`SweepProgress`) is one. ``with counter:`` spans the run."""
+
+    _driver_only: tuple[str, ...] = ("on_progress",)  # not pickled (Tune pickles its run config): driver-side
+
+    def __init__(self, total: int = 0, on_progress: OnProgress | None = None):
         self.total = total
+        self.on_progress = on_progress
         self.running: dict[str, str] = {}  # Tune trial id -> our trial_id (a pack's first member)
         self.failed = 0
         self.finished = 0
         self._results: dict[str, dict] = {}  # Tune trial id -> its last result
+
+    def begin(self, total: int) -> None:
+        """The run is about to start ``total`` trials (what is left of the sweep)."""
+        self.total = total
+        self.changed()
+
+    def changed(self) -> None:
+        """The counts changed: tell ``on_progress`` (the bar redraws instead)."""
+        on_progress = self.__dict__.get("on_progress")  # a pickled copy has none
+        if on_progress is not None:
+            on_progress(self.finished, self.total, len(self.running))
+
+    def stage_board(self):
+        """Where trials post their stages (:class:`StageBoard`); None: nobody shows them."""
+        return None
+
+    def __enter__(self) -> TrialCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __getstate__(self):
+        # Tune pickles its run config; what lives in the driver (the caller's function, the live bar) stays
+        return {k: v for k, v in self.__dict__.items() if k not in self._driver_only}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running[trial.trial_id] = trial.config["trial_id"]
+        self.changed()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._results[trial.trial_id] = result
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = self._results.pop(trial.trial_id, {})  # nothing kept per finished trial
+        self.running.pop(trial.trial_id, None)
+        self.finished += result.get("members", 1)  # a pack (resources.pack) holds several trials
+        self.failed += len(result.get("failures") or {})
+        self.changed()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.pop(trial.trial_id, None)
+        self._results.pop(trial.trial_id, None)
+        self.finished += len(trial.config["trial_ids"])  # one trial, or every member of a pack
+        self.failed += len(trial.config["trial_ids"])
+        self.changed()
+
+
+class SweepProgress(TrialCounter):
+    """The CLI's live bar: a :class:`TrialCounter` that redraws a rich progress bar in the driver."""
+
+    _driver_only = ("on_progress", "bar", "task", "_board", "_pending")  # the live bar (locks, the terminal), the board
+
+    def __init__(self, total: int = 0, console: Console | None = None):
+        super().__init__(total)
         self._board = None  # the StageBoard actor, once stage_board() made one
         self._asked, self._pending = 0.0, None  # when the board was last asked, and its answer to come
         self._stages: dict[str, str] = {}  # trial_id -> stage, as the board last answered
@@ -79,6 +144,14 @@ class SweepProgress(Callback):
         )
         self.task = self.bar.add_task("sweep", total=total, running=0, failed=0)
 
+    def begin(self, total: int) -> None:
+        if "bar" in self.__dict__:  # the clock starts now, not when the bar was made (before the config loaded)
+            self.bar.reset(self.task, total=total, running=0, failed=0)
+        super().begin(total)
+
+    def changed(self) -> None:
+        self._refresh()
+
     def __enter__(self):
         self.bar.start()
         return self
@@ -86,10 +159,6 @@ class SweepProgress(Callback):
     def __exit__(self, *exc):
         self._stages = {}  # the last frame shows the finished bar alone
         self.bar.stop()
-
-    def __getstate__(self):
-        # Tune pickles its run config; the live bar (locks, the terminal) and the board stay in the driver
-        return {k: v for k, v in self.__dict__.items() if k not in ("bar", "task", "_board", "_pending")}
 
     def stage_board(self):
         """The board trials post their stages to (a Ray actor; Ray must be running), or None where nobody
@@ -132,27 +201,6 @@ class SweepProgress(Callback):
             self._pending = None
         if self._board is not None and self._pending is None and time.monotonic() - self._asked >= POLL_SECONDS:
             self._asked, self._pending = time.monotonic(), self._board.stages.remote()
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.running[trial.trial_id] = trial.config["trial_id"]
-        self._refresh()
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._results[trial.trial_id] = result
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        result = self._results.pop(trial.trial_id, {})  # nothing kept per finished trial
-        self.running.pop(trial.trial_id, None)
-        self.finished += result.get("members", 1)  # a pack (resources.pack) holds several trials
-        self.failed += len(result.get("failures") or {})
-        self._refresh()
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.running.pop(trial.trial_id, None)
-        self._results.pop(trial.trial_id, None)
-        self.finished += len(trial.config["trial_ids"])  # one trial, or every member of a pack
-        self.failed += len(trial.config["trial_ids"])
-        self._refresh()
 
 
 # ---------------------------------------------------------------------------------------------

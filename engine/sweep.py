@@ -34,6 +34,7 @@ from poisonsweep.engine.worker import UNKNOWN_NODE, record_trial, tune_trainable
 
 if TYPE_CHECKING:
     from poisonsweep.engine.config import Sweep
+    from poisonsweep.engine.progress import TrialCounter
 
 TUNE_DIR = "_tune"  # Tune's own experiment state, inside the output directory
 
@@ -274,7 +275,7 @@ def plan_units(pending: list[dict], pack: int) -> list[list[dict]]:
     return [[config] for config in pending]
 
 
-def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress=None,
+def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False, progress: TrialCounter | None = None,
               reuse_actors: bool = True, rerun: str = "failed", to_run: list[str] | None = None,
               version: str | None = None, callbacks: list | None = None) -> SweepOutcome:
     """Run every trial of ``sweep`` not yet done in ``sweep.out`` (``poisonsweep.engine.resume.trials_to_run``:
@@ -317,7 +318,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     plugins = [p.record() for p in sweep.plugins]  # each trial process imports them, from the shipped copy
     plan = [ray.put(units)]  # in the object store once; a list, so with_parameters ships the ref, not the plan
     # a live display's board for the trials' stages (engine.progress), else none: trials then post nothing
-    stages = [getattr(progress, "stage_board", lambda: None)()]
+    stages = [progress.stage_board() if progress is not None else None]
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, plan=plan, out=out, version=version, resources=sweep.resources,
                              plugins=plugins, stages=stages),

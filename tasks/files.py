@@ -43,11 +43,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], T],
     return result
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    atomic_write(path, lambda temporary: temporary.write_bytes(data))
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)

@@ -13,7 +13,9 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])  # a registered function: the decorator returns it as it is
 
 
 class ConfigError(ValueError):
@@ -29,7 +31,7 @@ class TrialWarning(UserWarning):
 class Interval:
     """A number in [low, high] (either bound may be None, meaning unbounded)."""
 
-    kind: type
+    kind: type[Any]  # Integral, float...: Any, so that a value of this kind compares with the bounds
     low: float | None = None
     high: float | None = None
     closed: str = "both"  # "both", "left", "right", "neither"
@@ -72,7 +74,7 @@ class BelowData(Interval):
     before any trial starts.
     """
 
-    kind: type = Integral
+    kind: type[Any] = Integral
     low: float | None = 0
     of: str = "classes"
 
@@ -239,11 +241,11 @@ class Registry:
                  tables: tuple[str, ...] = (), eligible: Callable | None = None, num_classes: int | None = None,
                  placement: frozenset | set | tuple = frozenset(), rebuild: str = "apply",
                  rebuild_cached: Callable[[str], bool] | None = None,
-                 trial_check: Callable[[dict, dict], str | None] | None = None):
+                 trial_check: Callable[[dict, dict], str | None] | None = None) -> Callable[[F], F]:
         """Register the decorated function as ``name`` (see :class:`Entry` for what each argument declares).
         Registering the same function again (same module and qualified name: a re-imported plugin, a
         re-run notebook cell) replaces it; another function under a taken name is an error."""
-        def decorator(fn: Callable) -> Callable:
+        def decorator(fn: F) -> F:
             if name in self._entries and not _same_function(self._entries[name].fn, fn):
                 raise ValueError(f"a {self.kind} is already registered under the name {name!r}")
             constraints_ = constraints or {}

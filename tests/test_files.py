@@ -2,13 +2,13 @@
 
 import pytest
 
-from poisonsweep.tasks.files import atomic_write, atomic_write_bytes
+from poisonsweep.tasks.files import atomic_write
 
 
 def test_a_file_is_replaced_whole_and_no_temporary_is_left(tmp_path):
     target = tmp_path / "a.bin"
     target.write_bytes(b"old")
-    atomic_write_bytes(target, b"new")
+    atomic_write(target, lambda temporary: temporary.write_bytes(b"new"))
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 

@@ -20,7 +20,7 @@ import poisonsweep.tasks.detect.influence as detect_influence
 from poisonsweep.tasks import influence as infl
 from poisonsweep.tasks.influence import scoring as infl_scoring
 from poisonsweep.tasks.data import load_dataset
-from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext
+from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext, serial_map
 from poisonsweep.tasks.detect.influence import choose_test_points, influence_rows
 from poisonsweep.tasks.models import SplitModel, build_model
 from poisonsweep.tasks.train import TrainConfig, train_model
@@ -175,7 +175,8 @@ def test_exact_influence_predicts_leave_one_out_retraining():
     test = int(np.argmax(loss_of(model, data.x_test, data.y_test)))  # a misclassified test point
     xt, yt = data.x_test[test:test + 1], data.y_test[test:test + 1]
     settings = infl.SolverSettings(solver="exact", damping=0.0, l2=l2)
-    scores = infl.compute_influence(model, data.x_train, y, settings, x_test=xt, y_test=yt, shard_size=64)
+    payload = infl.fit_influence(model, data.x_train, y, settings, x_test=xt, y_test=yt)
+    scores = infl.score_influence(payload, serial_map, shard_size=64)
     predicted = scores.test_influence[0]
     chosen = np.argsort(-np.abs(predicted), kind="stable")[:30]
     test_change, own_change = [], []
@@ -196,8 +197,9 @@ def test_tracin_and_grad_norm_equal_brute_force_sums(digits):
                           keep_checkpoints=True)
     x, y, xt, yt = digits.x_train[:30], digits.y_train[:30], digits.x_test[:4], digits.y_test[:4]
     names = infl.select_parameters(model, "last_k_layers", 2)
-    tracin = infl.compute_influence(model, x, y, infl.SolverSettings(solver="tracin"), params="last_k_layers", k=2,
-                                    x_test=xt, y_test=yt, checkpoints=history.checkpoints, shard_size=7)
+    payload = infl.fit_influence(model, x, y, infl.SolverSettings(solver="tracin"), params="last_k_layers", k=2,
+                                 x_test=xt, y_test=yt, checkpoints=history.checkpoints)
+    tracin = infl.score_influence(payload, serial_map, shard_size=7)
     self_truth, test_truth = np.zeros(30), np.zeros((4, 30))
     for lr, state in history.checkpoints:
         snapshot = copy.deepcopy(model)
@@ -208,7 +210,8 @@ def test_tracin_and_grad_norm_equal_brute_force_sums(digits):
     np.testing.assert_allclose(tracin.self_influence, self_truth, rtol=1e-9)
     np.testing.assert_allclose(tracin.test_influence, test_truth, rtol=1e-9, atol=1e-14)
 
-    grad_norm = infl.compute_influence(model, x, y, infl.SolverSettings(solver="grad_norm"), params="all")
+    grad_norm = infl.score_influence(infl.fit_influence(model, x, y, infl.SolverSettings(solver="grad_norm"),
+                                                        params="all"), serial_map)
     g = _autograd_grads(model, infl.select_parameters(model, "all"), x, y)
     np.testing.assert_allclose(grad_norm.self_influence, (g ** 2).sum(1).numpy(), rtol=1e-9)
 

@@ -50,7 +50,7 @@ from poisonsweep.tasks.influence.gradients import (  # noqa: F401
     hvp, linear_head_grads, linear_head_hessian, per_sample_grads, select_parameters, uses_head_features,
 )
 from poisonsweep.tasks.influence.scoring import (  # noqa: F401
-    DEFAULT_SHARD_SIZE, InfluencePayload, InfluenceScores, InfluenceTerm, SolverSettings, compute_influence,
+    DEFAULT_SHARD_SIZE, InfluencePayload, InfluenceScores, InfluenceTerm, SolverSettings,
     fit_influence, score_influence, score_shard, shard_indices,
 )
 from poisonsweep.tasks.influence.solvers import (  # noqa: F401

@@ -217,11 +217,3 @@ def score_influence(payload: InfluencePayload, map_shards: Callable, shard_size:
     test_scores = np.concatenate(tests, axis=1) if tests and tests[0] is not None else None
     return InfluenceScores(self_scores, test_scores)
 
-
-def compute_influence(model: nn.Module, x_train: torch.Tensor, labels, settings: SolverSettings, *,
-                      map_shards: Callable | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                      **fit_kwargs) -> InfluenceScores:
-    """``fit_influence`` then ``score_influence`` (a plain map when ``map_shards`` is None)."""
-    payload = fit_influence(model, x_train, labels, settings, **fit_kwargs)
-    return score_influence(payload, map_shards or (lambda fn, shared, shards: [fn(shared, s) for s in shards]),
-                           shard_size)
