@@ -14,10 +14,9 @@ from typer.testing import CliRunner
 
 import poisonsweep.engine.record as record
 from poisonsweep.engine import storage
-from poisonsweep.engine.record import compaction, read
 from poisonsweep.engine.cli import app
+from poisonsweep.engine.record import TABLES, DamagedFile, compaction, read, write_trial, write_trial_table
 from poisonsweep.engine.resume import complete_trials
-from poisonsweep.engine.record import TABLES, DamagedFile, write_trial, write_trial_table
 from poisonsweep.engine.summary import found_vs_checked_curves
 from poisonsweep.tasks.metrics import found_vs_checked
 
@@ -312,3 +311,31 @@ def test_a_trial_run_counts_by_its_row_not_by_the_driver_s_clock(tmp_path):
         rows["trials"][0].update(started_at=behind, finished_at=behind + dt.timedelta(seconds=3))
         write_trial(out, tid, rows)
     assert _recorded_anew(out, before, ["failed", "new", "untouched"]) == 2
+
+
+def test_one_function_builds_every_trials_row_with_every_column():
+    """``trials_row`` gives a failed attempt, a failed trial and a finished one the same columns (the schema's,
+    but ``tables``), the error masked, and a pack's lone member its note; a measured column the schema lacks
+    is refused."""
+    import datetime as dt
+
+    from poisonsweep.engine.config import build_sweep, trial_id
+    from poisonsweep.engine.record.row import trials_row
+    from poisonsweep.tasks.trial import TrialResult
+
+    config = build_sweep({"data": {"name": "digits", "n_train": 40, "n_test": 20},
+                          "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp"},
+                          "detectors": ["loss"]}).trials[0]
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    run = {"started": started, "finished": started + dt.timedelta(seconds=3), "version": "v", "where": {}}
+    finished = TrialResult({"trials": [{"clean_test_acc": 0.9, "pack_size": 1, "pack_note": None}]})
+    rows = [trials_row(config, "worker died at s3://key:secret@bucket/out", **run),
+            trials_row(config, ValueError("boom"), **run), trials_row(config, finished, pack_note="alone", **run)]
+    columns = [name for name in record.SCHEMAS["trials"].names if name != "tables"]
+    assert all(list(row) == columns for row in rows)
+    assert [row["status"] for row in rows] == ["failed", "failed", "ok"]
+    assert rows[0]["error"] == "worker died at s3://key:***@bucket/out" and rows[1]["error"].startswith("ValueError: boom")
+    assert rows[2]["clean_test_acc"] == 0.9 and rows[2]["pack_note"] == "alone" and rows[0]["pack_note"] is None
+    assert {row["trial_id"] for row in rows} == {trial_id(config)} and rows[2]["total_seconds"] == 3
+    with pytest.raises(ValueError, match="clean_accuracy"):
+        trials_row(config, TrialResult({"trials": [{"clean_accuracy": 0.9}]}), **run)

@@ -218,7 +218,7 @@ def compact(out: str) -> list[Compacted]:
     Only complete trials are taken: those whose ``trials`` row exists when compaction starts (a
     trial writes that row last). Running it again with nothing new to merge changes nothing. One
     compaction at a time: ``OutputBusy`` when another ``compact`` (or ``repair``) holds the record. The
-    temporaries that killed writers left are removed first (``lease.remove_dead_temporaries``).
+    temporaries that killed writers left are removed first (``record.repair.remove_dead_temporaries``).
     """
     fs, root = filesystem(out)
     if fs.get_file_info(f"{root}/trials").type != pafs.FileType.Directory:
