@@ -6,7 +6,7 @@ see Arrow's buffers) and the peak of pyarrow's memory pool:
 
 * ``per-trial``: compacting the 2,000 per-trial files of every table into one compacted file each;
 * ``merge``: merging the 9 compacted files of each table (9 earlier compactions of ~222 trials each)
-  into one (``engine/record.py`` ``_merge_compacted``).
+  into one (``engine/record/compaction.py`` ``_merge_compacted``).
 
 The record is synthetic, in the sink's schemas (trials rows through ``write_trial_table``, scores
 written straight from arrays: ``Table.from_pylist`` of 20 M dicts would take longer than the
@@ -40,7 +40,7 @@ GENERATIONS = 9  # compacted files before the merge: one more than compact_table
 def _scores(tid: str, rows: int, rng):
     import pyarrow as pa
 
-    from poisonsweep.engine.sink import SCHEMAS
+    from poisonsweep.engine.record import SCHEMAS
 
     half = rows // 2
     index = np.tile(np.arange(half), 2)
@@ -58,7 +58,7 @@ def build(out: Path, trials: int, rows: int) -> None:
     import pyarrow.parquet as pq
 
     from poisonsweep.engine import record
-    from poisonsweep.engine.sink import TABLES, write_trial_table
+    from poisonsweep.engine.record import TABLES, write_trial_table
 
     rng = np.random.default_rng(0)
     start = time.perf_counter()

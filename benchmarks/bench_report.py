@@ -20,7 +20,7 @@ import numpy as np
 from poisonsweep.engine.config import build_sweep, config_columns, trial_id
 from poisonsweep.engine.report import write_report
 from poisonsweep.engine.report.galleries import sample_figures
-from poisonsweep.engine.sink import write_trial_table
+from poisonsweep.engine.record import write_trial_table
 from poisonsweep.engine.summary import load, setting_columns
 from poisonsweep.tasks.data import load_dataset
 from poisonsweep.tasks.poisons import apply_poison

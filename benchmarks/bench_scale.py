@@ -122,7 +122,7 @@ def synthetic_record(out: str, n: int, n_train: int = 300, seed: int = 0) -> Non
     time by the sink's writer, as a sweep writes them."""
     from poisonsweep.engine.config import build_sweep, config_columns, key_columns, trial_id
     from poisonsweep.engine.report import write_plan
-    from poisonsweep.engine.sink import write_trial
+    from poisonsweep.engine.record import write_trial
 
     raw = {**SMALL_TRIAL, "name": f"record{n}", "sweep": {"poison.rate": [0.1, 0.2], "seed": list(range(n // 2))}}
     sweep = build_sweep(raw, out=out)

@@ -87,7 +87,8 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
 def _run_locked(sweep: Sweep, address: str | None, verbose: bool, reuse_actors: bool, rerun: str,
                 echo: Callable[[str], None], on_progress: OnProgress | TrialCounter | None,
                 tracker: MlflowTracker | None = None) -> SweepOutcome:
-    from poisonsweep.engine.resume import code_version, quarantine, stale_trials, trial_versions, trials_to_run
+    from poisonsweep.engine.record.repair import quarantine
+    from poisonsweep.engine.resume import code_version, stale_trials, trial_versions, trials_to_run
     from poisonsweep.engine.sweep import _recorded_rows, run_sweep
 
     quarantined = quarantine(sweep.out)
@@ -138,7 +139,7 @@ def _unwritable_output_named(out: str) -> Iterator[None]:
     """An error that escapes the sweep (Ray Tune's own state truncated by a full disk, a record that an
     object store no longer serves) becomes ``OutputError``, one line naming the path and the cause,
     when the output cannot be written now; any other error passes as it is."""
-    from poisonsweep.engine.sink import OutputError
+    from poisonsweep.engine.storage import OutputError
 
     try:
         yield
@@ -169,10 +170,11 @@ def check_writable(out: str) -> None:
     """Create and delete a probe file in ``out`` (a directory or a URI), so that a read-only path or
     missing cloud credentials fail now, not after the first trial. A local probe has a name of its
     own, is created exclusively and never through a link, and the record's own entries in ``out`` must
-    not be links (:func:`engine.sink.refuse_links`): nothing outside ``out`` is written or truncated."""
+    not be links (:func:`engine.record.write.refuse_links`): nothing outside ``out`` is written or truncated."""
     from pyarrow import ArrowException
 
-    from poisonsweep.engine.sink import filesystem, masked, probe_name, refuse_links
+    from poisonsweep.engine.record.write import refuse_links
+    from poisonsweep.engine.storage import filesystem, masked, probe_name
 
     if "://" not in out:
         path = Path(filesystem(out)[1])
@@ -223,8 +225,8 @@ def load(out: str, tables: str | Iterable[str] | None = None, *, columns: dict[s
     """The record's tables, ``{name: pyarrow.Table}`` (``as_pandas``: DataFrames), each trial's rows
     once whether per-trial or compacted. ``tables``: which, one name or several (default all);
     ``columns``: per table."""
-    from poisonsweep.engine.record import read_table
-    from poisonsweep.engine.sink import TABLES
+    from poisonsweep.engine.record.read import read_table
+    from poisonsweep.engine.record.tables import TABLES
 
     if isinstance(tables, str):  # load(out, "trials") means that one table, not its letters
         tables = [tables]
@@ -253,7 +255,8 @@ def _report_guard(out: str, directory: str | Path | None) -> Iterator[None]:
     """While a report is written into a local record (its default place): the record's report lock
     (``OutputBusy`` if another report holds it), and the temporaries of killed reports removed. A
     read-only record, or a report written elsewhere, takes neither."""
-    from poisonsweep.engine.lease import BESIDE_A_RUN, remove_dead_temporaries, run_guard
+    from poisonsweep.engine.lease import run_guard
+    from poisonsweep.engine.record.repair import BESIDE_A_RUN, remove_dead_temporaries
 
     root = Path(out).resolve() if "://" not in out else None
     inside = root is not None and root.is_dir() and (
@@ -271,9 +274,9 @@ def repair(out: str) -> tuple[list[tuple[str, str, str]], int]:
     ``<out>/_quarantine/`` (the next ``run`` recomputes its trial) and remove the temporaries killed
     commands left. Returns the moves (from, to, what was wrong) and how many temporaries were removed.
     Holds the record as ``compact`` does (``OutputBusy`` while a ``compact`` runs)."""
-    from poisonsweep.engine.lease import remove_dead_temporaries, run_guard
-    from poisonsweep.engine.resume import quarantine
-    from poisonsweep.engine.sink import filesystem
+    from poisonsweep.engine.lease import run_guard
+    from poisonsweep.engine.record.repair import quarantine, remove_dead_temporaries
+    from poisonsweep.engine.storage import filesystem
 
     root = filesystem(out)[1]
     if "://" not in out and not os.path.isdir(root):

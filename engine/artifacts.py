@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from poisonsweep.engine.sink import filesystem
+from poisonsweep.engine.storage import filesystem
 from poisonsweep.tasks.files import atomic_write
 
 ARTIFACT_DIR = "_artifacts"

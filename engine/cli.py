@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 from poisonsweep.engine import screen, summary
-from poisonsweep.engine.sink import masked
+from poisonsweep.engine.storage import masked
 from poisonsweep.engine.text import PrintableConsole
 from poisonsweep.tasks.registry import ConfigError
 from rich.markup import escape
@@ -92,7 +92,7 @@ def run(
 @app.command()
 def show(out: str = typer.Argument(..., help="A sweep's output directory (or URI).")):
     """Print a sweep's summary from its Parquet tables alone."""
-    from poisonsweep.engine.sink import filesystem
+    from poisonsweep.engine.storage import filesystem
 
     fs, root = filesystem(out)
     from pyarrow.fs import FileType
@@ -108,8 +108,9 @@ def repair(out: str = typer.Argument(..., help="A sweep's output directory (or U
     """Move every file of the record that is not readable Parquet of its table's schema to DIR/_quarantine/
     (the next `run` recomputes its trial), and remove the temporaries of killed commands."""
     from poisonsweep.engine.api import repair as repair_record
-    from poisonsweep.engine.resume import QUARANTINE_DIR
-    from poisonsweep.engine.sink import filesystem, refuse_links
+    from poisonsweep.engine.record.repair import QUARANTINE_DIR
+    from poisonsweep.engine.record.write import refuse_links
+    from poisonsweep.engine.storage import filesystem
 
     try:
         if "://" not in out and os.path.isdir(out):
@@ -129,8 +130,7 @@ def repair(out: str = typer.Argument(..., help="A sweep's output directory (or U
 @contextlib.contextmanager
 def _damage_reported(out: str):
     """Name every damaged file of the record once (readers skip them, each with a warning)."""
-    from poisonsweep.engine.resume import damage
-    from poisonsweep.engine.sink import DamagedFile
+    from poisonsweep.engine.record.repair import DamagedFile, damage
 
     for path, problem in damage(out).items():
         console.print(f"[bold yellow]warning:[/] {escape(str(DamagedFile(path, out, problem)))}", highlight=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from poisonsweep.engine import summary
-from poisonsweep.engine.sink import CONFIG_COLUMNS
+from poisonsweep.engine.record.tables import CONFIG_COLUMNS
 from poisonsweep.tasks.registry import ConfigError
 
 METRICS = ("auroc", "precision_at_n", "auprc", "f1", "recall_at_10", "n_flagged")

@@ -3,8 +3,8 @@ directory, a lease for an object store.
 
 Each command has its own: ``run`` holds ``.run.lock`` / ``.run.lease``, ``compact`` and ``repair``
 hold ``.compact.lock`` / ``.compact.lease``, ``report`` holds ``.report.lock`` while it writes into a
-local record; :func:`remove_dead_temporaries` removes only the temporaries of commands whose lock
-is free (their writers are dead). Below, for ``run``:
+local record; ``poisonsweep.engine.record.repair.remove_dead_temporaries`` removes only the
+temporaries of commands whose lock is free (their writers are dead). Below, for ``run``:
 
 A local directory gets ``DIR/.run.lock`` (``filelock``: the operating system releases it when the
 process dies). An object store (``s3://``, ``gs://``) has no locks and pyarrow offers no atomic
@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 
 from pyarrow import ArrowException
 
-from poisonsweep.engine.sink import filesystem, join_uri, masked
+from poisonsweep.engine.storage import filesystem, join_uri, masked
 from poisonsweep.tasks.registry import ConfigError
 
 LOCK_FILE = ".run.lock"
@@ -157,10 +157,10 @@ def run_guard(out: str, echo=print, command: str = "run"):
     store, a ``filelock`` for a local directory; either raises ``OutputBusy`` on entry if another holds it."""
     if "://" in out:
         return Lease(out, echo=echo, command=command)
-    return _local_lock(out, _lock_path(out, command), command)
+    return _local_lock(out, lock_path(out, command), command)
 
 
-def _lock_path(out: str, command: str) -> str:
+def lock_path(out: str, command: str) -> str:
     return f"{filesystem(out)[1]}/{LOCK_FILE if command == 'run' else f'.{command}.lock'}"
 
 
@@ -182,33 +182,3 @@ def _local_lock(out: str, path: str, command: str = "run"):
         yield lock
     finally:
         lock.release()
-
-
-def remove_dead_temporaries(out: str, held: str | None = None, kinds=GUARDED) -> int:
-    """Remove the temporaries that killed commands of ``kinds`` (``run``, ``compact``, ``report``) left in
-    the local record ``out``; a command's own are removed only while its lock is free (no live writer
-    of them) or ``held`` (by the caller). Returns how many were removed."""
-    from filelock import FileLock, Timeout
-
-    from poisonsweep.engine.sink import remove_temporaries
-
-    if "://" in out or not os.path.isdir(filesystem(out)[1]):
-        return 0
-    with contextlib.ExitStack() as locks:
-        free = []
-        for command in kinds:
-            if command != held:
-                path = _lock_path(out, command)
-                if os.path.islink(path):  # never open a planted link
-                    continue
-                try:
-                    locks.enter_context(FileLock(path, timeout=0))
-                except (Timeout, OSError):  # busy, or a read-only record: leave that command's temporaries
-                    continue
-            free.append(command)
-        return remove_temporaries(out, free)
-
-
-# what ``compact`` and ``report`` tidy: they run beside a live sweep, whose writers' temporaries they leave
-# to ``run`` and ``repair`` (the run lock alone cannot vouch for workers on other nodes)
-BESIDE_A_RUN = ("compact", "report")

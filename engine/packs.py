@@ -2,35 +2,32 @@
 schedule run as ONE Ray trial, whose models train together (``poisonsweep.tasks.packed.run_pack``).
 
 Each member is still its own trial: its own ``trial_id``, its own rows written by
-``poisonsweep.engine.worker.write_record`` exactly as a solo run writes them (plus ``pack_size`` and
+``poisonsweep.engine.record.write.write_record`` exactly as a solo run writes them (plus ``pack_size`` and
 ``pack_note``), its own resume state (a pack is planned from the pending trials only, so a rerun
-packs just the ones still missing).
+packs just the ones still missing). Which trials may share a pack is ``poisonsweep.tasks.packed.pack_key``'s
+to say, here when the packs are planned as in the trial process when they train.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
-from poisonsweep.engine.worker import _now, write_record
+from poisonsweep.engine.record.row import now
+from poisonsweep.engine.record.write import write_record
 
-# what members of one pack must share: the training set's shape and the model and its schedule
-PACK_KEYS = ("data", "model", "train")
+# torch (through poisonsweep.tasks.packed) is imported inside the functions: a trial process imports this
+# module at its start (``poisonsweep.engine.worker``)
+
 ALONE = "no other pending trial shares its data, model and training schedule"
-
-
-def pack_key(config: dict) -> str:
-    return json.dumps({key: config[key] for key in PACK_KEYS}, sort_keys=True)
 
 
 def plan_packs(trials: list[dict], size: int) -> list[list[dict]]:
     """Group ``trials`` (in order) by ``pack_key`` and cut each group into packs of at most ``size``
     members, as even as possible (9 trials, size 8: 5 + 4, not 8 + 1)."""
-    groups: dict[str, list[dict]] = {}
-    for trial in trials:
-        groups.setdefault(pack_key(trial), []).append(trial)
+    from poisonsweep.tasks.packed import group_by_pack_key
+
     packs = []
-    for group in groups.values():
+    for group in group_by_pack_key(trials).values():
         count = math.ceil(len(group) / size)
         cuts = [round(i * len(group) / count) for i in range(count + 1)]
         packs += [group[start:stop] for start, stop in zip(cuts, cuts[1:])]
@@ -44,14 +41,11 @@ def record_pack(configs: list[dict], out: str, *, map_shards=None, version: str 
     from poisonsweep.tasks.detect.base import serial_map
     from poisonsweep.tasks.packed import run_pack
 
-    started = _now()
+    started = now()
     try:
         outcomes = run_pack(configs, map_shards=map_shards or serial_map, artifact_dir=artifact_dir)
     except Exception as error:  # a failure of the pack itself: every member records it
         outcomes = [error] * len(configs)
-    rows = []
-    for config, outcome in zip(configs, outcomes):
-        if len(configs) == 1 and not isinstance(outcome, BaseException):
-            outcome.tables["trials"][0]["pack_note"] = ALONE
-        rows.append(write_record(config, out, outcome, started=started, version=version, plugins=plugins))
-    return rows
+    alone = ALONE if len(configs) == 1 else None
+    return [write_record(config, out, outcome, started=started, version=version, plugins=plugins, pack_note=alone)
+            for config, outcome in zip(configs, outcomes)]

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterable
 
+from poisonsweep.engine.yaml_reader import read_yaml
 from poisonsweep.tasks.registry import ConfigError
 
 ENTRY_POINT_GROUP = "poisonsweep.plugins"
@@ -91,8 +92,6 @@ def load_plugins(specs, base_dir: str | Path = ".") -> list[Plugin]:
 
 def config_plugins(config: str | Path) -> list[Plugin]:
     """Import the plugins a sweep config file names (paths relative to it), without checking the rest of it."""
-    from poisonsweep.engine.config import read_yaml
-
     config = Path(config)
     try:
         raw = read_yaml(config.read_text())

@@ -262,7 +262,7 @@ class RayWarningsKept:
             self.path = self._write()
 
     def _write(self) -> str | None:
-        from poisonsweep.engine.sink import filesystem, join_uri, masked, publish
+        from poisonsweep.engine.storage import filesystem, join_uri, masked, publish
 
         fs, root = filesystem(self.out)
         text = "\n".join(masked(line) for line in self.filter.lines) + "\n"

@@ -1,5 +1,5 @@
 """What a rerun of a sweep does, and why the record can be trusted: which code wrote each row,
-which trials are really done, damaged files moved aside, and one writer per output directory.
+which trials are really done, what becomes of damaged files, and one writer per output directory.
 
 * **Code version.** ``code_version()`` is ``<package version>+src.<hash>``: the version from the
   installed package's metadata and a SHA-256 of the science code that computes every number
@@ -11,10 +11,9 @@ which trials are really done, damaged files moved aside, and one writer per outp
   ``tables`` (those it wrote rows to) still holds its rows in readable Parquet, and
   (``rerun="stale"``) its code version is the current one. A row without ``tables`` (a record
   written before the column existed) is done unless one of its per-trial files is damaged.
-* **Damage.** A file in a table directory that is not readable Parquet of the table's schema (a
-  truncated copy, a stray file, another program's Parquet) is never fatal: readers skip it with a
-  warning that names it, ``poisonsweep repair DIR`` and every ``run`` move it to
-  ``DIR/_quarantine/``, and ``run`` recomputes its trial (its rows are then missing).
+* **Damage.** A file in a table directory that is not readable Parquet of the table's schema is never
+  fatal: readers skip it, ``repair`` and every ``run`` move it to ``DIR/_quarantine/``
+  (``poisonsweep.engine.record.repair``), and ``run`` recomputes its trial (its rows are then missing).
 * **One writer.** ``run`` holds ``DIR/.run.lock`` (``filelock``) for a local directory and a lease,
   ``<out>/.run.lease``, on an object store (``poisonsweep.engine.lease``).
 """
@@ -26,9 +25,10 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
-from poisonsweep.engine.sink import TABLES, file_problems, filesystem, read_table
+from poisonsweep.engine.record.read import read_table, trials_with_rows
+from poisonsweep.engine.record.repair import damaged_files
+from poisonsweep.engine.record.tables import TABLES
 
-QUARANTINE_DIR = "_quarantine"
 RERUN_CHOICES = ("failed", "stale", "all")
 
 
@@ -58,32 +58,6 @@ def code_version(plugins=()) -> str:
     return f"{version}+src.{source_hash()}.plugins.{combined_hash(plugins)}"
 
 
-def damage(out: str) -> dict[str, str]:
-    """Every file in a table directory that is not readable Parquet of its table's schema, and why."""
-    found = {}
-    for table in TABLES:
-        found.update(file_problems(out, table)[1])
-    return found
-
-
-def damaged_files(out: str) -> list[str]:
-    """Every file in a table directory that is not readable Parquet of its table's schema."""
-    return list(damage(out))
-
-
-def quarantine(out: str) -> list[tuple[str, str, str]]:
-    """Move every damaged file to ``<out>/_quarantine/<table>/``; returns (from, to, what was wrong)."""
-    fs, root = filesystem(out)
-    moved = []
-    for path, problem in damage(out).items():
-        table, name = path.rsplit("/", 2)[-2:]
-        target = f"{root}/{QUARANTINE_DIR}/{table}/{name}"
-        fs.create_dir(f"{root}/{QUARANTINE_DIR}/{table}", recursive=True)
-        fs.move(path, target)
-        moved.append((path, target, problem))
-    return moved
-
-
 def trial_versions(out: str) -> dict[str, tuple[str, str | None, list[str] | None]]:
     """trial_id -> (status, code_version, tables) of every readable trials row (``tables``: those it
     wrote rows to; None in a record from before the column)."""
@@ -97,11 +71,9 @@ def complete_trials(out: str, versions: dict | None = None, damaged: list[str] |
 
     Every table gets a file per trial (empty tables too) and the ``trials`` row is written last,
     so an ``ok`` row means the trial's other files were written; its ``tables`` say which hold rows.
-    Compacted files hold complete trials only (``poisonsweep.engine.record.compact``).
+    Compacted files hold complete trials only (``poisonsweep.engine.record.compaction``).
     ``versions`` and ``damaged``, when the caller already has them, save reading the record again.
     """
-    from poisonsweep.engine.record import trials_with_rows
-
     versions = trial_versions(out) if versions is None else versions
     damaged = damaged_files(out) if damaged is None else damaged
     ok = {tid for tid, (status, *_) in versions.items() if status == "ok"}

@@ -117,7 +117,7 @@ def print_summary(out: str, shown: Console) -> None:
 
     from poisonsweep.engine.report.tables import detection_table, unlearning_table
     from poisonsweep.engine.resume import version_note
-    from poisonsweep.engine.sink import read_plan
+    from poisonsweep.engine.record.read import read_plan
 
     trials = summary.load(out, "trials")
     if trials.empty:

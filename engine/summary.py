@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from poisonsweep.engine.sink import CONFIG_COLUMNS, read_table
+from poisonsweep.engine.record.read import read_table
+from poisonsweep.engine.record.tables import CONFIG_COLUMNS
 
 SETTING = ["data_name", "poison_method", "poison_rate"]
 DETECTION_METRICS = ["auroc", "precision_at_n", "auprc", "f1", "n_flagged", "recall_at_10"]

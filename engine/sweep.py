@@ -3,7 +3,7 @@
 Resume is ours, not Tune's: a trial whose ``trials`` row says ``ok`` is skipped, so rerunning
 the same command after a crash (even a SIGKILLed driver) finishes the rest without duplicating a
 row. Each trial writes one Parquet file per table, named by its ``trial_id`` and renamed into place
-(``poisonsweep.engine.sink``), so a rerun replaces, never appends. A trial whose worker process dies is retried
+(``poisonsweep.engine.record.write``), so a rerun replaces, never appends. A trial whose worker process dies is retried
 by Tune up to ``resources.max_failures`` times; a trial that raises is recorded as ``failed``.
 
 Tune gets the plan one trial at a time (:class:`PlanSearcher`), in experiments of at most
@@ -28,9 +28,10 @@ from ray.tune.search import Searcher
 
 from poisonsweep.engine.cluster import check_cluster_resources, init_ray, trial_resources
 from poisonsweep.engine.resume import code_version, trials_to_run
-from poisonsweep.engine.lease import remove_dead_temporaries
-from poisonsweep.engine.sink import OutputError, filesystem, join_uri
-from poisonsweep.engine.worker import UNKNOWN_NODE, record_trial, tune_trainable
+from poisonsweep.engine.record.repair import remove_dead_temporaries
+from poisonsweep.engine.record.row import UNKNOWN_NODE
+from poisonsweep.engine.storage import OutputError, filesystem, join_uri
+from poisonsweep.engine.worker import record_trial, tune_trainable
 
 if TYPE_CHECKING:
     from poisonsweep.engine.config import Sweep
@@ -183,7 +184,7 @@ def _without_missing_metrics_warning(record: logging.LogRecord) -> bool:
 
 def _recorded_rows(out: str, trial_ids: list[str]) -> dict[str, tuple]:
     """trial_id -> (started_at, finished_at) of the trials rows recorded for ``trial_ids`` now."""
-    from poisonsweep.engine.record import read_table
+    from poisonsweep.engine.record.read import read_table
 
     if not trial_ids:
         return {}
@@ -292,7 +293,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, verbose: bool = False
     start = time.perf_counter()
     fs, root = filesystem(sweep.out)
     fs.create_dir(root, recursive=True)
-    from poisonsweep.engine.sink import write_plan
+    from poisonsweep.engine.record.write import write_plan
 
     write_plan(sweep)  # <out>/sweep.json: lets `report` say which planned trials are still missing
     remove_dead_temporaries(sweep.out, held="run")  # left by writers killed mid-write; no reader ever saw them

@@ -104,8 +104,8 @@ class MlflowTracker(Callback):
         the whole record only for those compacted meanwhile: the cost per trial stays flat in the sweep's size."""
         import pyarrow.parquet as pq
 
-        from poisonsweep.engine.record import read_table
-        from poisonsweep.engine.sink import filesystem
+        from poisonsweep.engine.record.read import read_table
+        from poisonsweep.engine.storage import filesystem
 
         fs, root = filesystem(self.out)
         rows, elsewhere = [], []

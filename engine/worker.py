@@ -6,27 +6,20 @@ goes on. The plan's configs are fetched once per process from Ray's object store
 
 from __future__ import annotations
 
-import datetime as dt
-import socket
-import sys
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 from poisonsweep.engine import artifacts
 from poisonsweep.engine.artifacts import ARTIFACT_DIR  # work shared between trials (e.g. FLIP's experts)
-from pyarrow import ArrowException
-
-from poisonsweep.engine.sink import OutputError, filesystem, masked, write_trial
+from poisonsweep.engine.packs import record_pack
+from poisonsweep.engine.record.row import now
+from poisonsweep.engine.record.write import write_record
+from poisonsweep.engine.storage import OutputError, filesystem
 
 # engine.config (and through it torch, scikit-learn, every registry) is imported inside the
 # functions that need it: a trial process then starts in 1-2 s and imports the science
 # inside its first trial, so Tune does not give up on a slow-starting process and hand its trial to
 # a busy one (benchmarks/RESULTS.md, section 3)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", artifact_dir: str | None = None,
@@ -42,7 +35,7 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
     from poisonsweep.tasks.detect.base import serial_map
     from poisonsweep.tasks.trial import run_trial
 
-    started = _now()
+    started = now()
     outcome = attempt_error
     if attempt_error is None:
         stages = {"on_stage": on_stage} if on_stage is not None else {}
@@ -51,60 +44,6 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
         except Exception as error:  # recorded, not lost: the summary shows it
             outcome = error
     return write_record(config, out, outcome, started=started, version=version, where=where, plugins=plugins)
-
-
-def write_record(config: dict, out: str, outcome, *, started: dt.datetime, version: str = "",
-                 where: dict | None = None, plugins: list[dict] = ()) -> dict:
-    """Write one trial's rows: ``outcome`` is its ``TrialResult``, the exception it raised, or the text
-    of an error. Returns the ``trials`` row."""
-    from poisonsweep.engine.config import config_columns, key_columns, trial_id
-    from poisonsweep.engine.plugins import column
-
-    tid = trial_id(config)
-    base = {"trial_id": tid, **config_columns(config), **(where if where is not None else this_node()),
-            "code_version": version, "plugins": column(plugins), "started_at": started}
-    tables: dict[str, list[dict]] = {}
-    if isinstance(outcome, str):
-        row = {**base, "status": "failed", "error": outcome}
-    elif isinstance(outcome, BaseException):
-        trace = "".join(traceback.format_exception(outcome))
-        row = {**base, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}\n{trace}"}
-    else:
-        tables = outcome.tables
-        row = {**base, **tables["trials"][0], "status": "ok", "error": None}
-    if row["error"]:
-        row["error"] = masked(row["error"])  # an error may quote the output URI, with its password
-    row["finished_at"] = _now()
-    row["total_seconds"] = (row["finished_at"] - started).total_seconds()
-    keys = {"trial_id": tid, **key_columns(config)}
-    rows = {
-        "trials": [row],
-        "detections": [{**keys, **r} for r in tables.get("detections", [])],
-        "unlearning": [{**keys, **r} for r in tables.get("unlearning", [])],
-        "scores": [{"trial_id": tid, **r} for r in tables.get("scores", [])],
-        "influence": [{"trial_id": tid, **r} for r in tables.get("influence", [])],
-    }
-    try:
-        write_trial(out, tid, rows)
-    except (OSError, ArrowException) as error:  # a full disk, an object store that does not answer
-        raise OutputError.of(out, error) from error
-    return row
-
-
-def this_node() -> dict:
-    """Where this process runs: host name, and the Ray node's IP and id when inside Ray.
-
-    Two Ray nodes can share a host (and an IP): only ``ray_node_id`` tells them apart.
-    """
-    where = {"node": socket.gethostname(), "node_ip": None, "ray_node_id": None}
-    ray = sys.modules.get("ray")  # never import Ray just to ask: a notebook run has no Ray
-    if ray is not None and ray.is_initialized():
-        where["node_ip"] = ray.util.get_node_ip_address()
-        where["ray_node_id"] = ray.get_runtime_context().get_node_id()
-    return where
-
-
-UNKNOWN_NODE = {"node": None, "node_ip": None, "ray_node_id": None}
 
 
 def _set_threads(cpus: float) -> None:
@@ -150,8 +89,6 @@ def tune_trainable(config: dict, *, plan: list, out: str, version: str, resource
             with shard_pool(resources) as pool, trial_artifacts(out, unit) as artifact_dir, \
                     stage_sender(stages, config.get("trial_id", ""), unit) as on_stage:
                 if resources["pack"] > 1:
-                    from poisonsweep.engine.packs import record_pack
-
                     if on_stage is not None:
                         on_stage(f"pack of {len(unit)} trials")
                     rows = record_pack(unit, out, map_shards=pool, version=version, artifact_dir=artifact_dir,

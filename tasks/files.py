@@ -29,7 +29,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], T],
 
     When ``write`` raises a ``discard_on`` exception the temporary is removed; other exceptions (the
     default: ``KeyboardInterrupt``, as for a killed process) leave it, hidden, for whoever tidies up
-    (:func:`engine.sink.remove_temporaries`). A folder may take the place of a missing or empty folder
+    (``poisonsweep.engine.record.repair.remove_temporaries``). A folder may take the place of a missing or empty folder
     only: one that holds files is never moved aside or deleted (``OSError``, the temporary removed).
     """
     path = Path(path)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from poisonsweep.tasks import models_zoo
+from poisonsweep.tasks.models_zoo import SplitModel
 from poisonsweep.tasks.registry import ConfigError, Entry, Interval, Registry
 
 
@@ -37,18 +38,6 @@ class ModelRegistry(Registry):
 
 
 MODELS = ModelRegistry("model")
-
-
-class SplitModel(nn.Module):
-    """A feature extractor followed by a linear head; the detectors read ``features``."""
-
-    def __init__(self, features: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.features = features
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def _conv_out(size: int) -> int:

@@ -23,6 +23,19 @@ from torch import nn
 
 from poisonsweep.tasks.registry import ConfigError, Entry, Options
 
+
+class SplitModel(nn.Module):
+    """A feature extractor followed by a linear head; the detectors read ``features``."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 TORCHVISION_PREFIX = "torchvision:"
 TORCHVISION_PATTERN = TORCHVISION_PREFIX + "<name>"
 SMALL_IMAGE = 64  # "auto" stem: images of at most this many pixels a side get the small stem
@@ -62,8 +75,6 @@ def preact_resnet_features(in_channels: int, blocks=(2, 2, 2, 2), widths=(64, 12
 
 def preact_resnet18(in_shape: tuple[int, int, int], num_classes: int):
     """PreAct-ResNet-18 as in BackdoorBench: 3x3 stem, PreActBlock x [2, 2, 2, 2], 64-512 channels."""
-    from poisonsweep.tasks.models import SplitModel
-
     return SplitModel(preact_resnet_features(in_shape[0]), nn.Linear(512, num_classes))
 
 
@@ -134,8 +145,6 @@ def _check_split(name: str, net: nn.Module, head_path: str, in_shape: tuple[int,
 def torchvision_model(name: str, in_shape: tuple[int, int, int], num_classes: int, *, stem: str = "auto"):
     """torchvision's ``name`` with ``weights=None``, its first conv fitted to the data, its last linear as head."""
     import torchvision.models
-
-    from poisonsweep.tasks.models import SplitModel
 
     net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **_NO_AUX.get(name, {}))
     small = stem == "small" or (stem == "auto" and min(in_shape[1:]) <= SMALL_IMAGE)

@@ -28,7 +28,7 @@ import copy
 import json
 import math
 import time
-from typing import Callable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +38,8 @@ from poisonsweep.tasks.detect.base import serial_map
 from poisonsweep.tasks.train import TrainConfig, TrainHistory, TrainingDiverged, make_optimizer, resolve_device
 from poisonsweep.tasks.trial import PreparedTrial, TrialResult, finish_trial, load_trial_data, prepare_trial
 
+T = TypeVar("T")
+
 # modules that draw random numbers in training and that packing does not reproduce per model
 UNPACKABLE_RANDOM = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -46,7 +48,7 @@ def run_pack(configs: list[dict], *, map_shards: Callable = serial_map, artifact
              log: Callable[[str], None] = lambda message: None) -> list[TrialResult | Exception]:
     """Run trials whose models can train together; per trial its rows (as ``run_trial``) or its error.
 
-    Trials that share model, training schedule and training-set shape train as one pack; any other
+    Trials that share data, model and training schedule (:func:`pack_key`) train as one pack; any other
     trial trains alone, and its ``pack_note`` says why. One trial's failure never stops the others.
     """
     results: list[TrialResult | Exception | None] = [None] * len(configs)
@@ -60,7 +62,7 @@ def run_pack(configs: list[dict], *, map_shards: Callable = serial_map, artifact
                 prepared[i].timings["load_seconds"] = load_share
         except Exception as error:  # the engine records it as this trial's failure
             results[i] = error
-    for members in _packs(prepared).values():
+    for members in _packs(prepared):
         histories = _train_members([prepared[i] for i in members], log)
         for i, history in zip(members, histories):
             trial = prepared.pop(i)  # dropped after its detectors: frees its data for the next trial's
@@ -92,23 +94,37 @@ def _shared_datasets(configs: list[dict]) -> dict[str, tuple[object, float]]:
     return shared
 
 
-def _packs(prepared: dict[int, PreparedTrial]) -> dict[str, list[int]]:
-    """Trial indices grouped by what must be equal to train together: model, schedule, data shape."""
-    groups: dict[str, list[int]] = {}
-    for i, trial in prepared.items():
-        key = json.dumps([trial.config["model"], trial.config["train"], list(trial.poisoned.x_train.shape),
-                          len(trial.poisoned.labels)], sort_keys=True)
-        groups.setdefault(key, []).append(i)
-    for members in groups.values():
+# what members of one pack share: the training set (its data section), the model and its schedule
+PACK_KEYS = ("data", "model", "train")
+
+
+def pack_key(config: dict) -> str:
+    """What trials must share to train together (``PACK_KEYS``): the one rule, for the engine that plans the
+    packs (``poisonsweep.engine.packs.plan_packs``) as for :func:`run_pack` that trains them."""
+    return json.dumps({key: config[key] for key in PACK_KEYS}, sort_keys=True)
+
+
+def group_by_pack_key(configs: Iterable[T], config_of: Callable[[T], dict] = lambda config: config) -> dict[str, list[T]]:
+    """``configs`` (or items whose config ``config_of`` gives) grouped by :func:`pack_key`, in order."""
+    groups: dict[str, list[T]] = {}
+    for item in configs:
+        groups.setdefault(pack_key(config_of(item)), []).append(item)
+    return groups
+
+
+def _packs(prepared: dict[int, PreparedTrial]) -> list[list[int]]:
+    """Trial indices grouped by :func:`pack_key`; a trial alone in its group is told why."""
+    groups = list(group_by_pack_key(prepared, lambda i: prepared[i].config).values())
+    for members in groups:
         if len(members) == 1 and len(prepared) > 1:
-            prepared[members[0]].pack_note = ("no other trial of its pack shares its model, training schedule and "
-                                              "training-set shape")
+            prepared[members[0]].pack_note = "no other trial of its pack shares its data, model and training schedule"
     return groups
 
 
 def _train_members(trials: list[PreparedTrial], log: Callable[[str], None]) -> list[TrainHistory | Exception]:
     """Train the trials' models together when there are several and they can be packed, else one by one."""
-    reason = (why_not_packable(trials[0].model) or _unmet_needs(trials)) if len(trials) > 1 else None
+    reason = (why_not_packable(trials[0].model) or _unmet_needs(trials) or _unequal_shapes(trials)
+              if len(trials) > 1 else None)
     if len(trials) > 1 and reason is None:
         seeds = [t.config["seed"] for t in trials]
         start = time.perf_counter()
@@ -139,6 +155,12 @@ def _unmet_needs(trials: list[PreparedTrial]) -> str | None:
     if any("sample_losses" in trial.needs for trial in trials):
         return "a detector needs per-sample training losses (e.g. abl_isolation), which packed training does not record"
     return None
+
+
+def _unequal_shapes(trials: list[PreparedTrial]) -> str | None:
+    """Models train together on training sets of one shape: a poison that changed its set's shape trains alone."""
+    shapes = {(tuple(t.poisoned.x_train.shape), len(t.poisoned.labels)) for t in trials}
+    return f"their poisoned training sets differ in shape ({len(shapes)} shapes)" if len(shapes) > 1 else None
 
 
 def why_not_packable(model: nn.Module) -> str | None:

@@ -176,14 +176,31 @@ def finish_trial(trial: PreparedTrial, history: TrainHistory, *, map_shards: Cal
     Raises ``TrainingDiverged`` first when the training diverged (``check_not_diverged``)."""
     check_not_diverged(history.loss[-1], trial.data.num_classes)
     with recorded_warnings() as found:
-        result = _evaluate(trial, history, map_shards=map_shards, log=log, on_stage=on_stage)
-    result.tables["trials"][0]["warnings"] = "\n".join(found)[:WARNINGS_MAX_CHARS] or None
-    return result
+        tables, clean_acc, success = _evaluate(trial, history, map_shards=map_shards, log=log, on_stage=on_stage)
+    tables["trials"] = [measured_row(trial, history, clean_acc=clean_acc, success=success, warning_lines=found)]
+    return TrialResult(tables)
+
+
+def measured_row(trial: PreparedTrial, history: TrainHistory, *, clean_acc: float, success: float,
+                 warning_lines: list[str]) -> dict:
+    """What the trial measured, for its ``trials`` row: every trial's, solo or packed, is built here (the
+    engine adds the trial's identity and run, ``poisonsweep.engine.record.row.trials_row``). ``warning_lines``:
+    the first lines of its ``TrialWarning``s."""
+    data, poisoned = trial.data, trial.poisoned
+    return {
+        "n_train": len(poisoned.labels), "n_test": len(data.y_test), "num_classes": data.num_classes,
+        "n_poisoned": poisoned.n_poisoned, "clean_test_acc": clean_acc, "poison_success": success,
+        "train_loss": history.loss[-1], "train_acc": history.accuracy[-1],
+        "poison_info": _dumps(_jsonable(poisoned.info)), "device": str(resolve_device(trial.train_config.device)),
+        **trial.timings, "pack_size": trial.pack_size, "pack_note": trial.pack_note,
+        "warnings": "\n".join(warning_lines)[:WARNINGS_MAX_CHARS] or None,
+    }
 
 
 def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callable, log: Callable,
-              on_stage: Callable[[str], None] = _no_stage) -> TrialResult:
-    """``finish_trial``'s work: evaluate, detect, unlearn, build the rows."""
+              on_stage: Callable[[str], None] = _no_stage) -> tuple[dict[str, list[dict]], float, float]:
+    """``finish_trial``'s work: evaluate, detect, unlearn; the rows of every table but ``trials``, the clean
+    test accuracy and the poison's success."""
     config, data, poisoned, model = trial.config, trial.data, trial.poisoned, trial.model
     seed, model_cfg, train_config = config["seed"], config["model"], trial.train_config
     clean_acc = accuracy(model, data.x_test, data.y_test)
@@ -226,14 +243,7 @@ def _evaluate(trial: PreparedTrial, history: TrainHistory, *, map_shards: Callab
         )
     trial.lap("unlearn_seconds")
 
-    tables["trials"] = [{
-        "n_train": len(poisoned.labels), "n_test": len(data.y_test), "num_classes": data.num_classes,
-        "n_poisoned": poisoned.n_poisoned, "clean_test_acc": clean_acc, "poison_success": success,
-        "train_loss": history.loss[-1], "train_acc": history.accuracy[-1],
-        "poison_info": _dumps(_jsonable(poisoned.info)), "device": str(resolve_device(train_config.device)),
-        **trial.timings, "pack_size": trial.pack_size, "pack_note": trial.pack_note,
-    }]
-    return TrialResult(tables)
+    return tables, clean_acc, success
 
 
 def _jsonable(info: dict) -> dict:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from poisonsweep.engine.cli import app
 from poisonsweep.engine.compare import compare, difference_se
 from poisonsweep.engine.export import detector_pivot, export, latex_escape
-from poisonsweep.engine.sink import write_trial
+from poisonsweep.engine.record import write_trial
 from poisonsweep.tasks.registry import ConfigError
 
 # AUROC per (rate, detector) and seed; record B adds DELTA to every value of A

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import poisonsweep.engine.sink as sink
+import poisonsweep.engine.record as sink
 from poisonsweep.engine import cluster as cluster_module
 from poisonsweep.engine.cli import app
 from test_data import write_cifar10
@@ -140,11 +140,11 @@ def test_a_writer_that_dies_mid_write_leaves_the_old_file_or_none(tmp_path, monk
             f.truncate(len(open(where, "rb").read()) // 2)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(sink.pq, "write_table", dies_halfway)
+    monkeypatch.setattr(pq, "write_table", dies_halfway)
     for trial_id in ("a", "b"):  # a replacement of an existing file, and a first write
         with pytest.raises(KeyboardInterrupt):
             sink.write_trial_table(out, "trials", trial_id, [trials_row(trial_id, 0.9)])
-    monkeypatch.setattr(sink.pq, "write_table", real_write)
+    monkeypatch.setattr(pq, "write_table", real_write)
 
     visible = sorted(p.name for p in (tmp_path / "trials").glob("*.parquet"))
     assert visible == ["a.parquet"]

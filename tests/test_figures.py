@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from poisonsweep.engine.report import figures, galleries, write_report
-from poisonsweep.engine.sink import write_trial
+from poisonsweep.engine.record import write_trial
 
 N_TRAIN, RATE = 300, 0.33
 

@@ -11,7 +11,7 @@ pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient
 
-from poisonsweep.engine.sink import write_trial
+from poisonsweep.engine.record import write_trial
 from poisonsweep.engine.tracking import MlflowTracker, flat_params
 from poisonsweep.tasks.registry import ConfigError
 

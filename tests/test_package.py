@@ -42,11 +42,13 @@ def test_no_module_is_over_400_lines():
     assert not long
 
 
-def _module_level_imports(name: str, path: Path, modules: set[str]) -> set[str]:
-    """The project modules ``name`` imports when it is imported (not those imported inside functions)."""
+def _imports(name: str, path: Path, modules: set[str]) -> set[str]:
+    """The project modules ``name`` imports, at its top or anywhere inside it (an import inside a function runs
+    when the function is first called: a loop through one fails then, half-initialised, or not at all), and
+    the packages of each (importing ``a.b.c`` first runs ``a/b/__init__.py``)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -54,29 +56,66 @@ def _module_level_imports(name: str, path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             targets |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    targets |= {target.rsplit(".", depth)[0] for target in set(targets) for depth in range(1, target.count(".") + 1)}
     return {t for t in targets if t in modules and t != name}
 
 
-def test_there_is_no_import_loop():
-    modules = _modules()
-    graph = {name: _module_level_imports(name, path, set(modules)) for name, path in modules.items()}
-    # a package's __init__ may import its own submodules (registration); a loop is a cycle among the rest
-    for name in graph:
-        graph[name] = {t for t in graph[name] if not t.startswith(name + ".") and not name.startswith(t + ".")}
+def import_loop(graph: dict[str, set[str]]) -> list[str] | None:
+    """The first import loop (``a -> b -> a``) of ``graph`` (module -> the modules it imports), or None.
+
+    A submodule may import its own package: Python runs a package's ``__init__`` before its submodules, so
+    that is no loop. A package's ``__init__`` importing its submodules (registration, re-exports) is an edge
+    like any other: a submodule imported from outside runs it first, and a loop through it is a loop."""
+    graph = {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
     state: dict[str, int] = {}
 
-    def visit(node: str, path: list[str]) -> None:
+    def visit(node: str, path: list[str]) -> list[str] | None:
         state[node] = 1
-        for target in graph[node]:
+        for target in sorted(graph[node]):
             if state.get(target) == 1:
-                raise AssertionError("import loop: " + " -> ".join(path[path.index(target):] + [target]))
-            if target not in state:
-                visit(target, path + [target])
+                return path[path.index(target):] + [target]
+            if target not in state and (loop := visit(target, path + [target])):
+                return loop
         state[node] = 2
+        return None
 
-    for name in graph:
-        if name not in state:
-            visit(name, [name])
+    for name in sorted(graph):
+        if name not in state and (loop := visit(name, [name])):
+            return loop
+    return None
+
+
+def test_there_is_no_import_loop():
+    """No loop at any level: the imports inside functions count too."""
+    modules = _modules()
+    loop = import_loop({name: _imports(name, path, set(modules)) for name, path in modules.items()})
+    assert loop is None, "import loop: " + " -> ".join(loop or [])
+
+
+def test_an_import_loop_through_a_function_or_a_package_is_found(tmp_path):
+    """The loop test sees an import inside a function, and a loop through a package's ``__init__`` (``c``
+    imports only ``p.leaf``, but that runs ``p/__init__``, which imports ``p.inner``, which imports ``c``)."""
+    files = {
+        "poisonsweep/engine/a.py": "def f():\n    from poisonsweep.engine.b import g\n",
+        "poisonsweep/engine/b.py": "from poisonsweep.engine import a\n",
+        "poisonsweep/engine/p/__init__.py": "from poisonsweep.engine.p.inner import h\n",
+        "poisonsweep/engine/p/inner.py": "def h():\n    import poisonsweep.engine.c\n",
+        "poisonsweep/engine/p/leaf.py": "x = 1\n",
+        "poisonsweep/engine/c.py": "from poisonsweep.engine.p.leaf import x\n",
+    }
+    paths = {}
+    for file, text in files.items():
+        path = tmp_path / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        parts = Path(file).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: _imports(name, path, set(paths)) for name, path in paths.items()}
+    assert import_loop({k: v for k, v in graph.items() if k.endswith((".a", ".b"))}) in (
+        ["poisonsweep.engine.a", "poisonsweep.engine.b", "poisonsweep.engine.a"],
+        ["poisonsweep.engine.b", "poisonsweep.engine.a", "poisonsweep.engine.b"])
+    loop = import_loop({k: v for k, v in graph.items() if not k.endswith((".a", ".b"))})
+    assert loop is not None and {"poisonsweep.engine.c", "poisonsweep.engine.p"} <= set(loop)
 
 
 def test_engine_imports_tasks_but_tasks_never_import_engine():

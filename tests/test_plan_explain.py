@@ -12,7 +12,7 @@ import poisonsweep
 from poisonsweep.engine.cli import app
 from poisonsweep.engine.explain import ATTACK_MARGIN, GLOSSARY, explain
 from poisonsweep.engine.report import write_report
-from poisonsweep.engine.sink import write_trial
+from poisonsweep.engine.record import write_trial
 
 # a "paired" axis: the whole poison section is swept, so method and rate change together
 PAIRED = """name: paired

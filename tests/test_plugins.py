@@ -164,7 +164,7 @@ def test_a_record_from_before_the_plugins_column_reads_as_no_plugins(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from poisonsweep.engine.resume import damaged_files
+    from poisonsweep.engine.record import damaged_files
 
     (tmp_path / "trials").mkdir()
     pq.write_table(pa.table({"trial_id": ["old"], "status": ["ok"], "code_version": ["0.1.0+src.abc"]}),
@@ -270,7 +270,7 @@ ALLOWED = {("engine/report/status.py", "none"): "the word shown when a setting h
 
 
 def test_the_engine_names_no_registered_entry():
-    from poisonsweep.engine.sink import SCHEMAS
+    from poisonsweep.engine.record import SCHEMAS
 
     names = {name: registry.kind for registry in REGISTRIES for name in registry.names()}
     record = set(SCHEMAS) | {f.name for schema in SCHEMAS.values() for f in schema}

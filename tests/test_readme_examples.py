@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poisonsweep.engine.record import compact
-from poisonsweep.engine.sink import write_trial
+from poisonsweep.engine.record import compact, write_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- analysis-examples -->", "<!-- /analysis-examples -->"

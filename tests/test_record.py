@@ -13,9 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 import poisonsweep.engine.record as record
+from poisonsweep.engine import storage
 from poisonsweep.engine.cli import app
+from poisonsweep.engine.record import TABLES, DamagedFile, compaction, read, write_trial, write_trial_table
 from poisonsweep.engine.resume import complete_trials
-from poisonsweep.engine.sink import TABLES, DamagedFile, write_trial, write_trial_table
 from poisonsweep.engine.summary import found_vs_checked_curves
 from poisonsweep.tasks.metrics import found_vs_checked
 
@@ -76,7 +77,7 @@ def test_a_compacted_file_is_sorted_by_trial_id_and_a_second_compaction_changes_
 
 
 def test_more_per_trial_files_than_one_scan_reads_are_all_read_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(record, "FILES_PER_SCAN", 4)  # 10 files: scans of 4, 4 and 2
+    monkeypatch.setattr(read, "FILES_PER_SCAN", 4)  # 10 files: scans of 4, 4 and 2
     for i in range(10):
         write_trial(str(tmp_path), f"t{i}", trial_rows(f"t{i}", acc=i / 10))
     rows = record.read_table(str(tmp_path), "trials", ["trial_id", "clean_test_acc"]).to_pylist()
@@ -86,7 +87,7 @@ def test_more_per_trial_files_than_one_scan_reads_are_all_read_once(tmp_path, mo
 
 def test_halfway_through_a_compaction_a_reader_sees_each_trial_once(out, monkeypatch):
     # the compacted files are in place, the per-trial files not yet deleted (a compaction killed there)
-    monkeypatch.setattr(record, "_delete_if_unchanged", lambda fs, infos: (0, 0))
+    monkeypatch.setattr(compaction, "_delete_if_unchanged", lambda fs, infos: (0, 0))
     record.compact(str(out))
     assert len(files(out, "trials")) == 7  # 6 per-trial files + the compacted one
     assert sorted(record.read_table(str(out), "trials")["trial_id"].to_pylist()) == [f"t{i}" for i in range(6)]
@@ -119,8 +120,8 @@ def test_many_compacted_files_are_merged_into_one(tmp_path):
 def test_a_file_rewritten_while_it_was_compacted_is_kept(out):
     listed = list(record.table_files(str(out), "trials").per_trial.values())
     write_trial_table(str(out), "trials", "t1", [{"trial_id": "t1", "status": "ok", "clean_test_acc": 0.99}])
-    fs, _ = record.filesystem(str(out))
-    assert record._delete_if_unchanged(fs, listed) == (5, 1)
+    fs, _ = storage.filesystem(str(out))
+    assert compaction._delete_if_unchanged(fs, listed) == (5, 1)
     assert files(out, "trials") == ["t1.parquet"]
 
 
@@ -232,10 +233,10 @@ def test_merging_compacted_files_streams_batches_and_keeps_each_trial_s_newest_r
     # an older record's compacted file, written before the trials table had its `tables` column
     old = pa.table({"trial_id": ["c"], "status": ["ok"], "clean_test_acc": [0.7]})
     pq.write_table(old, tmp_path / "trials" / "compacted-000000-00000000.parquet")
-    fs, _ = record.filesystem(out)
-    monkeypatch.setattr(record, "MERGE_BATCH_ROWS", 4)
+    fs, _ = storage.filesystem(out)
+    monkeypatch.setattr(compaction, "MERGE_BATCH_ROWS", 4)
     files_ = record.table_files(out, "scores")
-    batches = list(record._merged_batches(fs, files_.compacted, record.SCHEMAS["scores"]))
+    batches = list(compaction._merged_batches(fs, files_.compacted, record.SCHEMAS["scores"]))
     assert len(batches) > 3 and max(b.num_rows for b in batches) <= 2 * 4 * len(files_.compacted) + 11
     merged = pa.concat_tables(batches).to_pandas()
     assert merged.trial_id.tolist() == sorted(merged.trial_id)
@@ -310,3 +311,31 @@ def test_a_trial_run_counts_by_its_row_not_by_the_driver_s_clock(tmp_path):
         rows["trials"][0].update(started_at=behind, finished_at=behind + dt.timedelta(seconds=3))
         write_trial(out, tid, rows)
     assert _recorded_anew(out, before, ["failed", "new", "untouched"]) == 2
+
+
+def test_one_function_builds_every_trials_row_with_every_column():
+    """``trials_row`` gives a failed attempt, a failed trial and a finished one the same columns (the schema's,
+    but ``tables``), the error masked, and a pack's lone member its note; a measured column the schema lacks
+    is refused."""
+    import datetime as dt
+
+    from poisonsweep.engine.config import build_sweep, trial_id
+    from poisonsweep.engine.record.row import trials_row
+    from poisonsweep.tasks.trial import TrialResult
+
+    config = build_sweep({"data": {"name": "digits", "n_train": 40, "n_test": 20},
+                          "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp"},
+                          "detectors": ["loss"]}).trials[0]
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    run = {"started": started, "finished": started + dt.timedelta(seconds=3), "version": "v", "where": {}}
+    finished = TrialResult({"trials": [{"clean_test_acc": 0.9, "pack_size": 1, "pack_note": None}]})
+    rows = [trials_row(config, "worker died at s3://key:secret@bucket/out", **run),
+            trials_row(config, ValueError("boom"), **run), trials_row(config, finished, pack_note="alone", **run)]
+    columns = [name for name in record.SCHEMAS["trials"].names if name != "tables"]
+    assert all(list(row) == columns for row in rows)
+    assert [row["status"] for row in rows] == ["failed", "failed", "ok"]
+    assert rows[0]["error"] == "worker died at s3://key:***@bucket/out" and rows[1]["error"].startswith("ValueError: boom")
+    assert rows[2]["clean_test_acc"] == 0.9 and rows[2]["pack_note"] == "alone" and rows[0]["pack_note"] is None
+    assert {row["trial_id"] for row in rows} == {trial_id(config)} and rows[2]["total_seconds"] == 3
+    with pytest.raises(ValueError, match="clean_accuracy"):
+        trials_row(config, TrialResult({"trials": [{"clean_accuracy": 0.9}]}), **run)

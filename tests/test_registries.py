@@ -49,7 +49,7 @@ def test_every_entry_keeps_the_registry_contract(registry, name):
         takes_artifacts = "artifact_dir" in inspect.signature(entry.fn).parameters
         assert takes_artifacts == ("artifact_dir" in entry.needs_for({}))
     if entry.tables:
-        from poisonsweep.engine.sink import TABLES
+        from poisonsweep.engine.record import TABLES
 
         assert set(entry.tables) <= set(TABLES)  # an extra table the record has a schema for
 

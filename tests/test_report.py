@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from poisonsweep.engine.cli import app
 from poisonsweep.engine.config import build_sweep, trial_id
 from poisonsweep.engine.report import FRACTIONS_CHECKED, TOP_HARMFUL, write_plan, write_report
-from poisonsweep.engine.sink import write_trial_table
+from poisonsweep.engine.record import write_trial_table
 from poisonsweep.engine.worker import record_trial
 
 SWEEP = {
@@ -296,7 +296,7 @@ def test_a_swept_learning_rate_is_a_setting_not_a_seed(tmp_path):
     """Two learning rates of one poison setting are two rows, never averaged as if they were seeds;
     an unset n_train (null in every row) does not split or hide a setting."""
     from poisonsweep.engine.report import detection_table, record_status
-    from poisonsweep.engine.sink import write_trial
+    from poisonsweep.engine.record import write_trial
     from poisonsweep.engine.summary import load, setting_columns
 
     out = str(tmp_path / "sweep")

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from poisonsweep.engine import resume, sink
+from poisonsweep.engine import record as sink
+from poisonsweep.engine import resume
 from poisonsweep.engine.lease import run_guard
 from poisonsweep.engine.cli import app
 from poisonsweep.engine.config import build_sweep, trial_id

@@ -21,9 +21,9 @@ boto3 = pytest.importorskip("boto3")
 
 from poisonsweep.engine import artifacts, lease  # noqa: E402
 from poisonsweep.engine.cli import app  # noqa: E402
-from poisonsweep.engine.record import compact, read_table, table_files  # noqa: E402
+from poisonsweep.engine.record import compact, read_table, table_files, write_trial  # noqa: E402
 from poisonsweep.engine.resume import complete_trials  # noqa: E402
-from poisonsweep.engine.sink import filesystem, join_uri, write_trial  # noqa: E402
+from poisonsweep.engine.storage import filesystem, join_uri  # noqa: E402
 from pyarrow.fs import FileSelector  # noqa: E402
 from test_record import trial_rows  # noqa: E402
 

@@ -170,10 +170,11 @@ def _disk_full(*args, **kwargs):
 def test_a_trial_whose_rows_cannot_be_written_is_left_to_rerun_not_retried(tmp_path, monkeypatch):
     """The trial process reports the unwritable output instead of raising (Tune would retry it as if its
     worker had died) and names the path and the cause."""
+    import poisonsweep.engine.record.write as record_write
     import poisonsweep.engine.worker as worker
 
     trial = build_sweep(CONFIG).trials[0]
-    monkeypatch.setattr(worker, "write_trial", _disk_full)
+    monkeypatch.setattr(record_write, "write_trial", _disk_full)
     monkeypatch.setattr(worker, "_plan_of", lambda plan: [[trial]])
     resources = {"cpu": 1, "pack": 1, "influence_actors": 0}
     result = worker.tune_trainable({"index": 0}, plan=None, out=str(tmp_path), version="", resources=resources)

@@ -33,8 +33,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def ray_local():
     started = not ray.is_initialized()
     if started:
+        # the caller's PYTHONPATH first, as tests/test_s3.py does: a checkout imported through it is the one tested
+        path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
         ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=150 * 1024 ** 2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+                 object_store_memory=150 * 1024 ** 2, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     if started:
         ray.shutdown()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from poisonsweep.engine import cli
 from poisonsweep.engine.report import markdown_table, write_report
-from poisonsweep.engine.sink import write_trial
+from poisonsweep.engine.record import write_trial
 from poisonsweep.engine.text import PrintableConsole, PrintableTable, markdown_text, printable
 
 TITLE, CLEAR, REVERSE = "\x1b]0;TITLE\x07", "\x1b[2J", "\u202e"

@@ -10,7 +10,7 @@ Modules, imports flowing one way (``render`` at the top):
 - ``galleries``: score histograms and image galleries of those trials;
 - ``render``: :func:`write_report`, the Markdown and HTML pages.
 
-The plan file (``sweep.json``) belongs to the record: :func:`engine.sink.write_plan`.
+The plan file (``sweep.json``) belongs to the record: :func:`engine.record.write.write_plan`.
 """
 
 from poisonsweep.engine.report.figures import (figure_accuracy, figure_auroc, figure_found_vs_checked,
@@ -19,7 +19,9 @@ from poisonsweep.engine.report.render import Report, default_report_dir, write_r
 from poisonsweep.engine.report.status import RecordError, RecordStatus, record_status
 from poisonsweep.engine.report.tables import (FRACTIONS_CHECKED, TOP_HARMFUL, detection_table, found_vs_checked_table,
                                   influence_table, markdown_table, unlearning_table)
-from poisonsweep.engine.sink import PLAN_FILE, read_plan, write_plan
+from poisonsweep.engine.record.read import read_plan
+from poisonsweep.engine.record.tables import PLAN_FILE
+from poisonsweep.engine.record.write import write_plan
 
 __all__ = ["FRACTIONS_CHECKED", "PLAN_FILE", "TOP_HARMFUL", "RecordError", "RecordStatus", "Report",
            "default_report_dir", "detection_table", "figure_accuracy", "figure_auroc",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from poisonsweep.engine.report.status import RecordError
-from poisonsweep.engine.sink import TABLES, filesystem
+from poisonsweep.engine.record.tables import TABLES
+from poisonsweep.engine.storage import filesystem
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 Everything is read from the Parquet tables alone, so a report can be made while the sweep still
 runs: only trials whose ``trials`` row exists are counted (a trial writes that row last), and the
 report says how many trials are recorded, ok and failed, which planned ones are still missing
-(when the run left ``<out>/sweep.json``, see :func:`engine.sink.write_plan`) and which settings have
+(when the run left ``<out>/sweep.json``, see :func:`engine.record.write.write_plan`) and which settings have
 fewer seeds than others.
 """
 
@@ -30,7 +30,9 @@ from poisonsweep.engine.report.tables import (
     _setting_stem, _setting_title, _slug, detection_table, found_vs_checked_table, influence_table, markdown_table,
     unlearning_table,
 )
-from poisonsweep.engine.sink import PLAN_FILE, filesystem, masked, read_plan, uri_name
+from poisonsweep.engine.record.read import read_plan
+from poisonsweep.engine.record.tables import PLAN_FILE
+from poisonsweep.engine.storage import filesystem, masked, uri_name
 from poisonsweep.engine.text import markdown_text
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from poisonsweep.engine.artifacts import ARTIFACT_DIR
-from poisonsweep.engine.record import read_table as read_record
-from poisonsweep.engine.sink import filesystem
+from poisonsweep.engine.record.read import read_table as read_record
+from poisonsweep.engine.storage import filesystem
 
 SCORE_COLUMNS = ["detector", "index", "label_given", "label_true", "is_poison", "score", "flagged"]
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from poisonsweep.engine import summary
 from poisonsweep.engine.resume import version_note
-from poisonsweep.engine.sink import PLAN_FILE
+from poisonsweep.engine.record.tables import PLAN_FILE
 
 
 class RecordError(ValueError):

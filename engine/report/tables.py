@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from poisonsweep.engine import summary
-from poisonsweep.engine.record import read_table as read_record
+from poisonsweep.engine.record.read import read_table as read_record
 from poisonsweep.engine.text import markdown_text
 
 # shares of the training set checked, for the found-vs-checked curves (steps of 1 %)
