@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from poisonsweep.tasks import models_zoo
-from poisonsweep.tasks.models_zoo import SplitModel
+from poisonsweep.tasks.models_zoo import SplitModel as SplitModel  # its public home (plugins import it from here)
 from poisonsweep.tasks.registry import ConfigError, Entry, Interval, Registry
 
 
