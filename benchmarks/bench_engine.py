@@ -1,8 +1,8 @@
 """What the engine costs per trial, and what a second node buys.
 
 1. Overhead: the same N small trials (digits, a tiny MLP, the loss detector) run
-   (a) in a plain Python loop calling ``poisonsweep.tasks.trial.run_trial`` (and ``poisonsweep.engine.worker.record_trial``,
-       which adds the Parquet writes), and
+   (a) in a plain Python loop calling ``poisonsweep.tasks.trial.run_resolved_trial`` (and
+       ``poisonsweep.engine.worker.record_trial``, which adds the Parquet writes), and
    (b) as a sweep through ``poisonsweep.engine.sweep.run_sweep`` on local Ray, one trial at a time
        (``max_concurrent: 1``) so that both do the same serial work.
    Sweeps of ``--small`` and ``--trials`` trials give the per-trial cost as a slope, free of the
@@ -50,18 +50,18 @@ def small_sweep(n: int, out: str, max_concurrent: int | None = 1):
 
 
 def plain_loop(n: int, root: str) -> tuple[float, float]:
-    """Seconds for n trials with ``run_trial`` alone, and with ``record_trial`` (rows to Parquet)."""
+    """Seconds for n trials with ``run_resolved_trial`` alone, and with ``record_trial`` (rows to Parquet)."""
     import torch
 
     from poisonsweep.engine.worker import record_trial
-    from poisonsweep.tasks.trial import run_trial
+    from poisonsweep.tasks.trial import run_resolved_trial
 
     torch.set_num_threads(1)  # what the trainable does for a 1-CPU trial
     trials = small_sweep(n, root).trials
-    run_trial(trials[0])  # warm caches (the sweep's workers warm theirs too)
+    run_resolved_trial(trials[0])  # warm caches (the sweep's workers warm theirs too)
     start = time.perf_counter()
     for config in trials:
-        run_trial(config)
+        run_resolved_trial(config)
     bare = time.perf_counter() - start
     start = time.perf_counter()
     for config in trials:
@@ -88,7 +88,7 @@ def overhead(args, root: str) -> list[str]:
     lines = []
     bare, recorded = plain_loop(args.trials, root)
     per_trial = bare / args.trials
-    lines.append(f"| plain loop, `run_trial` | {args.trials} | {bare:.1f} | {per_trial:.3f} | – | – |")
+    lines.append(f"| plain loop, `run_resolved_trial` | {args.trials} | {bare:.1f} | {per_trial:.3f} | – | – |")
     lines.append(f"| plain loop, `record_trial` (+ Parquet) | {args.trials} | {recorded:.1f} | "
                  f"{recorded / args.trials:.3f} | {(recorded - bare) / args.trials:+.3f} | – |")
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Trials per hour, packed (``poisonsweep.tasks.packed.run_pack``) against solo (``poisonsweep.tasks.trial.run_trial``).
+"""Trials per hour, packed (``poisonsweep.tasks.packed.run_pack``) against solo
+(``poisonsweep.tasks.trial.run_resolved_trial``).
 
 The trials are the reference MNIST set-up (7,500 training images, the Keras CNN, 3 epochs, Adam,
 batch 64, one-shift flips at 1 % and 33 %, seeds 0, 1, ...) with the three cheap detectors
@@ -45,10 +46,10 @@ def trial_configs(k: int, args) -> list[dict]:
 
 def measure(k: int, configs: list[dict], packed: bool) -> dict:
     from poisonsweep.tasks.packed import run_pack
-    from poisonsweep.tasks.trial import run_trial
+    from poisonsweep.tasks.trial import run_resolved_trial
 
     start = time.perf_counter()
-    results = run_pack(configs) if packed else [run_trial(c) for c in configs]
+    results = run_pack(configs) if packed else [run_resolved_trial(c) for c in configs]
     wall = time.perf_counter() - start
     failed = [r for r in results if isinstance(r, Exception)]
     if failed:

@@ -294,7 +294,7 @@ def run_trial(config: str | Path | dict, *, overrides: Iterable[str] = (), index
     ``config`` is a sweep (YAML path or dict; registry defaults are filled in as for ``run``) whose
     ``index``-th trial runs; a config without a ``sweep`` grid has exactly one.
     """
-    from poisonsweep.tasks.trial import run_trial as run_one
+    from poisonsweep.tasks.trial import run_resolved_trial as run_one
 
     sweep = load_config(config, overrides)
     if not 0 <= index < len(sweep.trials):

@@ -29,18 +29,18 @@ def record_trial(config: dict, out: str, *, map_shards=None, version: str = "", 
 
     A trial that raises is recorded with status ``failed`` and its error; nothing is re-raised,
     so the sweep goes on. ``where`` (host, Ray node) defaults to this process's. Returns the
-    ``trials`` row. ``on_stage`` (optional) hears the trial's stages (``run_trial``); ``plugins`` (their
+    ``trials`` row. ``on_stage`` (optional) hears the trial's stages (``run_resolved_trial``); ``plugins`` (their
     ``Plugin.record`` dicts) are the sweep's, recorded in the row.
     """
     from poisonsweep.tasks.detect.base import serial_map
-    from poisonsweep.tasks.trial import run_trial
+    from poisonsweep.tasks.trial import run_resolved_trial
 
     started = now()
     outcome = attempt_error
     if attempt_error is None:
         stages = {"on_stage": on_stage} if on_stage is not None else {}
         try:
-            outcome = run_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir, **stages)
+            outcome = run_resolved_trial(config, map_shards=map_shards or serial_map, artifact_dir=artifact_dir, **stages)
         except Exception as error:  # recorded, not lost: the summary shows it
             outcome = error
     return write_record(config, out, outcome, started=started, version=version, where=where, plugins=plugins)

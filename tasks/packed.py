@@ -46,7 +46,7 @@ UNPACKABLE_RANDOM = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, 
 
 def run_pack(configs: list[dict], *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
              log: Callable[[str], None] = lambda message: None) -> list[TrialResult | Exception]:
-    """Run trials whose models can train together; per trial its rows (as ``run_trial``) or its error.
+    """Run trials whose models can train together; per trial its rows (as ``run_resolved_trial``) or its error.
 
     Trials that share data, model and training schedule (:func:`pack_key`) train as one pack; any other
     trial trains alone, and its ``pack_note`` says why. One trial's failure never stops the others.

@@ -128,7 +128,7 @@ def check_value(key: str, value: Any, allowed: list) -> str | None:
     return f"{key} must be {what}; got {value!r}"
 
 
-# What an entry may need from the trial that runs it; ``run_trial`` reads these, never a name.
+# What an entry may need from the trial that runs it; ``run_resolved_trial`` reads these, never a name.
 NEEDS = ("checkpoints", "artifact_dir", "sample_losses")
 
 # How the report may rebuild a poison's training images from a trial's config (images are never stored):

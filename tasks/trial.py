@@ -1,7 +1,9 @@
 """One trial: data -> poison -> train -> detect -> (unlearn) -> rows. No Ray, no files.
 
-``run_trial(config)`` runs in a notebook as it is; the engine calls the same function inside a
-Ray Tune trial and hands it a Ray actor pool as ``map_shards``.
+``run_resolved_trial(config)`` runs one trial config with every default filled in (one of
+``poisonsweep.engine.config.build_sweep(...).trials``); the public ``poisonsweep.run_trial`` takes a sweep
+config and an index, resolves it and calls this. The engine calls the same function inside a Ray Tune trial
+and hands it a Ray actor pool as ``map_shards``.
 """
 
 from __future__ import annotations
@@ -97,9 +99,9 @@ def _no_stage(stage: str) -> None:
     pass
 
 
-def run_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
-              log: Callable[[str], None] = lambda message: None,
-              on_stage: Callable[[str], None] = _no_stage) -> TrialResult:
+def run_resolved_trial(config: dict, *, map_shards: Callable = serial_map, artifact_dir: str | None = None,
+                       log: Callable[[str], None] = lambda message: None,
+                       on_stage: Callable[[str], None] = _no_stage) -> TrialResult:
     """Run one fully resolved trial config (see ``poisonsweep.engine.config``) and return its rows.
 
     The rows carry no ``trial_id``; the caller adds it. Raises on any failure: the engine

@@ -3,6 +3,7 @@ through the engine's own Tune callback (the counter the CLI's bar is built on), 
 ``py.typed`` marker so that type checkers read the annotations."""
 
 from __future__ import annotations
+import pytest
 
 import io
 import tomllib
@@ -62,6 +63,7 @@ def test_a_pickled_counter_leaves_the_caller_s_function_behind():
     assert copy.running == {"t1": "a"} and calls == []
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_run_calls_on_progress_up_to_every_trial_done(tmp_path):
     calls: list[tuple[int, int, int]] = []
     try:

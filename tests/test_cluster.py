@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # every test starts Ray, a subprocess or a server
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 TABLES = ["trials", "detections", "scores", "unlearning", "influence"]

@@ -12,6 +12,8 @@ import polars as pl
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # every test starts Ray, a subprocess or a server
+
 CONFIG = {
     "name": "e2e",
     "data": {"name": "digits", "n_train": 300, "n_test": 100},

@@ -299,6 +299,7 @@ def test_detector_ranks_planted_label_flips_first(digits):
     assert all(1 <= r["rank"] <= 4 for r in rows)
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_tasks_influence_never_imports_ray():
     code = "import sys, poisonsweep.tasks.influence; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 import yaml
+import pytest
+
+pytestmark = pytest.mark.slow  # every test starts Ray, a subprocess or a server
 
 CONFIG = {
     "name": "ctrl_c",

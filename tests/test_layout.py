@@ -1,6 +1,7 @@
 """The science runs without Ray and on Windows: importing every tasks module never imports ray, and
 works without ``fcntl``."""
 
+import pytest
 import pkgutil
 import subprocess
 import sys
@@ -20,12 +21,14 @@ def _import_every_tasks_module(prelude: str = "", check: str = "") -> list[str]:
     return modules
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_tasks_never_import_ray():
     modules = _import_every_tasks_module(
         check="assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]\n")
     assert len(modules) > 10
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_tasks_import_without_fcntl():
     # Windows has no fcntl: a None entry in sys.modules makes every `import fcntl` raise ImportError
     modules = _import_every_tasks_module(prelude="sys.modules['fcntl'] = None\n",

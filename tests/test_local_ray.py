@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts Ray, a subprocess or a server
+
 SCRIPT = r"""
 import os, subprocess
 import ray

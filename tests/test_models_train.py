@@ -83,15 +83,15 @@ def test_a_trial_whose_loss_ends_far_above_a_uniform_guess_fails_as_diverged():
     # issue 22: train.lr 1e6 on digits ends at a finite loss of ~1e22 with chance accuracy, once recorded ok
     from poisonsweep.engine.config import build_sweep
     from poisonsweep.tasks.train import TrainingDiverged
-    from poisonsweep.tasks.trial import run_trial
+    from poisonsweep.tasks.trial import run_resolved_trial
 
     config = {"name": "t", "data": {"name": "digits", "n_train": 100, "n_test": 20},
               "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp"},
               "train": {"epochs": 2, "lr": 1e6}, "detectors": ["loss"]}  # epoch 1 means pre-step losses
     with pytest.raises(TrainingDiverged, match=r"training diverged: final loss \S+ > 2·ln K = 4.61 \(K = 10"):
-        run_trial(build_sweep(config).trials[0])
+        run_resolved_trial(build_sweep(config).trials[0])
     config["train"]["lr"] = 1e-3  # the same trial at a sane step size stays below 2 ln K
-    assert run_trial(build_sweep(config).trials[0]).tables["trials"][0]["train_loss"] < 2 * np.log(10)
+    assert run_resolved_trial(build_sweep(config).trials[0]).tables["trials"][0]["train_loss"] < 2 * np.log(10)
 
 
 @pytest.mark.parametrize("loss, num_classes, fails", [

@@ -49,11 +49,11 @@ def test_preact_block_is_residual():
 
 
 def test_preact_resnet18_trains_one_epoch_on_digits_through_the_trial_path():
-    from poisonsweep.tasks.trial import run_trial
+    from poisonsweep.tasks.trial import run_resolved_trial
 
     trial = sweep({"name": "preact_resnet18"}, data={"name": "digits", "n_train": 32, "n_test": 10},
                   train={"epochs": 1, "batch_size": 32}).trials[0]
-    row = run_trial(trial).tables["trials"][0]
+    row = run_resolved_trial(trial).tables["trials"][0]
     assert 0 < row["train_loss"] < 10 and 0 <= row["clean_test_acc"] <= 1
 
 

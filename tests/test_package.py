@@ -124,6 +124,7 @@ def test_engine_imports_tasks_but_tasks_never_import_engine():
     assert not offenders
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_a_wheel_installs_next_to_a_tasks_py_and_an_unrelated_engine(tmp_path):
     """``pip install .`` as a wheel into a fresh venv, then import it from a folder holding a user's
     ``tasks.py`` and another ``engine`` package: both stay theirs, ours stays ours."""
@@ -190,6 +191,7 @@ def ray_stopped_after():
     ray.shutdown()  # run() started Ray in this process; later tests start their own
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_run_load_report_through_the_python_api(tmp_path, ray_stopped_after):
     notes = []
     outcome = poisonsweep.run(TINY, out=str(tmp_path / "out"), echo=notes.append)

@@ -19,7 +19,7 @@ from poisonsweep.tasks.data import load_dataset
 from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.packed import run_pack, train_packed, why_not_packable
 from poisonsweep.tasks.train import TrainConfig, TrainingDiverged, predict_logits, train_model
-from poisonsweep.tasks.trial import run_trial
+from poisonsweep.tasks.trial import run_resolved_trial
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -130,7 +130,7 @@ def test_a_pack_gives_each_trial_its_solo_rows():
     })
     packed = run_pack(sweep.trials)
     for config, result in zip(sweep.trials, packed):
-        solo = run_trial(config).tables
+        solo = run_resolved_trial(config).tables
         row, want = result.tables["trials"][0], solo["trials"][0]
         assert row["pack_size"] == 4 and want["pack_size"] == 1 and row["pack_note"] is None
         assert set(row) == set(want)
@@ -204,6 +204,7 @@ def test_packing_without_a_gpu_share_is_pointed_out():
     assert cpu_pack_note({"pack": 8, "gpu": 0.25}) is None and cpu_pack_note({"pack": 1, "gpu": 0}) is None
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_a_packed_sweep_records_what_a_solo_sweep_records(tmp_path):
     import pandas as pd
     import yaml

@@ -31,7 +31,7 @@ from poisonsweep.engine.plugins import PluginError, import_in_worker, load_plugi
 from poisonsweep.engine.resolve import trial_id
 from poisonsweep.engine.resume import code_version, trials_to_run
 from poisonsweep.tasks.registry import Interval, Options
-from poisonsweep.tasks.trial import run_trial
+from poisonsweep.tasks.trial import run_resolved_trial
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "plugin"
@@ -296,7 +296,7 @@ def test_the_readmes_plugin_example_runs_a_trial(tmp_path):
     config = {**TINY, "plugins": ["readme_margin.py"], "poison": {"method": "one_shift", "rate": 0.1},
               "detectors": [{"name": "readme_margin", "params": {"flag_fraction": 0.1}}]}
     sweep = build_sweep(config, base_dir=tmp_path)
-    rows = run_trial(sweep.trials[0], log=lambda _: None).tables
+    rows = run_resolved_trial(sweep.trials[0], log=lambda _: None).tables
     [detection] = rows["detections"]
     assert detection["detector"] == "readme_margin" and detection["n_flagged"] == 20
     scores = np.array([r["score"] for r in rows["scores"]])
@@ -309,6 +309,7 @@ def cli(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env, cwd=cwd)
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_the_example_plugin_runs_a_sweep_through_the_cli_from_outside_the_repository(tmp_path):
     home, cwd = tmp_path / "my_lab", tmp_path / "elsewhere"  # neither the repository nor the working directory
     home.mkdir()

@@ -2,6 +2,7 @@
 a plain ``on_stage`` callback in ``tasks/`` and a stage board actor in ``engine/``; Ray's own warnings
 kept off the screen (written to ``<out>/_tune/ray.log``) unless --verbose."""
 
+import pytest
 import importlib.util
 import io
 import logging
@@ -18,7 +19,7 @@ import yaml
 from rich.console import Console
 
 from poisonsweep.engine.progress import RAY_LOG, SweepProgress, RayWarningsKept
-from poisonsweep.tasks.trial import run_trial
+from poisonsweep.tasks.trial import run_resolved_trial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {
@@ -39,7 +40,7 @@ def test_run_trial_tells_each_stage_in_order():
 
     config = sweep_from_mapping(CONFIG, [], default_name="stages").trials[0]
     stages = []
-    run_trial(config, on_stage=stages.append)
+    run_resolved_trial(config, on_stage=stages.append)
     assert stages == ["loading and poisoning the data", "training epoch 1/3", "training epoch 2/3",
                       "training epoch 3/3", "evaluating", "detector loss (1/2)", "detector spectral_signature (2/2)",
                       "unlearning"]
@@ -117,6 +118,7 @@ def _run_in_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]
     return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
 
 
+@pytest.mark.slow  # starts Ray or a subprocess
 def test_a_sweep_in_a_terminal_shows_trial_stages_and_not_rays_warnings(tmp_path, monkeypatch):
     """The one Ray sweep of this file; where the MLflow client is installed it also checks ``--mlflow``
     end to end (tests/test_mlflow.py checks the runs' contents without Ray)."""

@@ -27,6 +27,8 @@ from poisonsweep.engine.storage import filesystem, join_uri  # noqa: E402
 from pyarrow.fs import FileSelector  # noqa: E402
 from test_record import trial_rows  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test starts Ray, a subprocess or a server
+
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "sweeps"
 SECRET = "SECRETvalue42"  # moto takes any credentials

@@ -15,6 +15,8 @@ import pytest
 
 from poisonsweep.engine.sweep import CtrlC, PlanSearcher, TrialLog
 
+pytestmark = pytest.mark.slow  # every test starts Ray, a subprocess or a server
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -22,6 +22,8 @@ from poisonsweep.tasks.detect.base import DetectionContext, serial_map
 from poisonsweep.tasks.models import build_model
 from poisonsweep.tasks.train import TrainConfig, train_model
 
+pytestmark = pytest.mark.slow  # every test starts Ray, a subprocess or a server
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5
 

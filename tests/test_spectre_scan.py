@@ -12,7 +12,7 @@ from poisonsweep.tasks.detect.base import DETECTORS, DetectionContext
 from poisonsweep.tasks.detect.scan import THRESHOLD, anomaly_index, scan, scan_classes
 from poisonsweep.tasks.detect.spectral import spectral_scores
 from poisonsweep.tasks.detect.spectre import que_scores, robust_selection, spectre, spectre_class, spectre_scores
-from poisonsweep.tasks.trial import run_trial
+from poisonsweep.tasks.trial import run_resolved_trial
 
 
 def context_with_features(features: np.ndarray, labels: np.ndarray) -> DetectionContext:
@@ -165,7 +165,7 @@ def test_spectre_and_scan_run_from_a_config_on_digits():
         "train": {"epochs": 3, "batch_size": 64, "lr": 0.01},
         "detectors": [{"name": "spectre", "params": {"eps": 0.1}}, "scan"],
     })
-    result = run_trial(sweep.trials[0])
+    result = run_resolved_trial(sweep.trials[0])
     rows = {row["detector"]: row for row in result.tables["detections"]}
     assert set(rows) == {"spectre", "scan"}
     assert len(result.tables["scores"]) == 2 * 400

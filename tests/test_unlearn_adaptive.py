@@ -103,7 +103,7 @@ def test_guard_config_is_checked():
 
 def test_potion_assd_and_the_guard_run_from_a_config():
     from poisonsweep.engine.config import build_sweep
-    from poisonsweep.tasks.trial import run_trial
+    from poisonsweep.tasks.trial import run_resolved_trial
 
     sweep = build_sweep({
         "data": {"name": "digits", "n_train": 400, "n_test": 100},
@@ -114,6 +114,6 @@ def test_potion_assd_and_the_guard_run_from_a_config():
         "unlearn": {"methods": ["assd", {"name": "potion", "params": {"p_cut": 0.1}}],
                     "selections": [{"kind": "oracle", "fraction": 1.0}], "guard": {"max_retain_drop": 0.5}},
     })
-    rows = run_trial(sweep.trials[0]).tables["unlearning"]
+    rows = run_resolved_trial(sweep.trials[0]).tables["unlearning"]
     assert [r["method"] for r in rows] == ["assd", "potion"]
     assert all(r["guard_max_retain_drop"] == 0.5 for r in rows)

@@ -73,7 +73,8 @@ def relabelled(data: Dataset, poisoned: np.ndarray, new_labels: torch.Tensor, **
     return PoisonedData(data.x_train, labels, data.y_train, poison_mask(len(labels), poisoned), **success)
 
 
-def eligible_all(class_counts, **_) -> int:
+def every_sample_eligible(class_counts, **_) -> int:
+    """A poison's ``eligible`` rule when it may poison any training sample: the training-set size."""
     return int(sum(class_counts))
 
 
@@ -114,7 +115,7 @@ def apply_poison(data: Dataset, method: str, *, rate: float, seed: int, params: 
 def check_rate(method: str, rate: float, class_counts, params: dict | None = None) -> str | None:
     """The error message if ``rate`` is impossible for ``method`` on a split with ``class_counts``."""
     entry = POISONS.get(method)
-    eligible = (entry.eligible or eligible_all)(class_counts, **(params or {}))
+    eligible = (entry.eligible or every_sample_eligible)(class_counts, **(params or {}))
     try:
         n_to_poison(rate, int(sum(class_counts)), eligible, method)
     except ConfigError as error:

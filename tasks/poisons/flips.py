@@ -8,12 +8,12 @@ import torch
 
 from poisonsweep.tasks.data import Dataset
 from poisonsweep.tasks.poisons.base import (
-    POISONS, PoisonedData, check_classes, choose, eligible_all, n_to_poison, relabelled,
+    POISONS, PoisonedData, check_classes, choose, every_sample_eligible, n_to_poison, relabelled,
 )
 from poisonsweep.tasks.registry import CLASS_INDEX, BelowData, ConfigError
 
 
-@POISONS.register("none", eligible=eligible_all)
+@POISONS.register("none", eligible=every_sample_eligible)
 def no_poison(data: Dataset, *, rate: float, seed: int) -> PoisonedData:
     """The clean baseline: nothing is poisoned (``rate`` must be 0)."""
     if rate != 0:
@@ -22,7 +22,7 @@ def no_poison(data: Dataset, *, rate: float, seed: int) -> PoisonedData:
                        success_x=data.x_test, success_y=data.y_test, success_kind="miss")
 
 
-@POISONS.register("one_shift", {"shift": [BelowData(low=1)]}, eligible=eligible_all)
+@POISONS.register("one_shift", {"shift": [BelowData(low=1)]}, eligible=every_sample_eligible)
 def one_shift(data: Dataset, *, rate: float, seed: int, shift: int = 1) -> PoisonedData:
     """Relabel class i as (i + shift) mod K; success = test predictions equal to that mapping."""
     n, k = len(data.y_train), data.num_classes
@@ -33,7 +33,7 @@ def one_shift(data: Dataset, *, rate: float, seed: int, shift: int = 1) -> Poiso
                        success_x=data.x_test, success_y=(data.y_test + shift) % k)
 
 
-@POISONS.register("random_flip", eligible=eligible_all)
+@POISONS.register("random_flip", eligible=every_sample_eligible)
 def random_flip(data: Dataset, *, rate: float, seed: int) -> PoisonedData:
     """Relabel to a uniformly chosen *other* class; success = the test error rate (no fixed mapping)."""
     n, k = len(data.y_train), data.num_classes

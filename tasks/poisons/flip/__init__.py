@@ -30,7 +30,7 @@ import torch
 
 from poisonsweep.tasks.data import Dataset
 from poisonsweep.tasks.models import MODELS
-from poisonsweep.tasks.poisons.base import POISONS, PoisonedData, n_to_poison
+from poisonsweep.tasks.poisons.base import POISONS, PoisonedData, every_sample_eligible, n_to_poison
 from poisonsweep.tasks.poisons.flip.artifacts import (
     FlipArtifact, artifact_key, compute_artifact, data_digest, has_cached_experts, load_or_optimise_logits,
 )
@@ -48,10 +48,6 @@ __all__ = [
     "data_digest", "compute_artifact", "load_or_optimise_logits", "random_flips_to_target", "RECIPES",
     "resolve_recipe", "SINUSOID_AMPLITUDE",
 ]
-
-
-def _all_samples(class_counts, **_) -> int:
-    return int(sum(class_counts))
 
 
 @POISONS.register(
@@ -80,7 +76,7 @@ def _all_samples(class_counts, **_) -> int:
         "attack_seed": [Interval(Integral, 0), NONE],
         "device": [Options(("auto", "cpu", "cuda"))],
     },
-    eligible=_all_samples,
+    eligible=every_sample_eligible,
     needs={"artifact_dir"},
     placement={"device"},  # where the experts train, not what they compute
     rebuild="clean", rebuild_cached=has_cached_experts,  # labels only, and minutes to train the experts again
