@@ -97,7 +97,8 @@ def test_rows_the_graph_leaves_short_are_searched_exactly():
 
 
 def test_auto_is_exact_on_an_accelerator_and_on_small_cpu_searches():
-    assert not uses_graph(7_500, 784, "auto", "cpu")  # 4.4e10 pair-values: the record's 7,500 MNIST set-ups
+    assert not uses_graph(7_500, 784, "auto", "cpu")  # the record's 7,500-image set-ups stay exact
+    assert not uses_graph(20_000, 3072, "auto", "cpu") and uses_graph(20_001, 8, "auto", "cpu")
     assert uses_graph(50_000, 784, "auto", "cpu")
     assert not uses_graph(50_000, 784, "auto", "cuda")  # a device name is enough: no GPU is needed to ask
     assert uses_graph(10, 2, "hnsw", "cuda") and not uses_graph(10**6, 784, "exact", "cpu")

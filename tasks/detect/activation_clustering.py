@@ -302,7 +302,7 @@ default="exclusionary_reclassification"
         every pair (time n² times the input size, memory bounded); ``"hnsw"`` answers from a faiss
         HNSW graph in n log n, approximate (98 % of the true 50 neighbours on MNIST, 99.5 % of the
         votes unchanged; benchmarks/RESULTS.md §22); ``"auto"``: exact on an accelerator and up to
-        ``neighbours.EXACT_MAX_WORK`` pair-values on the CPU (7,500 MNIST images are exact), the graph above.
+        ``neighbours.EXACT_MAX_SAMPLES`` (20,000) samples on the CPU, the graph above.
     size_threshold : float, default=0.35
         The relative-size threshold of Chen et al. / ART (``analysis`` "relative_size" and
         "silhouette").

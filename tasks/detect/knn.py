@@ -190,7 +190,7 @@ def knn(context: DetectionContext, *, seed: int, k: int = 50, flag_rule: str = "
         plurality label != given label (see :func:`deep_knn`).
     search : {"auto", "exact", "hnsw"}, default="auto"
         How the neighbours are found: exact, from a faiss HNSW graph (approximate, n log n), or
-        exact up to ``neighbours.EXACT_MAX_WORK`` on the CPU and the graph above
+        exact up to ``neighbours.EXACT_MAX_SAMPLES`` (20,000) samples on the CPU and the graph above
         (``neighbours.nearest_neighbours``; at 50,000 samples of 128 features the graph is used).
 
     Returns
