@@ -128,6 +128,7 @@ def precision_recall(flagged: np.ndarray, poison: np.ndarray) -> tuple[float, fl
     return hits / max(flagged.sum(), 1), hits / poison.sum()
 
 
+@pytest.mark.slow  # a second or more of training
 def test_one_shift_at_a_third_flags_the_poisons_not_the_clean_cluster():
     # a third of every class is the previous digit: its clean cluster holds all its clean examples
     context, poison = trained_context("one_shift", 0.33)
@@ -136,6 +137,7 @@ def test_one_shift_at_a_third_flags_the_poisons_not_the_clean_cluster():
     assert precision >= 0.9 and recall >= 0.9  # measured 0.96 / 1.00; the clean clusters would give ~0
 
 
+@pytest.mark.slow  # a second or more of training
 def test_badnets_with_the_target_class_half_poison_flags_the_triggered_cluster():
     # a 1-pixel trigger (a 3x3 patch is 14 % of an 8x8 digit and would dominate the pixel distance)
     context, poison = trained_context("badnets", 0.10, {"target": 0, "mode": "all_to_one", "patch_size": 1})
@@ -145,6 +147,7 @@ def test_badnets_with_the_target_class_half_poison_flags_the_triggered_cluster()
     assert precision >= 0.9 and recall >= 0.75  # measured 0.97 / 0.83; the clean zeros would give ~0.15 / ~0.2
 
 
+@pytest.mark.slow  # a second or more of training
 def test_badnets_at_one_percent_flags_the_few_poisons():
     context, poison = trained_context("badnets", 0.01, {"target": 0, "mode": "all_to_one"})
     result = activation_clustering(context, seed=0)
@@ -152,6 +155,7 @@ def test_badnets_at_one_percent_flags_the_few_poisons():
     assert precision >= 0.9 and recall >= 0.75  # measured 1.00 / 0.85
 
 
+@pytest.mark.slow  # a second or more of training
 def test_a_clean_training_set_is_not_flagged():
     context, _ = trained_context("none", 0.0)
     result = activation_clustering(context, seed=0)

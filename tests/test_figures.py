@@ -65,6 +65,7 @@ def _width(ax, text: str, like) -> float:
     return width
 
 
+@pytest.mark.slow  # a second or more of training
 def test_log_histogram_ticks_are_drawn_as_maths_and_user_text_literally(tmp_path, captured):
     out = str(tmp_path / "sweep")
     for seed in (0, 1):

@@ -158,6 +158,7 @@ def _train_user(digits, labels, seed):
     return model
 
 
+@pytest.mark.slow  # a second or more of training
 def test_flip_labels_plant_a_backdoor_random_flips_do_not(digits, artifact_dir):
     poisoned = flip(digits, rate=0.05, seed=0, **SMALL, artifact_dir=artifact_dir)
     # the paper's precomputed CIFAR labels: small budgets are all source -> target flips
@@ -175,6 +176,7 @@ def test_flip_labels_plant_a_backdoor_random_flips_do_not(digits, artifact_dir):
     assert flip_cta >= random_cta - 0.05, scores
 
 
+@pytest.mark.slow  # a second or more of training
 def test_flip_changes_only_labels_and_exactly_the_budget(digits, artifact_dir):
     n = len(digits.y_train)
     for rate in (0.01, 0.05, 0.2):

@@ -161,6 +161,7 @@ def _logistic_regression_fit(model, x, y, l2, drop=None):
     return model
 
 
+@pytest.mark.slow  # a second or more of training
 def test_exact_influence_predicts_leave_one_out_retraining():
     """Koh & Liang Fig. 2: on a convex model the predicted and the retrained loss changes agree."""
     data = load_dataset("digits", n_train=300, n_test=100, seed=0)

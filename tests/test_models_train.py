@@ -18,6 +18,7 @@ def test_forward_is_head_of_features(name, shape):
     assert model.features(x).shape == (4, model.head.in_features)
 
 
+@pytest.mark.slow  # a second or more of training
 @pytest.mark.parametrize("name,shape", [("keras_cnn", (1, 28, 28)), ("resnet18", (3, 16, 16))])
 def test_fast_inference_layout_matches_the_plain_forward_and_leaves_the_model_alone(name, shape):
     model = build_model(name, shape, 10, seed=0).eval()

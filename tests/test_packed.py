@@ -77,6 +77,7 @@ def test_packed_keras_cnn_draws_the_solo_dropout_masks(digits):
     _assert_same_models(solo, packed, digits.x_test)
 
 
+@pytest.mark.slow  # a second or more of training
 def test_packed_resnet18_keeps_batchnorm_statistics_per_model():
     generator = torch.Generator().manual_seed(0)
     xs = [torch.randn(16, 3, 8, 8, generator=generator) for _ in range(2)]

@@ -80,6 +80,7 @@ def test_report_refuses_a_link_and_a_file(record, tmp_path):
     assert (tmp_path / "a-file").read_text() == "mine" and not any((tmp_path / "elsewhere").iterdir())
 
 
+@pytest.mark.slow  # a second or more of training
 def test_a_report_replaces_only_the_files_its_earlier_report_wrote(record, tmp_path):
     target = tmp_path / "r"
     code, output = cli("report", record, "--out", target)
@@ -98,6 +99,7 @@ def test_a_report_replaces_only_the_files_its_earlier_report_wrote(record, tmp_p
     assert not [p for p in target.iterdir() if p.name.startswith(".staging.")]
 
 
+@pytest.mark.slow  # a second or more of training
 def test_a_killed_reports_staging_folder_is_removed_by_the_next_report(record, tmp_path):
     target = tmp_path / "r"
     assert cli("report", record, "--out", target)[0] == 0
