@@ -12,7 +12,6 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-
 SLOW_HINT = "mark the test @pytest.mark.slow: `pytest -m \"not slow\"` is the fast tier, which starts no Ray, " \
             "subprocess, server or browser"
 _running = {"item": None}  # the test being set up, run or torn down (its fixtures' work counts as its own)

@@ -97,13 +97,13 @@ def test_rows_the_graph_leaves_short_are_searched_exactly():
 
 
 def test_auto_is_exact_on_an_accelerator_and_on_small_cpu_searches():
-    assert not uses_graph(7_500, 784, "auto", "cpu")  # the record's 7,500-image set-ups stay exact
-    assert not uses_graph(20_000, 3072, "auto", "cpu") and uses_graph(20_001, 8, "auto", "cpu")
-    assert uses_graph(50_000, 784, "auto", "cpu")
-    assert not uses_graph(50_000, 784, "auto", "cuda")  # a device name is enough: no GPU is needed to ask
-    assert uses_graph(10, 2, "hnsw", "cuda") and not uses_graph(10**6, 784, "exact", "cpu")
+    assert not uses_graph(7_500, "auto", "cpu")  # the record's 7,500-image set-ups stay exact
+    assert not uses_graph(20_000, "auto", "cpu") and uses_graph(20_001, "auto", "cpu")
+    assert uses_graph(50_000, "auto", "cpu")
+    assert not uses_graph(50_000, "auto", "cuda")  # a device name is enough: no GPU is needed to ask
+    assert uses_graph(10, "hnsw", "cuda") and not uses_graph(10**6, "exact", "cpu")
     with pytest.raises(ValueError, match="search must be one of"):
-        uses_graph(10, 2, "annoy")
+        uses_graph(10, "annoy")
 
 
 def test_search_auto_below_the_limit_is_the_exact_search():

@@ -163,7 +163,7 @@ def judge_by_reclassification(predicted: np.ndarray, label: int, in_small: np.nd
 
 
 def cached_reclassification(context: DetectionContext, representation: str, k: int,
-                            search: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+                            search: str) -> tuple[np.ndarray, np.ndarray]:
     """``reclassify_by_neighbours`` of the trial's samples, computed once per (representation, k, search):
     activation clustering and SCAn take the same vote."""
     key = ("reclassify_by_neighbours", representation, int(k), search)

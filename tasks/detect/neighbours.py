@@ -60,8 +60,8 @@ def block_rows(n: int, itemsize: int, max_bytes: int = MAX_BLOCK_BYTES) -> int:
     return max(1, min(n, max_bytes // max(1, n * itemsize)))
 
 
-def uses_graph(n: int, dims: int, search: str, device: str | torch.device | None = "cpu") -> bool:
-    """Whether ``search`` answers from the HNSW graph for ``n`` samples of ``dims`` values on ``device``."""
+def uses_graph(n: int, search: str, device: str | torch.device | None = "cpu") -> bool:
+    """Whether ``search`` answers from the HNSW graph for ``n`` samples on ``device``."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}; got {search!r}")
     if search != "auto":
@@ -79,8 +79,7 @@ def nearest_neighbours(points: np.ndarray | torch.Tensor, k: int, *, device: str
     (approximate). ``"auto"``: the graph only on the CPU above ``EXACT_MAX_SAMPLES`` (module docstring).
     """
     device = torch.device(device or "cpu")  # None: the CPU, as DetectionContext.device means
-    n, dims = len(points), int(np.prod(points.shape[1:]))
-    if uses_graph(n, dims, search, device):
+    if uses_graph(len(points), search, device):
         return graph_nearest_neighbours(points, k)
     if device.type == "cpu":
         from sklearn.neighbors import NearestNeighbors
@@ -160,11 +159,10 @@ def graph_nearest_neighbours(points: np.ndarray | torch.Tensor, k: int) -> tuple
         squared, found = graph.search(x, k + 1)
     finally:
         faiss.omp_set_num_threads(threads)
-    others = (found != np.arange(n)[:, None]) & (found >= 0)
-    short = np.flatnonzero(others.sum(axis=1) < k)
-    order = np.argsort(~others, axis=1, kind="stable")[:, :k]  # each row's first k others, nearest first
-    indices = np.take_along_axis(found, order, axis=1).astype(np.int64)
-    distances = np.sqrt(np.maximum(np.take_along_axis(squared, order, axis=1), 0).astype(np.float64))
+    valid = found >= 0
+    short = np.flatnonzero((valid & (found != np.arange(n)[:, None])).sum(axis=1) < k)
+    distances, indices = first_others(np.sqrt(np.maximum(squared, 0).astype(np.float64)), found, np.arange(n), k,
+                                      valid=valid)
     if len(short):
         distances[short], indices[short] = exact_rows(x, short, k)
     return distances, indices
@@ -175,6 +173,15 @@ def exact_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
     from sklearn.neighbors import NearestNeighbors
 
     distances, indices = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x).kneighbors(x[rows])
-    keep = indices != rows[:, None]
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(distances, order, axis=1), np.take_along_axis(indices, order, axis=1)
+    return first_others(distances, indices, rows, k)
+
+
+def first_others(distances: np.ndarray, indices: np.ndarray, rows: np.ndarray, k: int,
+                 valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first ``k`` candidates, nearest first, that are not the row's own sample ``rows[i]`` (nor
+    marked invalid); the search asked for k + 1 so that the sample itself can be dropped."""
+    others = indices != rows[:, None]
+    if valid is not None:
+        others &= valid
+    order = np.argsort(~others, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, axis=1), np.take_along_axis(indices, order, axis=1).astype(np.int64)
