@@ -18,6 +18,7 @@ Example (the label-noise subset, seed 0)::
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None, help="keep / reuse each trained model's arrays here")
     parser.add_argument("--only", default=None, help="run only set-ups whose name contains this text")
     parser.add_argument("--rescore", action="store_true", help="only re-decide the models saved under --cache")
+    parser.add_argument("--jsonl", type=Path, default=None,
+                        help="append every row here (one JSON object a line), for --summarise")
+    parser.add_argument("--summarise", nargs="+", type=Path, default=None,
+                        help="only print the mean ± std over seeds of the rows in these JSON-lines files")
     return parser.parse_args()
 
 
@@ -134,6 +139,9 @@ def main() -> None:
     if args.rescore:
         print(rescore(args.cache))
         return
+    if args.summarise:
+        print(summary_table(args.summarise))
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = []
     for dataset in args.datasets:
@@ -152,9 +160,40 @@ def main() -> None:
                     np.savez_compressed(args.cache / f"{tag}.npz", **arrays)
                     torch.save(model.state_dict(), args.cache / f"{tag}.pt")
                 results.append((dataset, name, seed, rows))
+                if args.jsonl:
+                    with args.jsonl.open("a") as out:
+                        for row in rows:
+                            out.write(json.dumps({"dataset": dataset, "setup": name, "seed": seed,
+                                                  "n_train": args.n_train, **row}, default=float) + "\n")
                 print(f"{dataset} {name} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
                 print(table(results[-1:]), flush=True)
     print("\n" + table(results))
+
+
+def summary_table(paths: list[Path]) -> str:
+    """One line per (data, size, set-up, detector): mean ± std over the seeds found of AUROC, P@n, own F1
+    and flags (the last row of a repeated (seed, detector) wins, so a rerun replaces its earlier rows)."""
+    rows = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["dataset"], row["n_train"], row["setup"], row["detector"], row["seed"]] = row
+    groups: dict[tuple, list[dict]] = {}
+    for (dataset, n_train, setup, detector, _), row in rows.items():
+        groups.setdefault((dataset, n_train, setup, detector), []).append(row)
+
+    def cell(values: list[float], digits: int = 3) -> str:
+        spread = f" ± {np.std(values):.{digits}f}" if len(values) > 1 else ""
+        return f"{np.mean(values):.{digits}f}{spread}"
+
+    lines = ["| data | n | set-up | seeds | detector | AUROC | P@n | own F1 | flags (poisons) |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|"]
+    for (dataset, n_train, setup, detector), group in groups.items():
+        metric = {key: [row[key] for row in group] for key in ("auroc", "precision_at_n", "f1", "n_flagged")}
+        lines.append(f"| {dataset} | {n_train} | {setup} | {len(group)} | {detector} | {cell(metric['auroc'])} "
+                     f"| {cell(metric['precision_at_n'])} | {cell(metric['f1'])} "
+                     f"| {cell(metric['n_flagged'], 0)} ({group[0]['n_poisoned']}) |")
+    return "\n".join(lines)
 
 
 def rescore(cache: Path) -> str:

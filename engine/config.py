@@ -37,14 +37,6 @@ from poisonsweep.engine.yaml_reader import (  # noqa: F401  (MAX_ALIAS_VALUES, r
 from poisonsweep.tasks.registry import ConfigError
 
 
-class ConfigErrors(ConfigError):
-    """Several config problems, reported together."""
-
-    def __init__(self, errors: list[str], source: str = "config"):
-        self.errors = list(dict.fromkeys(errors))
-        super().__init__(f"{source} has {len(self.errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in self.errors))
-
-
 @dataclass
 class Sweep:
     name: str
@@ -71,12 +63,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``"poison.rate=0.2"`` -> ``("poison.rate", 0.2)``; the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigErrors([f"--set {text!r} must look like key=value, e.g. poison.rate=0.2"], "--set")
+        raise ConfigError([f"--set {text!r} must look like key=value, e.g. poison.rate=0.2"], "--set")
     try:
         return key.strip(), read_yaml(value)
     except yaml.YAMLError as error:
         problem = str(error).splitlines()[0]
-        raise ConfigErrors([f"--set {text!r}: the value {value!r} is not valid YAML ({problem}); quote a string "
+        raise ConfigError([f"--set {text!r}: the value {value!r} is not valid YAML ({problem}); quote a string "
                             "or write a list as [a, b]"], "--set") from None
 
 
@@ -122,29 +114,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if message := set_dotted(raw, key, value):
             errors.append(f"--set {text!r}: {message}")
     if errors:
-        raise ConfigErrors(errors, "--set")
+        raise ConfigError(errors, "--set")
     return raw
 
 
 def load_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None,
                data_root: str | None = None) -> Sweep:
-    """Read, override, expand and validate a sweep file. Raises ``ConfigErrors`` listing every problem."""
+    """Read, override, expand and validate a sweep file. Raises ``ConfigError`` listing every problem."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigErrors([f"config path {str(path)!r} is a directory; give a sweep's YAML file, "
+        raise ConfigError([f"config path {str(path)!r} is a directory; give a sweep's YAML file, "
                             "e.g. configs/quickstart.yaml"], str(path))
     if not path.is_file():
-        raise ConfigErrors([f"config file {str(path)!r} does not exist"], str(path))
+        raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
     try:
         raw = read_yaml(path.read_text()) or {}
     except YamlRefused as error:
-        raise ConfigErrors([str(error)], str(path)) from None
+        raise ConfigError([str(error)], str(path)) from None
     except RecursionError:
-        raise ConfigErrors(["its values are nested too deeply to read"], str(path)) from None
+        raise ConfigError(["its values are nested too deeply to read"], str(path)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigErrors([f"not valid YAML: {error}"], str(path)) from None
+        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
     if not isinstance(raw, dict):
-        raise ConfigErrors(["the top level must be a mapping of keys to values"], str(path))
+        raise ConfigError(["the top level must be a mapping of keys to values"], str(path))
     return sweep_from_mapping(raw, overrides, data_root=data_root, default_name=path.stem, out=out, source=str(path),
                               base_dir=path.parent)
 
@@ -197,7 +189,7 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
     try:
         plugins = load_plugins(raw.get("plugins"), base_dir)
     except PluginError as error:  # the rest would only repeat it as unknown names
-        raise ConfigErrors([str(error)], source) from None
+        raise ConfigError(error.errors, source) from None
     errors = [f"{k} is not a known top-level key (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}); remove it"
               for k in raw if k not in TOP_LEVEL_KEYS]
     name = raw.get("name", default_name)
@@ -224,7 +216,7 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
             del grid[key]
 
     if message := grid_size_error(grid):  # counted from the axes: a grid too large is never expanded
-        raise ConfigErrors(errors + [message], source)
+        raise ConfigError(errors + [message], source)
 
     base = {k: v for k, v in raw.items() if k in TRIAL_DEFAULTS}
     trials = []
@@ -242,7 +234,7 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
         trial["sweep"] = name
         trials.append(trial)
     if errors:
-        raise ConfigErrors(errors, source)
+        raise ConfigError(errors, source)
     fingerprints: dict = {}  # one read of a user's dataset per sweep
     trials = [resolve(t, fingerprints) for t in trials]
     unique = {trial_id(t): t for t in trials}  # a grid that repeats a point runs it once
@@ -262,7 +254,7 @@ def grid_size_error(grid: dict[str, list]) -> str | None:
 
 def check_data(sweep: Sweep) -> None:
     """Load each dataset the sweep names once and check what needs the data: that it can be found,
-    that ``n_train``/``n_test`` fit, and that every poison rate is possible. Raises ``ConfigErrors``."""
+    that ``n_train``/``n_test`` fit, and that every poison rate is possible. Raises ``ConfigError``."""
     import numpy as np
 
     from poisonsweep.tasks.data import load_dataset, stratified_subset
@@ -305,4 +297,4 @@ def check_data(sweep: Sweep) -> None:
             errors.append(message)
     errors += model_errors(sweep.trials, loaded)
     if errors:
-        raise ConfigErrors(errors, f"sweep {sweep.name!r}")
+        raise ConfigError(errors, f"sweep {sweep.name!r}")

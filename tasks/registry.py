@@ -19,7 +19,26 @@ F = TypeVar("F", bound=Callable[..., Any])  # a registered function: the decorat
 
 
 class ConfigError(ValueError):
-    """A config value that is not allowed; the message names the key and what is allowed."""
+    """A config that is not allowed: ``errors`` lists every problem, each naming its key and what is allowed.
+
+    ``ConfigError("poison.rate must be ...")`` carries one problem and reads as it; with a list, or a
+    ``source`` (the file or flag the problems come from), the message counts them under that source.
+    ``errors`` and ``source`` survive pickling, so a problem found on a Ray worker arrives whole.
+    """
+
+    def __init__(self, errors: str | list[str], source: str | None = None):
+        self.errors = [errors] if isinstance(errors, str) else list(dict.fromkeys(errors))
+        self.source = source
+        self._given = (errors, source)  # what pickling rebuilds it from
+        if source is None and isinstance(errors, str):
+            message = errors
+        else:
+            listed = "\n".join(f"  - {error}" for error in self.errors)
+            message = f"{source or 'config'} has {len(self.errors)} problem(s):\n{listed}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), self._given
 
 
 class TrialWarning(UserWarning):

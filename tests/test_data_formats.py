@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from poisonsweep.engine.config import ConfigErrors, check_data, sweep_from_mapping
+from poisonsweep.engine.config import ConfigError, check_data, sweep_from_mapping
 from poisonsweep.tasks.data import DATASETS, DataNotFoundError, DatasetFileError, load_dataset, sources
 
 
@@ -318,21 +318,21 @@ def sweep(data: dict, **extra):
 
 def test_config_checker_refuses_a_missing_arrays_file_before_any_trial(tmp_path):
     checked = sweep({"name": "arrays", "params": {"path": str(tmp_path / "absent.npz")}})
-    with pytest.raises(ConfigErrors, match=r"data.name 'arrays': .*absent\.npz' is not an existing file"):
+    with pytest.raises(ConfigError, match=r"data.name 'arrays': .*absent\.npz' is not an existing file"):
         check_data(checked)
     save_arrays(tmp_path / "there.npz")
     check_data(sweep({"name": "arrays", "params": {"path": str(tmp_path / "there.npz")}, "n_train": 8}))
 
 
 def test_config_checker_checks_dataset_params_without_data():
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         sweep({"name": "arrays"})
     assert "data.params.path is required by dataset 'arrays' (a string)" in str(info.value)
-    with pytest.raises(ConfigErrors, match=r"data.params.size must be an int in \[8, 512\]"):
+    with pytest.raises(ConfigError, match=r"data.params.size must be an int in \[8, 512\]"):
         sweep({"name": "image_folder", "params": {"path": "x", "size": 4}})
-    with pytest.raises(ConfigErrors, match=r"data.params.colour is not a parameter of 'gtsrb'"):
+    with pytest.raises(ConfigError, match=r"data.params.colour is not a parameter of 'gtsrb'"):
         sweep({"name": "gtsrb", "params": {"colour": 1}})
-    with pytest.raises(ConfigErrors, match=r"poison.params.shift must be an int in \[1, 42\] \(gtsrb has 43"):
+    with pytest.raises(ConfigError, match=r"poison.params.shift must be an int in \[1, 42\] \(gtsrb has 43"):
         sweep({"name": "gtsrb"}, poison={"method": "one_shift", "params": {"shift": 43}})
 
 

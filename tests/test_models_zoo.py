@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from poisonsweep.engine.config import ConfigErrors, sweep_from_mapping
+from poisonsweep.engine.config import ConfigError, sweep_from_mapping
 from poisonsweep.tasks.models import MODELS, build_model
 from poisonsweep.tasks.models_zoo import PreActBlock
 
@@ -106,11 +106,11 @@ def test_config_checker_knows_both_and_validates_the_torchvision_prefix():
     trial = sweep({"name": "torchvision:resnet34"}).trials[0]
     assert trial["model"] == {"name": "torchvision:resnet34", "params": {"stem": "auto"}}
     for bad in ("torchvision:resnet343", "torchvision:<name>", "torchvision:"):
-        with pytest.raises(ConfigErrors) as info:
+        with pytest.raises(ConfigError) as info:
             sweep({"name": bad})
         assert f"model.name must be one of keras_cnn, mlp, preact_resnet18, resnet18, torchvision:<name>; got {bad!r}" \
             in str(info.value)
-    with pytest.raises(ConfigErrors, match=r"model.params.stem must be one of 'auto', 'small', 'keep'; got 'big'"):
+    with pytest.raises(ConfigError, match=r"model.params.stem must be one of 'auto', 'small', 'keep'; got 'big'"):
         sweep({"name": "torchvision:resnet34", "params": {"stem": "big"}})
     assert "torchvision:resnet34" in MODELS and "torchvision:fasterrcnn_resnet50_fpn" not in MODELS  # not a classifier
 
@@ -139,7 +139,7 @@ def test_the_data_check_refuses_a_model_that_cannot_take_the_datas_images_before
 
     checked = sweep({"name": "keras_cnn"}, data={"name": "digits"},
                     sweep={"model.name": ["keras_cnn", "torchvision:squeezenet1_0", "preact_resnet18"]})
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         check_data(checked)
     text = str(info.value)
     assert "model.name 'torchvision:squeezenet1_0' on digits (1x8x8 images): torchvision:squeezenet1_0 has no " \

@@ -4,7 +4,7 @@ key, the bad value and what is allowed; and a trial's identity is the science as
 import pytest
 import yaml
 
-from poisonsweep.engine.config import ConfigErrors, build_sweep, check_data, load_sweep, trial_id
+from poisonsweep.engine.config import ConfigError, build_sweep, check_data, load_sweep, trial_id
 
 BASE = {"name": "t", "data": {"name": "digits", "n_train": 100, "n_test": 50},
         "poison": {"method": "one_shift", "rate": 0.1}, "model": {"name": "mlp"}, "train": {"epochs": 1},
@@ -14,7 +14,7 @@ BASE = {"name": "t", "data": {"name": "digits", "n_train": 100, "n_test": 50},
 def errors_of(tmp_path, config, overrides=()) -> list[str]:
     path = tmp_path / "sweep.yaml"
     path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         load_sweep(path, list(overrides))
     return info.value.errors
 
@@ -53,7 +53,7 @@ def test_unknown_keys_at_every_level_and_bad_values_come_in_one_report(tmp_path)
 
 
 def test_a_config_path_that_is_a_directory_says_so(tmp_path):
-    with pytest.raises(ConfigErrors, match="is a directory; give a sweep's YAML file"):
+    with pytest.raises(ConfigError, match="is a directory; give a sweep's YAML file"):
         load_sweep(tmp_path)
 
 
@@ -68,7 +68,7 @@ def test_exponent_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_pa
 
 def test_tracin_with_adam_is_refused_naming_the_option():
     tracin = [{"name": "influence", "params": {"solver": "tracin"}}]
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigError) as info:
         build_sweep({**BASE, "train": {"optimizer": "adam"}, "detectors": tracin})
     assert "detectors[0]: influence solver 'tracin' assumes SGD steps (lr x gradient), but train.optimizer is " \
            "'adam'" in str(info.value) and "set train.optimizer: sgd" in str(info.value)
@@ -77,7 +77,7 @@ def test_tracin_with_adam_is_refused_naming_the_option():
 
 def test_a_rate_that_rounds_to_no_poison_is_an_error():
     sweep = build_sweep({**BASE, "poison": {"method": "one_shift", "rate": 1e-9}})
-    with pytest.raises(ConfigErrors, match=r"poison.rate 1e-09 poisons 0 of 100 training samples"):
+    with pytest.raises(ConfigError, match=r"poison.rate 1e-09 poisons 0 of 100 training samples"):
         check_data(sweep)
 
 
