@@ -37,7 +37,7 @@ class ConfigError(ValueError):
             message = f"{source or 'config'} has {len(self.errors)} problem(s):\n{listed}"
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str | list[str], str | None]]:
         return type(self), self._given
 
 
