@@ -104,7 +104,7 @@ model: {name: keras_cnn}
 train: {epochs: 2, batch_size: 128, lr: 0.001, optimizer: adam, device: $DEVICE}
 detectors: [loss, {name: influence, params: {solver: exact, params: last_layer}}]
 sweep: {seed: [0, 1, 2, 3]}
-resources: {cpu: 1, gpu: $TRIAL_GPU, influence_actors: ${ACTORS:-2}, actor_cpu: 1, actor_gpu: $ACTOR_GPU, max_failures: 1}
+resources: {cpu: 1, gpu: $TRIAL_GPU, actors: ${ACTORS:-2}, actor_cpu: 1, actor_gpu: $ACTOR_GPU, max_failures: 1}
 EOF
 step cat "$WORK/gpu_influence.yaml"
 step "$PY" -m poisonsweep.engine.cli run "$WORK/gpu_influence.yaml" --out "$WORK/influence" --data-root "$DATA" || CODE=$?

@@ -69,7 +69,7 @@ def run(config: str | Path | dict, *, out: str | None = None, overrides: Iterabl
     if rerun not in RERUN_CHOICES:
         raise ConfigError(f"rerun must be one of {', '.join(RERUN_CHOICES)}; got {rerun!r}")
     sweep = load_config(config, overrides, out=out, data_root=data_root)
-    for warning in sweep.override_warnings:  # as `plan` shows them
+    for warning in sweep.warnings:  # as `plan` shows them
         echo(f"warning: {warning}")
     check_data(sweep)
     check_writable(sweep.out)

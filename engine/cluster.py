@@ -12,11 +12,11 @@ def trial_resources(resources: dict):
     from ray import tune
 
     main = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
-    if resources["influence_actors"] == 0:
+    if resources["actors"] == 0:
         return tune.PlacementGroupFactory([main])
     from poisonsweep.engine.shards import actor_bundles
 
-    bundles = actor_bundles(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
+    bundles = actor_bundles(resources["actors"], resources["actor_cpu"], resources["actor_gpu"])
     return tune.PlacementGroupFactory([main] + bundles)
 
 
@@ -81,18 +81,18 @@ def loopback_node(local: bool):
 def check_cluster_resources(resources: dict) -> None:
     """A GPU asked for where the cluster has none (and cannot add any) is an error before any trial starts."""
     available = _most_resources()
-    wanted_gpu = resources["gpu"] + resources["influence_actors"] * resources["actor_gpu"]
+    wanted_gpu = resources["gpu"] + resources["actors"] * resources["actor_gpu"]
     if wanted_gpu > 0 and available.get("GPU", 0) == 0:
         raise RuntimeError(
             f"resources ask for GPUs (gpu: {resources['gpu']}, actor_gpu: {resources['actor_gpu']}) but the Ray "
             "cluster has none; set resources.gpu and resources.actor_gpu to 0 (e.g. --set resources.gpu=0) "
             "or connect to a cluster with GPUs (--address)")
     for kind, key, actor_key in (("GPU", "gpu", "actor_gpu"), ("CPU", "cpu", "actor_cpu")):
-        wanted = resources[key] + resources["influence_actors"] * resources[actor_key]
+        wanted = resources[key] + resources["actors"] * resources[actor_key]
         if wanted > available.get(kind, 0):
             raise RuntimeError(f"one trial needs {wanted:g} {kind}s (trial + influence actors) but the largest the "
                                f"Ray cluster can offer is {available.get(kind, 0):g}; lower resources.{key} / "
-                               f"resources.{actor_key} / resources.influence_actors")
+                               f"resources.{actor_key} / resources.actors")
 
 
 # where `ray up` leaves the autoscaler's config on the head node (the monitor's --autoscaling-config)

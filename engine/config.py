@@ -29,7 +29,7 @@ from poisonsweep.engine.resolve import (  # noqa: F401  (config_columns, key_col
 )
 from poisonsweep.engine.schema import (
     RESOURCE_CONSTRAINTS, RESOURCE_DEFAULTS, TOP_LEVEL_KEYS, TRIAL_DEFAULTS, check_name, check_resources, check_shape,
-    check_trial, data_bound_errors,
+    check_trial, data_bound_errors, resources_with_new_names, with_new_names,
 )
 from poisonsweep.engine.yaml_reader import (  # noqa: F401  (MAX_ALIAS_VALUES, read_yaml: re-exported for callers)
     MAX_ALIAS_VALUES, YamlRefused, read_yaml,
@@ -45,7 +45,8 @@ class Sweep:
     resources: dict = field(default_factory=lambda: dict(RESOURCE_DEFAULTS))
     grid: dict[str, list] = field(default_factory=dict)
     plugins: list = field(default_factory=list)  # poisonsweep.engine.plugins.Plugin: imported, shipped with the job
-    override_warnings: list[str] = field(default_factory=list)  # --set that removed or narrowed an axis
+    # shown before a run or plan: a --set that removed or narrowed an axis, an old name of a key
+    warnings: list[str] = field(default_factory=list)
     _ids: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -150,7 +151,7 @@ def sweep_from_mapping(raw: dict, overrides: Iterable[str] = (), *, data_root: s
     if data_root is not None:
         set_dotted(overridden, "data.root", data_root)  # a `data` that is not a mapping is reported by build_sweep
     sweep = build_sweep(overridden, default_name=default_name, out=out, source=source, base_dir=base_dir)
-    sweep.override_warnings = axis_changes(raw.get("sweep"), overridden.get("sweep"), list(overrides))
+    sweep.warnings += axis_changes(raw.get("sweep"), overridden.get("sweep"), list(overrides))
     return sweep
 
 
@@ -195,13 +196,15 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
     name = raw.get("name", default_name)
     errors += [e + ("" if "name" in raw else " (taken from the file name: set name: in the config)")
                for e in check_name(name)]
+    notes: list[str] = []  # old names used, for Sweep.warnings
     if not isinstance(raw.get("resources") or {}, dict):
         errors.append(f"resources must be a mapping (allowed keys: {', '.join(sorted(RESOURCE_CONSTRAINTS))}); "
                       f"got {raw['resources']!r}")
         resources = dict(RESOURCE_DEFAULTS)
     else:
-        resources = {**RESOURCE_DEFAULTS, **(raw.get("resources") or {})}
-        errors += check_resources(resources)
+        given, notes, rename_errors = resources_with_new_names(raw.get("resources") or {})
+        resources = {**RESOURCE_DEFAULTS, **given}
+        errors += rename_errors + check_resources(resources)
     grid = raw.get("sweep") or {}
     if not isinstance(grid, dict):
         errors.append(f"sweep must map dotted keys to lists of values; got {grid!r}")
@@ -226,8 +229,10 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
             if message := set_dotted(trial, key, plain_copy(value)):
                 errors.append(f"sweep.{key}: {message}")
         shape_errors, trial = check_shape(trial)
+        trial, trial_notes, rename_errors = with_new_names(trial)
+        notes += [note for note in trial_notes if note not in notes]
         trial = merge_defaults(trial)
-        errors += shape_errors + check_trial(trial)
+        errors += shape_errors + rename_errors + check_trial(trial)
         if resources["gpu"] == 0 and trial["train"].get("device") == "cuda":
             errors.append("train.device is 'cuda' but resources.gpu is 0: a trial without a GPU share sees no GPU; "
                           "set resources.gpu (e.g. 0.25) or train.device: auto")
@@ -239,7 +244,7 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
     trials = [resolve(t, fingerprints) for t in trials]
     unique = {trial_id(t): t for t in trials}  # a grid that repeats a point runs it once
     return Sweep(name=name, out=out or raw.get("out") or f"results/{name}", trials=list(unique.values()),
-                 resources=resources, grid=grid, plugins=plugins, _ids=list(unique))
+                 resources=resources, grid=grid, plugins=plugins, warnings=notes, _ids=list(unique))
 
 
 def grid_size_error(grid: dict[str, list]) -> str | None:

@@ -85,4 +85,4 @@ def sweep_plan(sweep, n: int = TRIALS_SHOWN) -> SweepPlan:
              for trial, tid in zip(sweep.trials[:n], sweep.ids[:n])]
     return SweepPlan(name=sweep.name, out=sweep.out, n_trials=len(sweep.trials),
                      grid_points=math.prod(len(v) for v in sweep.grid.values()), axes=dict(sweep.grid),
-                     first=first, warnings=list(sweep.override_warnings))
+                     first=first, warnings=list(sweep.warnings))

@@ -15,6 +15,7 @@ from poisonsweep.tasks.detect.base import DETECTORS
 from poisonsweep.tasks.models import MODELS
 from poisonsweep.tasks.poisons import POISONS
 from poisonsweep.tasks.registry import NONE, STR, Interval, check_value
+from poisonsweep.tasks.registry import with_new_names as registry_with_new_names
 from poisonsweep.tasks.train import TRAIN_CONSTRAINTS, TrainConfig
 
 TRIAL_DEFAULTS: dict[str, Any] = {
@@ -28,15 +29,17 @@ TRIAL_DEFAULTS: dict[str, Any] = {
 }
 RESOURCE_DEFAULTS: dict[str, Any] = {
     "cpu": 1, "gpu": 0, "max_concurrent": None, "max_failures": 1,
-    "influence_actors": 0, "actor_cpu": 1, "actor_gpu": 0,
+    "actors": 0, "actor_cpu": 1, "actor_gpu": 0,  # Ray actors per trial: influence shards, confident learning's folds
     "pack": 1,  # trials trained together in one Ray trial (engine/packs.py); 1: each alone
 }
 RESOURCE_CONSTRAINTS = {
     "cpu": [Interval(Real, 0, None, "neither")], "gpu": [Interval(Real, 0)],
     "max_concurrent": [NONE, Interval(Integral, 1)], "max_failures": [Interval(Integral, -1)],
-    "influence_actors": [Interval(Integral, 0)], "actor_cpu": [Interval(Real, 0)], "actor_gpu": [Interval(Real, 0)],
+    "actors": [Interval(Integral, 0)], "actor_cpu": [Interval(Real, 0)], "actor_gpu": [Interval(Real, 0)],
     "pack": [Interval(Integral, 1)],
 }
+# old resources keys -> their names now ("influence_actors" also ran confident learning's folds)
+RESOURCE_RENAMED = {"influence_actors": "actors"}
 TOP_LEVEL_KEYS = {"name", "description", "out", "sweep", "resources", "plugins"} | set(TRIAL_DEFAULTS)
 SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root", "params"}, "poison": {"method", "rate", "params"},
                 "model": {"name", "params"}, "train": set(TRAIN_CONSTRAINTS)}
@@ -111,6 +114,32 @@ def _shape_detectors(detectors: Any) -> tuple[list[str], list]:
         errors += problems
         kept.append(None if problems else entry)
     return errors, kept
+
+
+def with_new_names(trial: dict) -> tuple[dict, list[str], list[str]]:
+    """``trial`` with its detectors' old parameter names (``Entry.renamed``) given as their names now, a note
+    for each old name used, and an error for a parameter given under both names. Runs on the shaped trial,
+    before the value checks, so that the checks, the defaults and the trial's identity see the new names."""
+    notes: list[str] = []
+    errors: list[str] = []
+    detectors = []
+    for i, entry in enumerate(trial.get("detectors") or []):
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"] in DETECTORS \
+                and isinstance(entry.get("params"), dict):
+            params, entry_notes, entry_errors = DETECTORS.get(entry["name"]).with_new_names(
+                f"detectors[{i}].params", entry["params"])
+            entry = {**entry, "params": params}
+            notes += entry_notes
+            errors += entry_errors
+        detectors.append(entry)
+    if "detectors" in trial:
+        trial = {**trial, "detectors": detectors}
+    return trial, notes, errors
+
+
+def resources_with_new_names(resources: dict) -> tuple[dict, list[str], list[str]]:
+    """``resources`` with old keys (``RESOURCE_RENAMED``) under their names now (``registry.with_new_names``)."""
+    return registry_with_new_names(resources, RESOURCE_RENAMED, "resources")
 
 
 def check_resources(resources: dict) -> list[str]:

@@ -132,10 +132,10 @@ def stage_sender(stages: list | None, key: str, unit: list[dict]):
 def shard_pool(resources: dict):
     """The trial's influence actors (``poisonsweep.engine.shards.ActorPoolMap``), or None when it has none."""
     pool = None
-    if resources["influence_actors"] > 0:
+    if resources["actors"] > 0:
         from poisonsweep.engine.shards import ActorPoolMap
 
-        pool = ActorPoolMap(resources["influence_actors"], resources["actor_cpu"], resources["actor_gpu"])
+        pool = ActorPoolMap(resources["actors"], resources["actor_cpu"], resources["actor_gpu"])
     try:
         yield pool
     finally:

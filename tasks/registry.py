@@ -163,6 +163,24 @@ def _signature(fn: Callable) -> inspect.Signature:
     return inspect.signature(fn)
 
 
+def with_new_names(mapping: dict[str, Any], renamed: dict[str, str], prefix: str,
+                   whose: str = "") -> tuple[dict[str, Any], list[str], list[str]]:
+    """``mapping`` with every old key of ``renamed`` (old -> new) moved to its new name, a note for each old
+    name used, and an error where one setting is given under both names (the old key is then dropped)."""
+    mapping, notes, errors = dict(mapping), [], []
+    for old, new in renamed.items():
+        if old not in mapping:
+            continue
+        value = mapping.pop(old)
+        if new in mapping:
+            errors.append(f"{prefix}.{old} and {prefix}.{new} are one setting ({old!r} is its old name); keep {new!r}")
+            continue
+        mapping[new] = value
+        notes.append(f"{prefix}.{old} is now called {prefix}.{new}{whose}; the old name still works, rename it "
+                     "in the config")
+    return mapping, notes, errors
+
+
 @dataclass
 class Entry:
     """One registered function and what it declares about itself.
@@ -183,6 +201,8 @@ class Entry:
     ``trial_check``: ``trial_check(params, trial) -> str | None``, a problem of the entry's params given the
     rest of the trial config (e.g. TracIn needs ``train.optimizer: sgd``), reported before any trial starts.
     ``module``: the module that registered it (``poisonsweep.tasks...`` for ours, a plugin's name otherwise).
+    ``renamed``: old parameter name -> the name it has now; a config may still use the old one, which
+    the sweep maps to the new one before any check and notes (:meth:`with_new_names`).
     """
 
     name: str
@@ -198,6 +218,11 @@ class Entry:
     rebuild_cached: Callable[[str], bool] | None = None
     trial_check: Callable[[dict, dict], str | None] | None = None
     module: str = ""
+    renamed: dict[str, str] = field(default_factory=dict)  # a parameter's old name -> its name now
+
+    def with_new_names(self, prefix: str, params: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+        """:func:`with_new_names` of ``params`` by this entry's ``renamed``."""
+        return with_new_names(params, self.renamed, prefix, f" (of {self.name!r})")
 
     def needs_for(self, params: dict[str, Any]) -> frozenset:
         """What this entry needs when run with ``params`` (registry defaults filled in)."""
@@ -260,7 +285,8 @@ class Registry:
                  tables: tuple[str, ...] = (), eligible: Callable | None = None, num_classes: int | None = None,
                  placement: frozenset | set | tuple = frozenset(), rebuild: str = "apply",
                  rebuild_cached: Callable[[str], bool] | None = None,
-                 trial_check: Callable[[dict, dict], str | None] | None = None) -> Callable[[F], F]:
+                 trial_check: Callable[[dict, dict], str | None] | None = None,
+                 renamed: dict[str, str] | None = None) -> Callable[[F], F]:
         """Register the decorated function as ``name`` (see :class:`Entry` for what each argument declares).
         Registering the same function again (same module and qualified name: a re-imported plugin, a
         re-run notebook cell) replaces it; another function under a taken name is an error."""
@@ -279,13 +305,16 @@ class Registry:
             if unknown:
                 raise ValueError(f"{self.kind} {name!r} declares placement parameters {unknown} it has no "
                                  "constraints for")
+            wrong = {old: new for old, new in (renamed or {}).items() if new not in constraints_ or old in constraints_}
+            if wrong:
+                raise ValueError(f"{self.kind} {name!r}: renamed must map old names to declared parameters; got {wrong}")
             if rebuild not in REBUILDS:
                 raise ValueError(f"{self.kind} {name!r}: rebuild must be one of {', '.join(REBUILDS)}; got {rebuild!r}")
             summary = help or (fn.__doc__ or "").strip().split("\n")[0]
             fixed_needs = needs if callable(needs) else frozenset(needs)
             self._entries[name] = Entry(name, fn, constraints_, summary, fixed_needs, tuple(tables), eligible,
                                         num_classes, frozenset(placement), rebuild, rebuild_cached, trial_check,
-                                        getattr(fn, "__module__", "") or "")
+                                        getattr(fn, "__module__", "") or "", dict(renamed or {}))
             return fn
 
         return decorator

@@ -40,6 +40,10 @@ def pytest_collection_finish(session):
     import subprocess
     import sys
 
+    # matplotlib builds its font cache with `fc-list` on a machine's first use (CI's fresh machine): here,
+    # before the guard, rather than inside whichever fast test draws first
+    import matplotlib.font_manager  # noqa: F401
+
     subprocess.Popen.__init__ = _refused_unless_slow(subprocess.Popen.__init__, "a subprocess")
     socketserver.BaseServer.__init__ = _refused_unless_slow(socketserver.BaseServer.__init__, "a server")
     if "ray" in sys.modules:  # the engine imports Ray at the top, so a test that can start it has it imported

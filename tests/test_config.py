@@ -154,3 +154,34 @@ def test_config_error_carries_every_problem_and_keeps_them_when_pickled():
     with pytest.raises(ConfigError) as info:
         build_sweep({"poison": {"rate": 2.0}, "bogus": 1})
     assert len(info.value.errors) == 2, info.value.errors
+
+
+def test_old_parameter_and_resource_names_still_work_as_their_new_names_with_a_note():
+    old = {**BASE, "detectors": [{"name": "influence", "params": {"params": "last_k_layers", "k": 3}}],
+           "resources": {"influence_actors": 2}}
+    new = {**BASE, "detectors": [{"name": "influence", "params": {"parameters": "last_k_layers", "layers": 3}}],
+           "resources": {"actors": 2}}
+    old_sweep, new_sweep = build_sweep(old), build_sweep(new)
+    params = old_sweep.trials[0]["detectors"][0]["params"]
+    assert (params["parameters"], params["layers"]) == ("last_k_layers", 3)
+    assert "params" not in params and "k" not in params
+    assert old_sweep.ids == new_sweep.ids  # one trial, whichever spelling names it
+    assert old_sweep.resources["actors"] == 2 and "influence_actors" not in old_sweep.resources
+    assert old_sweep.warnings == [
+        "resources.influence_actors is now called resources.actors; the old name still works, rename it in the config",
+        "detectors[0].params.params is now called detectors[0].params.parameters (of 'influence'); the old name "
+        "still works, rename it in the config",
+        "detectors[0].params.k is now called detectors[0].params.layers (of 'influence'); the old name still works, "
+        "rename it in the config"]
+    assert new_sweep.warnings == []
+
+
+def test_a_parameter_given_under_its_old_and_new_name_is_an_error():
+    both = {**BASE, "detectors": [{"name": "influence", "params": {"k": 3, "layers": 2}}],
+            "resources": {"influence_actors": 1, "actors": 2}}
+    with pytest.raises(ConfigError) as info:
+        build_sweep(both)
+    assert info.value.errors == [
+        "resources.influence_actors and resources.actors are one setting ('influence_actors' is its old name); "
+        "keep 'actors'",
+        "detectors[0].params.k and detectors[0].params.layers are one setting ('k' is its old name); keep 'layers'"]

@@ -96,16 +96,16 @@ def test_a_crafted_dataset_pickle_is_refused_and_runs_nothing(tmp_path):
 
 @pytest.mark.parametrize("resources, available, message", [
     ({"gpu": 0.25}, {"CPU": 8}, "resources ask for GPUs (gpu: 0.25, actor_gpu: 0) but the Ray cluster has none"),
-    ({"influence_actors": 2, "actor_gpu": 0.5}, {"CPU": 8},
+    ({"actors": 2, "actor_gpu": 0.5}, {"CPU": 8},
      "resources ask for GPUs (gpu: 0, actor_gpu: 0.5) but the Ray cluster has none"),
-    ({"cpu": 2, "influence_actors": 3}, {"CPU": 4},
+    ({"cpu": 2, "actors": 3}, {"CPU": 4},
      "one trial needs 5 CPUs (trial + influence actors) but the largest the Ray cluster can offer is 4"),
-    ({"gpu": 1, "influence_actors": 2, "actor_gpu": 1}, {"CPU": 8, "GPU": 2},
+    ({"gpu": 1, "actors": 2, "actor_gpu": 1}, {"CPU": 8, "GPU": 2},
      "one trial needs 3 GPUs (trial + influence actors) but the largest the Ray cluster can offer is 2"),
 ])
 def test_resources_the_cluster_can_never_offer_are_a_clear_error(monkeypatch, resources, available, message):
     monkeypatch.setattr(cluster_module, "_most_resources", lambda: available)
-    wanted = {"cpu": 1, "gpu": 0, "influence_actors": 0, "actor_cpu": 1, "actor_gpu": 0, **resources}
+    wanted = {"cpu": 1, "gpu": 0, "actors": 0, "actor_cpu": 1, "actor_gpu": 0, **resources}
     with pytest.raises(RuntimeError) as info:
         cluster_module.check_cluster_resources(wanted)
     assert message in str(info.value)
@@ -113,7 +113,7 @@ def test_resources_the_cluster_can_never_offer_are_a_clear_error(monkeypatch, re
 
 def test_resources_that_fit_pass_the_check(monkeypatch):
     monkeypatch.setattr(cluster_module, "_most_resources", lambda: {"CPU": 4, "GPU": 1})
-    cluster_module.check_cluster_resources({"cpu": 1, "gpu": 0.25, "influence_actors": 3, "actor_cpu": 1,
+    cluster_module.check_cluster_resources({"cpu": 1, "gpu": 0.25, "actors": 3, "actor_cpu": 1,
                                           "actor_gpu": 0.25})  # 4 CPUs, 1 GPU: exactly fits
 
 

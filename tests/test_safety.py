@@ -178,7 +178,7 @@ def test_a_trial_whose_rows_cannot_be_written_is_left_to_rerun_not_retried(tmp_p
     trial = build_sweep(CONFIG).trials[0]
     monkeypatch.setattr(record_write, "write_trial", _disk_full)
     monkeypatch.setattr(worker, "_plan_of", lambda plan: [[trial]])
-    resources = {"cpu": 1, "pack": 1, "influence_actors": 0}
+    resources = {"cpu": 1, "pack": 1, "actors": 0}
     result = worker.tune_trainable({"index": 0}, plan=None, out=str(tmp_path), version="", resources=resources)
     assert result["failures"] == {}
     assert list(result["unwritten"].values()) == [

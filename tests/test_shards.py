@@ -169,8 +169,8 @@ def test_influence_scores_from_two_actors_equal_the_single_process_scores(pool, 
 
 
 INFLUENCE_CASES = [
-    {"solver": "exact", "params": "last_layer", "test_points": 3, "top_k": 5},
-    {"solver": "arnoldi", "params": "all", "damping": 0.1, "arnoldi_iters": 30, "arnoldi_rank": 20,
+    {"solver": "exact", "parameters": "last_layer", "test_points": 3, "top_k": 5},
+    {"solver": "arnoldi", "parameters": "all", "damping": 0.1, "arnoldi_iters": 30, "arnoldi_rank": 20,
      "test_points": [0, 5]},
 ]
 

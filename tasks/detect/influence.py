@@ -18,7 +18,7 @@ With ``test_points`` > 0 it also returns, in ``extras["influence"]``, the ``top_
 most helpful training samples of each chosen test point (see ``influence_rows``).
 
 The per-sample work runs through ``context.map_shards`` (a plain map, or the engine's Ray actors,
-``resources.influence_actors``), in shards of ``SHARD_SIZE`` training indices.
+``resources.actors``), in shards of ``SHARD_SIZE`` training indices.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ SHARD_SIZE = DEFAULT_SHARD_SIZE
 
 CONSTRAINTS = {
     "solver": [Options(SOLVERS)],
-    "params": [Options(PARAM_SUBSETS)],
-    "k": [Interval(Integral, 1)],
+    "parameters": [Options(PARAM_SUBSETS)],
+    "layers": [Interval(Integral, 1)],
     "damping": [Interval(Real, 0)],
     **FLAG_CONSTRAINTS,
     "flag_rule": [Options(LABEL_NOISE_FLAG_RULES)],
@@ -104,9 +104,13 @@ def _tracin_needs_sgd(params: dict, trial: dict) -> str | None:
     return tracin_optimizer_error(params.get("solver"), trial["train"]["optimizer"])
 
 
-@DETECTORS.register("influence", CONSTRAINTS, tables=("influence",), trial_check=_tracin_needs_sgd,
+# the names these two parameters had until 2026-12 ("k" read as neighbours beside knn's k; "params" inside params)
+RENAMED = {"params": "parameters", "k": "layers"}
+
+
+@DETECTORS.register("influence", CONSTRAINTS, tables=("influence",), trial_check=_tracin_needs_sgd, renamed=RENAMED,
                     needs=lambda params: {"checkpoints"} if params["solver"] == "tracin" else set())
-def detect(context: DetectionContext, *, seed: int, solver: str = "exact", params: str = "last_layer", k: int = 2,
+def detect(context: DetectionContext, *, seed: int, solver: str = "exact", parameters: str = "last_layer", layers: int = 2,
            damping: float = DEFAULT_DAMPING, flag_rule: str = "cleanlab", flag_fraction: float = 0.1,
            filter_by: str = DEFAULT_FILTER, test_points: int | list = 0,
            top_k: int = 10, hessian_samples: int | None = None, cg_tol: float = 1e-4, cg_maxiter: int = 300,
@@ -117,9 +121,10 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
     Parameters
     ----------
     solver : {"exact", "cg", "lissa", "arnoldi", "grad_norm", "tracin"}, default="exact"
-    params : {"last_layer", "last_k_layers", "all"}, default="last_layer"
-    k : int, default=2
-        Layers differentiated when ``params="last_k_layers"``.
+    parameters : {"last_layer", "last_k_layers", "all"}, default="last_layer"
+        Which of the model's parameters the influence is differentiated in (formerly ``params``).
+    layers : int, default=2
+        Layers differentiated when ``parameters="last_k_layers"`` (formerly ``k``).
     damping : float, default=0.01
         Added to the Hessian (with ``train.weight_decay``, the L2 term of the objective).
     flag_rule : {"cleanlab", "auto", "fraction"}, default="cleanlab"
@@ -158,9 +163,9 @@ def detect(context: DetectionContext, *, seed: int, solver: str = "exact", param
     x_test = context.x_test[torch.as_tensor(test_indices)] if len(test_indices) else None
     y_test = np.asarray(context.y_test)[test_indices] if len(test_indices) else None
     # the linear-head path reuses the penultimate features other detectors already computed
-    head_only = uses_head_features(context.model, select_parameters(context.model, params, k))
+    head_only = uses_head_features(context.model, select_parameters(context.model, parameters, layers))
     features = context.features if head_only and solver != "tracin" else None
-    payload = fit_influence(context.model, context.x_train, context.labels, settings, params=params, k=k,
+    payload = fit_influence(context.model, context.x_train, context.labels, settings, params=parameters, k=layers,
                             x_test=x_test, y_test=y_test, checkpoints=context.checkpoints, features=features,
                             seed=seed)
     result = score_influence(payload, context.map_shards, SHARD_SIZE)
