@@ -171,28 +171,35 @@ def main() -> None:
 
 
 def summary_table(paths: list[Path]) -> str:
-    """One line per (data, size, set-up, detector): mean ± std over the seeds found of AUROC, P@n, own F1
-    and flags (the last row of a repeated (seed, detector) wins, so a rerun replaces its earlier rows)."""
+    """One row per (data, size, set-up), one column per detector: mean over the seeds found of AUROC · P@n ·
+    **own F1 ± its std** (mean flags). The last row of a repeated (set-up, seed, detector) wins, so a rerun
+    replaces its earlier rows."""
     rows = {}
     for path in paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             rows[row["dataset"], row["n_train"], row["setup"], row["detector"], row["seed"]] = row
-    groups: dict[tuple, list[dict]] = {}
+    cells: dict[tuple, dict[str, list[dict]]] = {}
     for (dataset, n_train, setup, detector, _), row in rows.items():
-        groups.setdefault((dataset, n_train, setup, detector), []).append(row)
-
-    def cell(values: list[float], digits: int = 3) -> str:
-        spread = f" ± {np.std(values):.{digits}f}" if len(values) > 1 else ""
-        return f"{np.mean(values):.{digits}f}{spread}"
-
-    lines = ["| data | n | set-up | seeds | detector | AUROC | P@n | own F1 | flags (poisons) |",
-             "|---|---:|---|---:|---|---:|---:|---:|---:|"]
-    for (dataset, n_train, setup, detector), group in groups.items():
-        metric = {key: [row[key] for row in group] for key in ("auroc", "precision_at_n", "f1", "n_flagged")}
-        lines.append(f"| {dataset} | {n_train} | {setup} | {len(group)} | {detector} | {cell(metric['auroc'])} "
-                     f"| {cell(metric['precision_at_n'])} | {cell(metric['f1'])} "
-                     f"| {cell(metric['n_flagged'], 0)} ({group[0]['n_poisoned']}) |")
+        cells.setdefault((dataset, n_train, setup), {}).setdefault(detector, []).append(row)
+    peer = "cleanlab filter (in-sample)"
+    detectors = [peer] + list(dict.fromkeys(d for by in cells.values() for d in by if d != peer))
+    lines = ["| data | n | set-up | seeds | test acc | poisons | " + " | ".join(detectors) + " |",
+             "|---|---:|---|---:|---:|---:|" + "---:|" * len(detectors)]
+    for (dataset, n_train, setup), by_detector in cells.items():
+        any_rows = next(iter(by_detector.values()))
+        row = [dataset, f"{n_train:,}", setup, str(len(any_rows)), f"{np.mean([r['test_accuracy'] for r in any_rows]):.3f}",
+               str(any_rows[0]["n_poisoned"])]
+        for detector in detectors:
+            group = by_detector.get(detector)
+            if not group:
+                row.append("")
+                continue
+            f1 = [r["f1"] for r in group]
+            spread = f" ± {np.std(f1):.2f}" if len(group) > 1 else ""
+            row.append(f"{np.mean([r['auroc'] for r in group]):.2f} · {np.mean([r['precision_at_n'] for r in group]):.2f}"
+                       f" · **{np.mean(f1):.2f}{spread}** ({np.mean([r['n_flagged'] for r in group]):.0f})")
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
