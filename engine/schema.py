@@ -14,8 +14,7 @@ from poisonsweep.tasks.data import DATASETS
 from poisonsweep.tasks.detect.base import DETECTORS
 from poisonsweep.tasks.models import MODELS
 from poisonsweep.tasks.poisons import POISONS
-from poisonsweep.tasks.registry import NONE, STR, Interval, check_value
-from poisonsweep.tasks.registry import with_new_names as registry_with_new_names
+from poisonsweep.tasks.registry import NONE, STR, Interval, check_value, with_new_names
 from poisonsweep.tasks.train import TRAIN_CONSTRAINTS, TrainConfig
 
 TRIAL_DEFAULTS: dict[str, Any] = {
@@ -116,9 +115,9 @@ def _shape_detectors(detectors: Any) -> tuple[list[str], list]:
     return errors, kept
 
 
-def with_new_names(trial: dict) -> tuple[dict, list[str], list[str]]:
+def detectors_with_new_names(trial: dict) -> tuple[dict, list[str], list[str]]:
     """``trial`` with its detectors' old parameter names (``Entry.renamed``) given as their names now, a note
-    for each old name used, and an error for a parameter given under both names. Runs on the shaped trial,
+    for each old name used, and an error for a parameter given under both names (``registry.with_new_names``). Runs on the shaped trial,
     before the value checks, so that the checks, the defaults and the trial's identity see the new names."""
     notes: list[str] = []
     errors: list[str] = []
@@ -139,7 +138,7 @@ def with_new_names(trial: dict) -> tuple[dict, list[str], list[str]]:
 
 def resources_with_new_names(resources: dict) -> tuple[dict, list[str], list[str]]:
     """``resources`` with old keys (``RESOURCE_RENAMED``) under their names now (``registry.with_new_names``)."""
-    return registry_with_new_names(resources, RESOURCE_RENAMED, "resources")
+    return with_new_names(resources, RESOURCE_RENAMED, "resources")
 
 
 def check_resources(resources: dict) -> list[str]:
