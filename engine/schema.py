@@ -117,8 +117,9 @@ def _shape_detectors(detectors: Any) -> tuple[list[str], list]:
 
 def detectors_with_new_names(trial: dict) -> tuple[dict, list[str], list[str]]:
     """``trial`` with its detectors' old parameter names (``Entry.renamed``) given as their names now, a note
-    for each old name used, and an error for a parameter given under both names (``registry.with_new_names``). Runs on the shaped trial,
-    before the value checks, so that the checks, the defaults and the trial's identity see the new names."""
+    for each old name used, and an error for a parameter given under both names (``registry.with_new_names``).
+    Runs on the shaped trial, before the value checks, so that the checks, the defaults and the trial's
+    identity see the new names."""
     notes: list[str] = []
     errors: list[str] = []
     detectors = []
