@@ -28,8 +28,8 @@ from poisonsweep.engine.resolve import (  # noqa: F401  (config_columns, key_col
     config_columns, identity, key_columns, merge_defaults, plain_copy, resolve, trial_id,
 )
 from poisonsweep.engine.schema import (
-    RESOURCE_CONSTRAINTS, RESOURCE_DEFAULTS, TOP_LEVEL_KEYS, TRIAL_DEFAULTS, check_name, check_resources, check_shape,
-    check_trial, data_bound_errors, detectors_with_new_names, resources_with_new_names,
+    RESOURCE_DEFAULTS, RESOURCES, TOP_LEVEL, TRIAL_DEFAULTS, check_name, check_resources, check_shape, check_trial,
+    data_bound_errors, detectors_with_new_names, resources_with_new_names,
 )
 from poisonsweep.engine.yaml_reader import (  # noqa: F401  (MAX_ALIAS_VALUES, read_yaml: re-exported for callers)
     MAX_ALIAS_VALUES, YamlRefused, read_yaml,
@@ -191,15 +191,13 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
         plugins = load_plugins(raw.get("plugins"), base_dir)
     except PluginError as error:  # the rest would only repeat it as unknown names
         raise ConfigError(error.errors, source) from None
-    errors = [f"{k} is not a known top-level key (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}); remove it"
-              for k in raw if k not in TOP_LEVEL_KEYS]
+    errors, _ = TOP_LEVEL.problems("", raw)
     name = raw.get("name", default_name)
     errors += [e + ("" if "name" in raw else " (taken from the file name: set name: in the config)")
                for e in check_name(name)]
     notes: list[str] = []  # old names used, for Sweep.warnings
     if not isinstance(raw.get("resources") or {}, dict):
-        errors.append(f"resources must be a mapping (allowed keys: {', '.join(sorted(RESOURCE_CONSTRAINTS))}); "
-                      f"got {raw['resources']!r}")
+        errors += RESOURCES.problems("resources", raw["resources"])[0]
         resources = dict(RESOURCE_DEFAULTS)
     else:
         given, notes, rename_errors = resources_with_new_names(raw.get("resources") or {})

@@ -1,6 +1,7 @@
 """The shape and values a sweep config may have: the defaults of a trial and of ``resources``, the allowed
-keys, and the checks that report every problem of one trial (each with its key, the bad value and what is
-allowed) without reading any data. ``poisonsweep.engine.config`` runs them in one pass over the grid."""
+keys (each mapping a ``tasks.shape.Mapping``, the one shape check), and the checks that report every problem
+of one trial (each with its key, the bad value and what is allowed) without reading any data.
+``poisonsweep.engine.config`` runs them in one pass over the grid."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from poisonsweep.tasks.detect.base import DETECTORS
 from poisonsweep.tasks.models import MODELS
 from poisonsweep.tasks.poisons import POISONS
 from poisonsweep.tasks.registry import NONE, STR, Interval, check_value, with_new_names
+from poisonsweep.tasks.shape import DETECTOR_ENTRY, TRIAL_SECTIONS, Mapping
 from poisonsweep.tasks.train import TRAIN_CONSTRAINTS, TrainConfig
 
 TRIAL_DEFAULTS: dict[str, Any] = {
@@ -39,10 +41,11 @@ RESOURCE_CONSTRAINTS = {
 }
 # old resources keys -> their names now ("influence_actors" also ran confident learning's folds)
 RESOURCE_RENAMED = {"influence_actors": "actors"}
+# the config's mappings (tasks/shape.py declares a trial's; the engine adds its top level and resources)
 TOP_LEVEL_KEYS = {"name", "description", "out", "sweep", "resources", "plugins"} | set(TRIAL_DEFAULTS)
-SECTION_KEYS = {"data": {"name", "n_train", "n_test", "seed", "root", "params"}, "poison": {"method", "rate", "params"},
-                "model": {"name", "params"}, "train": set(TRAIN_CONSTRAINTS)}
-DETECTOR_KEYS = {"name", "params", "label"}
+TOP_LEVEL = Mapping(frozenset(TOP_LEVEL_KEYS), "a mapping of keys to values", "is not a known top-level key")
+RESOURCES = Mapping(frozenset(RESOURCE_CONSTRAINTS), "a mapping (allowed keys: {keys})")
+SECTIONS = {**TRIAL_SECTIONS, "train": Mapping(frozenset(TRAIN_CONSTRAINTS))}
 
 # a seed ends up in an int64 Parquet column and in numpy/torch generators
 SEED = [Interval(Integral, 0, 2**63 - 1)]
@@ -63,16 +66,13 @@ def check_shape(config: dict) -> tuple[list[str], dict]:
     can still run on the rest and report their problems in the same pass."""
     errors, clean = [], {}
     for key, value in config.items():
-        if key in SECTION_KEYS:
-            allowed = SECTION_KEYS[key]
+        if key in SECTIONS:
             if value is None:
                 continue
-            if not isinstance(value, dict):
-                errors.append(f"{key} must be a mapping (keys: {', '.join(sorted(allowed))}); got {value!r}")
-                continue
-            errors += [f"{key}.{k} is not known (allowed: {', '.join(sorted(allowed))}); remove it"
-                       for k in value if k not in allowed]
-            clean[key] = {k: v for k, v in value.items() if k in allowed}
+            section_errors, kept = SECTIONS[key].problems(key, value)
+            errors += section_errors
+            if kept is not None:
+                clean[key] = kept
         elif key == "detectors":
             detector_errors, clean[key] = _shape_detectors(value)
             errors += detector_errors
@@ -98,12 +98,11 @@ def _shape_detectors(detectors: Any) -> tuple[list[str], list]:
         if isinstance(entry, str):
             kept.append(entry)
             continue
-        if not isinstance(entry, dict):
-            errors.append(f"{key} must be a detector name or a mapping with 'name'; got {entry!r}")
+        problems, known = DETECTOR_ENTRY.problems(key, entry)
+        if known is None:
+            errors += problems
             kept.append(None)
             continue
-        problems = [f"{key} has unknown keys {sorted(map(str, set(entry) - DETECTOR_KEYS))} (allowed: name, "
-                    "params, label); remove them"] if set(entry) - DETECTOR_KEYS else []
         if "name" not in entry:
             problems.append(f"{key} has no 'name' (one of {', '.join(DETECTORS.names())})")
         if entry.get("label") is not None and not isinstance(entry["label"], str):
@@ -143,12 +142,9 @@ def resources_with_new_names(resources: dict) -> tuple[dict, list[str], list[str
 
 
 def check_resources(resources: dict) -> list[str]:
-    errors = []
-    for key, value in resources.items():
-        if key not in RESOURCE_CONSTRAINTS:
-            allowed = ", ".join(sorted(RESOURCE_CONSTRAINTS))
-            errors.append(f"resources.{key} is not known (allowed: {allowed}); remove it")
-        elif message := check_value(f"resources.{key}", value, RESOURCE_CONSTRAINTS[key]):
+    errors, known = RESOURCES.problems("resources", resources)
+    for key, value in (known or {}).items():
+        if message := check_value(f"resources.{key}", value, RESOURCE_CONSTRAINTS[key]):
             errors.append(message)
     return errors
 

@@ -185,3 +185,20 @@ def test_a_parameter_given_under_its_old_and_new_name_is_an_error():
         "resources.influence_actors and resources.actors are one setting ('influence_actors' is its old name); "
         "keep 'actors'",
         "detectors[0].params.k and detectors[0].params.layers are one setting ('k' is its old name); keep 'layers'"]
+
+
+def test_every_mapping_reports_its_unknown_keys_in_one_style_in_one_pass():
+    config = {**BASE, "detectors": ["loss", {"name": "knn", "weight": 2}], "resources": {"cores": 2},
+              "unlearn": {"methods": [{"name": "ssd", "extra": 1}], "selections": [{"kind": "top", "detector": "loss",
+                                                                                    "fraction": 0.1, "k": 3}]},
+              "data": {"name": "digits", "colour": True}}
+    with pytest.raises(ConfigError) as info:
+        build_sweep(config)
+    assert sorted(info.value.errors) == sorted([
+        "data.colour is not known (allowed: n_test, n_train, name, params, root, seed); remove it",
+        "detectors[1].weight is not known (allowed: label, name, params); remove it",
+        "resources.cores is not known (allowed: actor_cpu, actor_gpu, actors, cpu, gpu, max_concurrent, max_failures, "
+        "pack); remove it",
+        "unlearn.methods[0].extra is not a key of a method (allowed: name, params); remove it",
+        "unlearn.selections[0].k is not a key of a top selection (allowed: detector, fraction, fractions, kind); "
+        "remove it"])

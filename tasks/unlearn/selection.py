@@ -12,17 +12,10 @@ import numpy as np
 
 from poisonsweep.tasks.detect.base import Detection, flag_top
 from poisonsweep.tasks.registry import ConfigError
+from poisonsweep.tasks.shape import UNLEARN, UNLEARN_GUARD, UNLEARN_METHOD, UNLEARN_SELECTIONS
 from poisonsweep.tasks.unlearn.methods import UNLEARNERS
 
-SELECTION_KINDS = ("oracle", "flagged", "top")
-_SELECTION_KEYS = {
-    "oracle": {"kind", "fraction", "fractions"},
-    "flagged": {"kind", "detector"},
-    "top": {"kind", "detector", "fraction", "fractions"},
-}
-_METHOD_KEYS = {"name", "params"}
-_UNLEARN_KEYS = {"methods", "selections", "guard"}
-_GUARD_KEYS = {"max_retain_drop"}
+SELECTION_KINDS = tuple(UNLEARN_SELECTIONS)  # oracle, flagged, top (their keys: tasks/shape.py)
 
 
 def select_forget_set(selection: dict, *, detections: dict[str, Detection], is_poison: np.ndarray,
@@ -90,10 +83,9 @@ def check_unlearn_config(config: dict, detector_names: list[str]) -> list[str]:
     detector_names : list of str
         The detectors the trial runs; a selection may only name one of these.
     """
-    if not isinstance(config, dict):
-        return [f"unlearn must be a mapping with keys methods and selections; got {config!r}"]
-    errors = [f"unlearn.{key} is not a key of unlearn (allowed: methods, selections, guard); remove it"
-              for key in config if key not in _UNLEARN_KEYS]
+    errors, known = UNLEARN.problems("unlearn", config)
+    if known is None:
+        return errors
     errors += _check_guard(config.get("guard"))
     for key, check in (("methods", _check_method), ("selections", _check_selection)):
         items = config.get(key)
@@ -108,10 +100,9 @@ def check_unlearn_config(config: dict, detector_names: list[str]) -> list[str]:
 def _check_guard(guard) -> list[str]:
     if guard is None:
         return []
-    if not isinstance(guard, dict):
-        return [f"unlearn.guard must be a mapping {{max_retain_drop: a number in [0, 1]}}; got {guard!r}"]
-    errors = [f"unlearn.guard.{k} is not a key of guard (allowed: max_retain_drop); remove it"
-              for k in guard if k not in _GUARD_KEYS]
+    errors, known = UNLEARN_GUARD.problems("unlearn.guard", guard)
+    if known is None:
+        return errors
     drop = guard.get("max_retain_drop")
     if not _is_fraction(drop):
         errors.append(f"unlearn.guard.max_retain_drop must be a number in [0, 1]; got {drop!r}")
@@ -121,16 +112,15 @@ def _check_guard(guard) -> list[str]:
 def _check_method(path: str, method, detector_names: list[str]) -> list[str]:
     if isinstance(method, str):
         name, params = method, {}
-    elif isinstance(method, dict):
-        unknown = [f"{path}.{k} is not a key of a method (allowed: name, params); remove it"
-                   for k in method if k not in _METHOD_KEYS]
+    else:
+        unknown, known = UNLEARN_METHOD.problems(path, method)
+        if known is None:
+            return unknown
         name, params = method.get("name"), method.get("params") or {}
         if not isinstance(params, dict):
             return unknown + [f"{path}.params must be a mapping; got {params!r}"]
         if unknown:
             return unknown
-    else:
-        return [f"{path} must be a method name or {{name: ..., params: {{...}}}}; got {method!r}"]
     if name not in UNLEARNERS:
         return [f"{path}.name must be one of: {', '.join(UNLEARNERS.names())}; got {name!r}"]
     return UNLEARNERS.get(name).check_params(f"{path}.params", params)
@@ -142,9 +132,9 @@ def _check_selection(path: str, selection, detector_names: list[str]) -> list[st
     kind = selection.get("kind")
     if kind not in SELECTION_KINDS:
         return [f"{path}.kind must be one of: {', '.join(SELECTION_KINDS)}; got {kind!r}"]
-    allowed = _SELECTION_KEYS[kind]
-    errors = [f"{path}.{k} is not a key of a {kind} selection (allowed: {', '.join(sorted(allowed))}); remove it"
-              for k in selection if k not in allowed]
+    shape = UNLEARN_SELECTIONS[kind]
+    allowed = shape.keys
+    errors, _ = shape.problems(path, selection)
     if "detector" in allowed:
         detector = selection.get("detector")
         if detector not in detector_names:
