@@ -37,6 +37,7 @@ from poisonsweep.tasks.registry import ConfigError
 
 LOCK_FILE = ".run.lock"
 LEASE_FILE = ".run.lease"
+READ_ATTEMPTS = 5  # a lease read while its holder rewrites it can come back torn (see Lease.read)
 GUARDED = ("run", "compact", "report")  # the commands with a lock (lease) of their own: .<command>.lock
 HEARTBEAT_SECONDS = 30.0
 EXPIRY_HEARTBEATS = 3
@@ -80,17 +81,26 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def read(self) -> dict | None:
-        """The lease on the store now, or None (no lease, or one that is not readable JSON)."""
-        try:
-            with self.fs.open_input_stream(self.path) as stream:
-                lease = json.loads(stream.read())
-        except (FileNotFoundError, ValueError):
-            return None
-        except OSError as error:
-            if "not found" in str(error).lower() or "does not exist" in str(error).lower():
+        """The lease on the store now, or None (no lease, or one that stays unreadable).
+
+        An object store reads a file as its size, then its bytes: a heartbeat that rewrites the lease in
+        between gives a torn read that is not JSON. Taken for "no lease", that would let a second run start
+        on an output whose lease is fresh, so an unreadable lease is read again, ``READ_ATTEMPTS`` times.
+        """
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with self.fs.open_input_stream(self.path) as stream:
+                    lease = json.loads(stream.read())
+                return lease if isinstance(lease, dict) else None
+            except FileNotFoundError:
                 return None
-            raise
-        return lease if isinstance(lease, dict) else None
+            except ValueError:
+                time.sleep(0.05 * (attempt + 1))
+            except OSError as error:
+                if "not found" in str(error).lower() or "does not exist" in str(error).lower():
+                    return None
+                raise
+        return None
 
     def _write(self) -> None:
         body = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,

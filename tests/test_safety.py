@@ -253,3 +253,24 @@ def test_without_verbose_a_trial_error_is_logged_in_one_line():
     assert _OneLineErrors().filter(record) and record.exc_info is None
     assert logging.Formatter().format(record) == ("Trial task failed for trial t1: RuntimeError: ActorDiedError: "
                                                   "the worker died")
+
+
+def test_a_lease_read_while_its_holder_rewrites_it_is_read_again_not_taken_for_no_lease(tmp_path):
+    import io
+    import json
+
+    from poisonsweep.engine import lease
+
+    held = lease.Lease(str(tmp_path), heartbeat=10, clock=lambda: 100.0)
+    body = json.dumps({"token": "other", "heartbeat": 100.0, "host": "h", "pid": 1}).encode()
+    reads = [body[:20], body]  # an object store's size-then-bytes read racing a heartbeat: torn, then whole
+
+    class RacingStore:
+        def open_input_stream(self, path):
+            return io.BytesIO(reads.pop(0))
+
+    held.fs = RacingStore()
+    assert held.read()["token"] == "other"
+    with pytest.raises(lease.OutputBusy):  # a fresh lease of another run still refuses this one
+        reads[:] = [body[:20], body]
+        held.check()
