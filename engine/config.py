@@ -29,7 +29,7 @@ from poisonsweep.engine.resolve import (  # noqa: F401  (config_columns, key_col
 )
 from poisonsweep.engine.schema import (
     RESOURCE_DEFAULTS, RESOURCES, TOP_LEVEL, TRIAL_DEFAULTS, check_name, check_resources, check_shape, check_trial,
-    data_bound_errors, detectors_with_new_names, resources_with_new_names,
+    data_bound_errors, params_with_new_names, resources_with_new_names,
 )
 from poisonsweep.engine.yaml_reader import (  # noqa: F401  (MAX_ALIAS_VALUES, read_yaml: re-exported for callers)
     MAX_ALIAS_VALUES, YamlRefused, read_yaml,
@@ -227,7 +227,7 @@ def build_sweep(raw: dict, *, default_name: str = "sweep", out: str | None = Non
             if message := set_dotted(trial, key, plain_copy(value)):
                 errors.append(f"sweep.{key}: {message}")
         shape_errors, trial = check_shape(trial)
-        trial, trial_notes, rename_errors = detectors_with_new_names(trial)
+        trial, trial_notes, rename_errors = params_with_new_names(trial)
         notes += [note for note in trial_notes if note not in notes]
         trial = merge_defaults(trial)
         errors += shape_errors + rename_errors + check_trial(trial)

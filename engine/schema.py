@@ -114,25 +114,43 @@ def _shape_detectors(detectors: Any) -> tuple[list[str], list]:
     return errors, kept
 
 
-def detectors_with_new_names(trial: dict) -> tuple[dict, list[str], list[str]]:
-    """``trial`` with its detectors' old parameter names (``Entry.renamed``) given as their names now, a note
-    for each old name used, and an error for a parameter given under both names (``registry.with_new_names``).
-    Runs on the shaped trial, before the value checks, so that the checks, the defaults and the trial's
-    identity see the new names."""
+def params_with_new_names(trial: dict) -> tuple[dict, list[str], list[str]]:
+    """``trial`` with every entry's old parameter names (``Entry.renamed``, any registry's: the dataset, poison,
+    model, detectors and unlearning methods) given as their names now, a note for each old name used, and an
+    error for a parameter given under both names (``registry.with_new_names``). Runs on the shaped trial, before
+    the value checks, so that the checks, the defaults and the trial's identity see the new names."""
     notes: list[str] = []
     errors: list[str] = []
-    detectors = []
-    for i, entry in enumerate(trial.get("detectors") or []):
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"] in DETECTORS \
-                and isinstance(entry.get("params"), dict):
-            params, entry_notes, entry_errors = DETECTORS.get(entry["name"]).with_new_names(
-                f"detectors[{i}].params", entry["params"])
-            entry = {**entry, "params": params}
-            notes += entry_notes
-            errors += entry_errors
-        detectors.append(entry)
-    if "detectors" in trial:
-        trial = {**trial, "detectors": detectors}
+
+    def renamed(registry, name: Any, path: str, params: Any) -> Any:
+        if not (isinstance(name, str) and name in registry and isinstance(params, dict)):
+            return params
+        params, entry_notes, entry_errors = registry.get(name).with_new_names(path, params)
+        notes.extend(entry_notes)
+        errors.extend(entry_errors)
+        return params
+
+    trial = dict(trial)
+    for section, name_key, registry in (("data", "name", DATASETS), ("poison", "method", POISONS),
+                                        ("model", "name", MODELS)):
+        if isinstance(trial.get(section), dict) and "params" in trial[section]:
+            part = trial[section]
+            trial[section] = {**part, "params": renamed(registry, part.get(name_key), f"{section}.params",
+                                                        part["params"])}
+    if isinstance(trial.get("detectors"), list):
+        trial["detectors"] = [
+            {**entry, "params": renamed(DETECTORS, entry.get("name"), f"detectors[{i}].params", entry["params"])}
+            if isinstance(entry, dict) and "params" in entry else entry
+            for i, entry in enumerate(trial["detectors"])]
+    methods = trial["unlearn"].get("methods") if isinstance(trial.get("unlearn"), dict) else None
+    if isinstance(methods, list):
+        from poisonsweep.tasks.unlearn import UNLEARNERS  # only a trial that unlearns loads the methods
+
+        trial["unlearn"] = {**trial["unlearn"], "methods": [
+            {**method, "params": renamed(UNLEARNERS, method.get("name"), f"unlearn.methods[{i}].params",
+                                         method["params"])}
+            if isinstance(method, dict) and "params" in method else method
+            for i, method in enumerate(methods)]}
     return trial, notes, errors
 
 

@@ -60,9 +60,7 @@ UNLEARN_GUARD = Mapping(_keys("max_retain_drop"), "a mapping {{max_retain_drop: 
 UNLEARN_METHOD = Mapping(_keys("name", "params"), "a method name or {{name: ..., params: {{...}}}}",
                          "is not a key of a method")
 UNLEARN_SELECTIONS = {
-    "oracle": Mapping(_keys("kind", "fraction", "fractions"), "a mapping with a kind",
-                      "is not a key of a oracle selection"),
-    "flagged": Mapping(_keys("kind", "detector"), "a mapping with a kind", "is not a key of a flagged selection"),
-    "top": Mapping(_keys("kind", "detector", "fraction", "fractions"), "a mapping with a kind",
-                   "is not a key of a top selection"),
+    kind: Mapping(keys, "a mapping with a kind", f"is not a key of a {kind} selection")
+    for kind, keys in (("oracle", _keys("kind", "fraction", "fractions")), ("flagged", _keys("kind", "detector")),
+                       ("top", _keys("kind", "detector", "fraction", "fractions")))
 }

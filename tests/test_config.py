@@ -202,3 +202,13 @@ def test_every_mapping_reports_its_unknown_keys_in_one_style_in_one_pass():
         "unlearn.methods[0].extra is not a key of a method (allowed: name, params); remove it",
         "unlearn.selections[0].k is not a key of a top selection (allowed: detector, fraction, fractions, kind); "
         "remove it"])
+
+
+def test_any_registry_entry_may_rename_a_parameter(monkeypatch):
+    from poisonsweep.tasks.models import MODELS
+
+    monkeypatch.setitem(MODELS.get("mlp").renamed, "width", "hidden")  # as a plugin's register(renamed=...) would
+    sweep = build_sweep({**BASE, "model": {"name": "mlp", "params": {"width": 16}}})
+    assert sweep.trials[0]["model"]["params"]["hidden"] == 16 and "width" not in sweep.trials[0]["model"]["params"]
+    assert sweep.warnings == ["model.params.width is now called model.params.hidden (of 'mlp'); the old name still "
+                              "works, rename it in the config"]
